@@ -1,0 +1,97 @@
+"""Tokenization of variable-length prompts into right-padded batches, and microbatching.
+
+Prompts are right-padded: under a causal mask no real token attends to a pad that follows it, so
+every real position computes exactly what it would unpadded. Each prompt's answer position (the
+last prompt token, whose next-token logits are read) is recorded per prompt, never assumed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded token ids with their mask and per-prompt answer positions."""
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    answer_pos: Int[Tensor, "batch"]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def lengths(self) -> Int[Tensor, "batch"]:
+        return self.attention_mask.sum(-1)
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return replace(
+            self,
+            tokens=self.tokens.to(device),
+            attention_mask=self.attention_mask.to(device),
+            answer_pos=self.answer_pos.to(device),
+        )
+
+    def select(self, index: slice | Tensor | Sequence[int]) -> "TokenBatch":
+        """The rows at ``index``, trimmed to their own longest prompt."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long, device=self.tokens.device)
+        mask = self.attention_mask[index]
+        width = int(mask.sum(-1).max()) if mask.numel() else 0
+        return TokenBatch(self.tokens[index, :width], mask[:, :width], self.answer_pos[index])
+
+
+def pad_token_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def encode(model, text: str, *, prepend_bos: bool | None = None) -> list[int]:
+    """Token ids of ``text``; a BOS is prepended per the model's default unless already there."""
+    tokenizer = model.tokenizer
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if prepend_bos is None:
+        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+    bos = tokenizer.bos_token_id
+    if prepend_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+def pad_ids(sequences: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
+    """Right-pad token id lists into a batch; answer position = each sequence's last token."""
+    if not sequences:
+        raise ValueError("cannot build a batch from zero prompts")
+    lengths = [len(s) for s in sequences]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty after tokenization")
+    width = max(lengths)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return TokenBatch(tokens, mask, torch.tensor(lengths, dtype=torch.long) - 1)
+
+
+def tokenize(model, prompts: str | Sequence[str], *, prepend_bos: bool | None = None) -> TokenBatch:
+    """Tokenize prompts into a right-padded batch on the model's device."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ids = [encode(model, p, prepend_bos=prepend_bos) for p in prompts]
+    return pad_ids(ids, pad_token_id(model.tokenizer)).to(model.cfg.device)
+
+
+def microbatches(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of at most ``size`` items."""
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))

@@ -1,0 +1,235 @@
+"""Metrics usable as patching and attribution targets.
+
+A metric maps ``(logits, batch)`` to one value per prompt and is differentiable. Metrics over
+multi-token candidate answers need each prompt run once per candidate: they ``expand`` a prompt
+batch into a model batch (the identity for single-position metrics), and reduce the model's
+logits on that batch back to one value per prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interp.batching import TokenBatch, pad_token_id
+
+
+@runtime_checkable
+class Metric(Protocol):
+    def expand(self, batch: TokenBatch) -> TokenBatch:
+        """The batch the model must run for ``batch``'s prompts."""
+
+    def __call__(self, logits: Float[Tensor, "row pos vocab"], batch: TokenBatch) -> Float[Tensor, "prompt"]:
+        """One value per prompt, from the logits of the expanded batch."""
+
+
+def answer_logits(logits: Float[Tensor, "batch pos vocab"], batch: TokenBatch) -> Float[Tensor, "batch vocab"]:
+    """Next-token logits at each prompt's own answer position."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, batch.answer_pos.to(logits.device)]
+
+
+def _token_tensor(tokens: Sequence[int] | Tensor, device) -> Int[Tensor, "n"]:
+    out = torch.as_tensor(tokens, dtype=torch.long, device=device).flatten()
+    if out.numel() == 0:
+        raise ValueError("a token set must hold at least one token")
+    return out
+
+
+class _SinglePosition:
+    def expand(self, batch: TokenBatch) -> TokenBatch:
+        return batch
+
+
+@dataclass(frozen=True)
+class LogitDiff(_SinglePosition):
+    """Mean logit of ``positive`` tokens minus mean logit of ``negative`` tokens."""
+
+    positive: Sequence[int]
+    negative: Sequence[int]
+
+    def __call__(self, logits, batch):
+        final = answer_logits(logits, batch).float()
+        pos = final[:, _token_tensor(self.positive, final.device)].mean(-1)
+        neg = final[:, _token_tensor(self.negative, final.device)].mean(-1)
+        return pos - neg
+
+
+@dataclass(frozen=True)
+class TokenSetProb(_SinglePosition):
+    """Total next-token probability of a set of tokens (``log=True``: its log)."""
+
+    tokens: Sequence[int]
+    log: bool = False
+
+    def __call__(self, logits, batch):
+        logp = answer_logits(logits, batch).float().log_softmax(-1)
+        total = logp[:, _token_tensor(self.tokens, logp.device)].logsumexp(-1)
+        return total if self.log else total.exp()
+
+
+def kl_divergence(
+    logits: Float[Tensor, "batch pos vocab"],
+    reference: Float[Tensor, "batch pos vocab"],
+    batch: TokenBatch,
+    *,
+    all_positions: bool = True,
+) -> Float[Tensor, "batch"]:
+    """KL(reference || model) per prompt, averaged over real positions (or at the answer only)."""
+    if all_positions:
+        ref = reference.float().log_softmax(-1)
+        new = logits.float().log_softmax(-1)
+        per_pos = (ref.exp() * (ref - new)).sum(-1)
+        mask = batch.attention_mask.to(per_pos.device).to(per_pos.dtype)
+        return (per_pos * mask).sum(-1) / mask.sum(-1)
+    ref = answer_logits(reference, batch).float().log_softmax(-1)
+    new = answer_logits(logits, batch).float().log_softmax(-1)
+    return (ref.exp() * (ref - new)).sum(-1)
+
+
+@dataclass(frozen=True)
+class CandidateBatch(TokenBatch):
+    """Each prompt followed by each candidate answer: rows are ``(prompt candidate)``."""
+
+    n_candidates: int = 1
+    cand_start: Int[Tensor, "row"] = field(default=None)  # position of the first candidate token
+    cand_tokens: Int[Tensor, "row cand_pos"] = field(default=None)  # candidate ids, -1 padded
+
+
+@dataclass(frozen=True)
+class CandidateAnswers:
+    """An ordered grid of candidate answers (strings) with their numeric values.
+
+    ``expand`` appends every candidate to every prompt; ``distribution`` gives the model's exact
+    probability of each candidate (product over its tokens), renormalized over the grid.
+    """
+
+    texts: tuple[str, ...]
+    values: tuple[float, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_texts(cls, tokenizer, texts: Sequence[str], values: Sequence[float]) -> "CandidateAnswers":
+        if len(texts) != len(values) or len(texts) < 2:
+            raise ValueError(
+                f"need at least 2 candidates with one value each; got {len(texts)} texts and "
+                f"{len(values)} values"
+            )
+        ids = tuple(tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        empty = [t for t, i in zip(texts, ids) if not i]
+        if empty:
+            raise ValueError(f"candidates {empty} tokenize to nothing")
+        if len(set(ids)) != len(ids):
+            raise ValueError("two candidates tokenize identically; the grid must be distinct")
+        return cls(tuple(texts), tuple(float(v) for v in values), ids)
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(t) == 1 for t in self.token_ids)
+
+    def expand(self, batch: TokenBatch) -> TokenBatch:
+        if self.single_token:
+            return batch
+        device = batch.tokens.device
+        n_prompt, n_cand = len(batch), len(self.token_ids)
+        cand_len = max(len(t) for t in self.token_ids)
+        cand = torch.full((n_cand, cand_len), -1, dtype=torch.long)
+        for i, ids in enumerate(self.token_ids):
+            cand[i, : len(ids)] = torch.tensor(ids)
+        cand = cand.to(device)
+        # Full candidate tokens are fed; the last one's own prediction is never read.
+        width = int(batch.lengths.max()) + cand_len
+        pad = pad_token_id_of(batch)
+        tokens = torch.full((n_prompt * n_cand, width), pad, dtype=torch.long, device=device)
+        starts = einops.repeat(batch.lengths, "prompt -> (prompt cand)", cand=n_cand)
+        cand_rows = einops.repeat(cand, "cand k -> (prompt cand) k", prompt=n_prompt)
+        prompt_rows = einops.repeat(batch.tokens, "prompt pos -> (prompt cand) pos", cand=n_cand)
+        tokens[:, : batch.tokens.shape[1]] = prompt_rows
+        positions = torch.arange(width, device=device)
+        offset = positions[None, :] - starts[:, None]
+        in_cand = (offset >= 0) & (offset < cand_len)
+        gathered = cand_rows.gather(1, offset.clamp(0, cand_len - 1))
+        in_cand &= gathered >= 0
+        tokens = torch.where(in_cand, gathered, tokens)
+        lengths = starts + (cand_rows >= 0).sum(-1)
+        mask = (positions[None, :] < lengths[:, None]).long()
+        tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad))
+        return CandidateBatch(
+            tokens=tokens,
+            attention_mask=mask,
+            answer_pos=starts - 1,
+            n_candidates=n_cand,
+            cand_start=starts,
+            cand_tokens=cand_rows,
+        )
+
+    def log_probs(self, logits: Float[Tensor, "row pos vocab"], batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
+        """Exact log-probability of each candidate's full token sequence after each prompt."""
+        if self.single_token:
+            ids = torch.tensor([t[0] for t in self.token_ids], device=logits.device)
+            return answer_logits(logits, batch).float().log_softmax(-1)[:, ids]
+        assert isinstance(batch, CandidateBatch), "run the model on metric.expand(batch)"
+        k = batch.cand_tokens.shape[1]
+        rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        read = (batch.cand_start[:, None] - 1 + torch.arange(k, device=logits.device)).clamp(
+            max=logits.shape[1] - 1
+        )
+        logp = logits[rows, read].float().log_softmax(-1)  # row k vocab
+        valid = batch.cand_tokens >= 0
+        token_logp = logp.gather(-1, batch.cand_tokens.clamp(min=0)[..., None]).squeeze(-1)
+        total = (token_logp * valid).sum(-1)
+        return einops.rearrange(total, "(prompt cand) -> prompt cand", cand=batch.n_candidates)
+
+    def distribution(self, logits, batch) -> Float[Tensor, "prompt cand"]:
+        return self.log_probs(logits, batch).softmax(-1)
+
+    def grid_mass(self, logits, batch) -> Float[Tensor, "prompt"]:
+        """Total (unrenormalized) probability the model puts on the grid."""
+        return self.log_probs(logits, batch).logsumexp(-1).exp()
+
+
+def pad_token_id_of(batch: TokenBatch) -> int:
+    """A pad id for rebuilding ``batch``: whatever it already pads with, else 0."""
+    padded = batch.attention_mask == 0
+    return int(batch.tokens[padded][0]) if padded.any() else 0
+
+
+@dataclass(frozen=True)
+class ExpectedValue:
+    """Expected numeric answer under the model's renormalized distribution over a candidate grid."""
+
+    candidates: CandidateAnswers
+
+    def expand(self, batch: TokenBatch) -> TokenBatch:
+        return self.candidates.expand(batch)
+
+    def __call__(self, logits, batch):
+        probs = self.candidates.distribution(logits, batch)
+        values = torch.tensor(self.candidates.values, device=probs.device, dtype=probs.dtype)
+        return probs @ values
+
+
+def run_metric(model, metric: Metric, batch: TokenBatch, **kwargs) -> Float[Tensor, "prompt"]:
+    """Run ``model`` on the metric's expansion of ``batch`` and return per-prompt values."""
+    expanded = metric.expand(batch)
+    logits = model(expanded.tokens, **kwargs)
+    return metric(logits, expanded)
+
+
+__all__ = [
+    "Metric",
+    "LogitDiff",
+    "TokenSetProb",
+    "CandidateAnswers",
+    "CandidateBatch",
+    "ExpectedValue",
+    "answer_logits",
+    "kl_divergence",
+    "run_metric",
+    "pad_token_id",
+]

