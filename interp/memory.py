@@ -1,0 +1,60 @@
+"""Memory-aware microbatching: batch sizes from free memory, halving and retrying on out-of-memory."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterator, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def free_memory_bytes(device: torch.device | str) -> int | None:
+    """Free accelerator memory in bytes, or None where it cannot be known (CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return None
+
+
+def suggest_batch_size(bytes_per_row: int, device: torch.device | str, *, default: int = 16,
+                       fraction: float = 0.6, ceiling: int = 1024) -> int:
+    """Rows that fit in ``fraction`` of free accelerator memory; ``default`` on CPU."""
+    free = free_memory_bytes(device)
+    if free is None:
+        return default
+    return max(1, min(ceiling, int(free * fraction) // max(1, bytes_per_row)))
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def backoff_batches(n: int, batch_size: int, run: Callable[[slice], T], *, what: str = "batch") -> Iterator[T]:
+    """Run ``run`` over consecutive slices of ``range(n)``; on out-of-memory halve the size and retry.
+
+    The slice that failed is retried whole at the smaller size, so every item runs exactly once
+    and results come back in order. Shrinking is reported once per call; a batch of one that
+    still does not fit re-raises the error.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    start, size, warned = 0, batch_size, False
+    while start < n:
+        stop = min(start + size, n)
+        try:
+            result = run(slice(start, stop))
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err) or size == 1:
+                raise
+            size = max(1, (stop - start) // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if not warned:
+                warnings.warn(f"out of memory at {what} size {stop - start}; retrying with smaller {what}es "
+                              f"(now {size})", RuntimeWarning, stacklevel=2)
+                warned = True
+            continue
+        yield result
+        start = stop
