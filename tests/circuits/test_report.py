@@ -1,0 +1,182 @@
+"""The report writer: files on disk, a self-contained HTML page (checked in headless Chromium) and Markdown."""
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from circuits import plots
+from circuits.report import ReportPaths, Section, _pipe_table, write_report
+
+CONTEXTS = ["hiring", "purchase"]
+
+
+def figure_sections() -> list[Section]:
+    """One section per figure function, on tiny synthetic frames."""
+    rng = np.random.default_rng(0)
+    heads = pd.DataFrame([("head", l, h, rng.normal()) for l in range(3) for h in range(4)],
+                         columns=["kind", "layer", "index", "score"])
+    neurons = pd.DataFrame({"kind": "neuron", "layer": np.repeat(range(3), 50), "index": np.tile(range(50), 3),
+                            "score": rng.normal(size=150)})
+    sparsity = pd.DataFrame(
+        [{"strategy": "none", "k": 0, "eval_context": c, "bias": 0.4} for c in CONTEXTS]
+        + [{"strategy": s, "k": k, "eval_context": c, "bias": 0.4 / k, "bias_lo": 0.3 / k, "bias_hi": 0.5 / k}
+           for s in ("atp", "random") for k in (1, 10, 100) for c in CONTEXTS]
+    )
+    generalization = pd.DataFrame([{"train_context": a, "eval_context": b, "reduction": 0.5 if a == b else 0.2}
+                                   for a in CONTEXTS for b in CONTEXTS])
+    overlap = pd.DataFrame([{"context_a": "hiring", "context_b": "purchase", "stat": "jaccard", "value": 0.3,
+                             "null_mean": 0.05}])
+    jaccard = pd.DataFrame([{"pair": "hiring / purchase", "k": k, "jaccard": 0.2, "null_mean": 0.01,
+                             "null_lo": 0.0, "null_hi": 0.02} for k in (10, 100)])
+    shared = pd.DataFrame({"context": CONTEXTS, "full_reduction": [0.5, 0.4], "shared_reduction": [0.2, 0.3]})
+    utility = pd.DataFrame([{"strategy": "atp", "k": k, "kl": 0.01 * k, "bias_reduction": 0.1 * k} for k in (1, 5)])
+    audit = pd.DataFrame({"context": CONTEXTS, "gap": [0.1, -0.2], "gap_lo": [0.0, -0.3], "gap_hi": [0.2, -0.1]})
+    figures = [
+        ("Head scores", plots.attribution_heatmap(heads)),
+        ("Neuron scores", plots.attribution_heatmap(neurons, "neuron", top_n=3)),
+        ("Top components", plots.top_components(heads, k=5)),
+        ("Bias vs sparsity", plots.bias_vs_sparsity(sparsity)),
+        ("Generalization", plots.generalization_matrix(generalization)),
+        ("Overlap", plots.overlap_matrix(overlap)),
+        ("Jaccard vs k", plots.jaccard_curves(jaccard)),
+        ("Shared vs specific", plots.shared_specific(shared)),
+        ("Utility cost", plots.utility_cost(utility)),
+        ("Audit gaps", plots.audit_gaps(audit)),
+    ]
+    return [Section(title, text=f"About {title.lower()}.", figures=[(title, f"{title} <figure>", fig)])
+            for title, fig in figures]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> ReportPaths:
+    """One report, written once for the module (the tests only read it)."""
+    sections = figure_sections()
+    sections[0].text = "First paragraph with `code` & <b>markup</b>.\n\n- one bullet\n- another bullet"
+    sections[0].tables.append(("Scores | with a pipe", pd.DataFrame({"context": ["a|b", "c"], "score": [0.5, 1.25]})))
+    meta = {"model": "SmolLM2-135M <instruct>", "date": "2025-01-01", "settings": {"k": [10, 100], "seed": 0}}
+    out = tmp_path_factory.mktemp("report")
+    return write_report(out, "Bias circuits & report", sections, meta=meta, dpi=60)
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [(tag, name, value or "") for name, value in attrs if name in ("src", "href")]
+
+
+def test_files_on_disk(report):
+    assert report.html.is_file() and report.markdown.is_file()
+    assert len(report.png) == len(report.svg) == 10
+    assert all(p.is_file() and p.read_bytes().startswith(b"\x89PNG") for p in report.png)
+    assert all(p.is_file() and b"<svg" in p.read_bytes()[:500] for p in report.svg)
+    assert report.png[0].name == "head-scores.png" and report.png[0].parent == report.out_dir / "figures"
+
+
+def test_html_is_self_contained_and_escaped(report):
+    page = report.html.read_text()
+    parser = _Links()
+    parser.feed(page)
+    images = [value for tag, name, value in parser.links if name == "src"]
+    anchors = [value for tag, name, value in parser.links if name == "href"]
+    assert len(images) == 10 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert anchors and all(href.startswith("#") for href in anchors)
+    assert "<link" not in page and "<script" not in page
+    assert "<title>Bias circuits &amp; report</title>" in page
+    assert "SmolLM2-135M &lt;instruct&gt;" in page and "&lt;b&gt;markup&lt;/b&gt;" in page
+    assert "<code>code</code>" in page and "<li>one bullet</li>" in page
+    assert "Head scores &lt;figure&gt;" in page and "a|b" in page
+    assert re.findall(r'<section id="([^"]+)"', page)[:2] == ["head-scores", "neuron-scores"]
+
+
+def test_markdown_links_existing_pngs(report):
+    text = report.markdown.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == 10
+    for link in links:
+        assert not Path(link).is_absolute() and (report.out_dir / link).is_file() and link.endswith(".png")
+    assert all((report.out_dir / svg).is_file() for svg in re.findall(r"\[SVG\]\(([^)]+)\)", text))
+    assert "a\\|b" in text and "Scores | with a pipe" in text  # pipes inside cells are escaped
+    assert "- **model**: SmolLM2-135M &lt;instruct&gt;" in text and "](#head-scores)" in text
+    assert "*Figure 1. Head scores &lt;figure&gt;*" in text  # captions are text, not raw HTML
+
+
+def test_figures_are_closed_and_names_sanitized(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    other = plots.shared_specific(pd.DataFrame({"context": ["a"], "full_reduction": [0.5], "shared_reduction": [0.2]}))
+    section = Section("Contents", figures=[("Bias / k (L1)!", "one", fig), ("bias-k-l1", "two", other)])
+    paths = write_report(tmp_path, "t", [section, Section("Contents")])
+    assert not plt.fignum_exists(fig.number)
+    assert [p.name for p in paths.png] == ["bias-k-l1.png", "bias-k-l1-2.png"]
+    page = paths.html.read_text()
+    assert re.findall(r'<section id="([^"]+)"', page) == ["contents-2", "contents-3"]  # nav owns "contents"
+
+
+def test_pipe_table_fallback():
+    frame = pd.DataFrame({"name": ["x|y", None], "value": np.array([1.23456, np.nan], dtype=np.float32)},
+                         index=pd.Index([3, 4], name="i"))
+    assert _pipe_table(frame).splitlines() == [
+        "| i | name | value |",
+        "|---|---|---|",
+        "| 3 | x\\|y | 1.235 |",
+        "| 4 |  |  |",
+    ]
+
+
+def test_bad_sections_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="at least one Section"):
+        write_report(tmp_path, "t", [])
+    with pytest.raises(TypeError, match="\\(name, caption, matplotlib Figure\\)"):
+        write_report(tmp_path, "t", [Section("s", figures=[("name", object())])])
+    with pytest.raises(TypeError, match="\\(caption, DataFrame\\)"):
+        write_report(tmp_path, "t", [Section("s", tables=[("caption", [1, 2])])])
+
+
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const probe = document.createElement("pre");
+  probe.id = "probe";
+  probe.textContent = JSON.stringify({
+    images: images.length,
+    broken: images.filter(img => !img.complete || img.naturalWidth === 0).length,
+    sections: Array.from(document.querySelectorAll("section[id]")).map(s => s.id),
+  });
+  document.body.appendChild(probe);
+});
+</script>"""
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium binary on PATH (install: apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    page = report.html.read_text()
+    probed = tmp_path / "probed.html"  # a copy elsewhere: a self-contained page needs nothing beside it
+    probed.write_text(page.replace("</body>", PROBE + "</body>"))
+    result = subprocess.run(
+        [_chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=5000",
+         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", probed.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    found = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.DOTALL)
+    assert found, f"probe missing from the dumped DOM; chromium stderr:\n{result.stderr[-2000:]}"
+    probe = json.loads(html.unescape(found.group(1)))
+    expected = re.findall(r'<section id="([^"]+)"', page)
+    assert probe["sections"] == expected and len(expected) == 10
+    assert probe["images"] == 10 and probe["broken"] == 0
