@@ -38,9 +38,10 @@ class TokenBatch:
         )
 
     def select(self, index: slice | Tensor | Sequence[int]) -> "TokenBatch":
-        """The rows at ``index``, trimmed to their own longest prompt."""
+        """The rows at ``index`` (slice, row numbers or boolean mask), trimmed to their longest prompt."""
         if not isinstance(index, slice):
-            index = torch.as_tensor(index, dtype=torch.long, device=self.tokens.device)
+            index = torch.as_tensor(index, device=self.tokens.device)
+            index = index.nonzero().flatten() if index.dtype == torch.bool else index.long()
         mask = self.attention_mask[index]
         width = int(mask.sum(-1).max()) if mask.numel() else 0
         return TokenBatch(self.tokens[index, :width], mask[:, :width], self.answer_pos[index])

@@ -69,7 +69,8 @@ class TokenSetProb(_SinglePosition):
 
     def __call__(self, logits, batch):
         logp = answer_logits(logits, batch).float().log_softmax(-1)
-        total = logp[:, _token_tensor(self.tokens, logp.device)].logsumexp(-1)
+        # A token listed twice (e.g. the shared first token of two answers) counts once.
+        total = logp[:, _token_tensor(self.tokens, logp.device).unique()].logsumexp(-1)
         return total if self.log else total.exp()
 
 
@@ -148,8 +149,9 @@ class CandidateAnswers:
         tokens = torch.full((n_prompt * n_cand, width), pad, dtype=torch.long, device=device)
         starts = einops.repeat(batch.lengths, "prompt -> (prompt cand)", cand=n_cand)
         cand_rows = einops.repeat(cand, "cand k -> (prompt cand) k", prompt=n_prompt)
-        prompt_rows = einops.repeat(batch.tokens, "prompt pos -> (prompt cand) pos", cand=n_cand)
-        tokens[:, : batch.tokens.shape[1]] = prompt_rows
+        # A batch padded wider than its longest prompt is trimmed: only real tokens are copied.
+        prompt_rows = einops.repeat(batch.tokens[:, :width], "prompt pos -> (prompt cand) pos", cand=n_cand)
+        tokens[:, : prompt_rows.shape[1]] = prompt_rows
         positions = torch.arange(width, device=device)
         offset = positions[None, :] - starts[:, None]
         in_cand = (offset >= 0) & (offset < cand_len)

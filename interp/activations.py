@@ -1,0 +1,216 @@
+"""Streaming activation statistics: means, per-feature norms, attention paid to marked tokens.
+
+Every statistic is a running float32 sum, taken by hooks that reduce each activation as it
+passes through a microbatch and keep nothing else: no activation cache is ever built. Only real
+(unpadded) positions of the right-padded batch count.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interp.batching import TokenBatch, microbatches
+from interp.hooks import HookSpec, hooked
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+_NOT_POSITIONAL = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
+
+
+def check_hook_names(model, hook_names: Sequence[str]) -> list[str]:
+    """The names as a list, or a clear error naming any hook the model does not have."""
+    if isinstance(hook_names, str):
+        hook_names = [hook_names]
+    names = list(dict.fromkeys(hook_names))
+    if not names:
+        raise ValueError("no hook names given")
+    known = model.hook_dict
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"the model has no hook point {name!r}{hint}")
+    return names
+
+
+def stop_layer(hook_names: Sequence[str]) -> int | None:
+    """The block after the last one holding a hook, or None when a hook lies outside the blocks."""
+    layers = [_LAYER.match(name) for name in hook_names]
+    if not all(layers):
+        return None
+    return max(int(m.group(1)) for m in layers) + 1
+
+
+def _positional(name: str) -> str:
+    if name.endswith(_NOT_POSITIONAL):
+        raise ValueError(
+            f"{name} is indexed [batch, head, query, key], not [batch, pos, ...]; use "
+            "attention_to_positions for attention patterns"
+        )
+    return name
+
+
+def _stream(
+    model,
+    batch: TokenBatch,
+    hook_names: Sequence[str],
+    reduce: Callable[[str, Tensor, TokenBatch, slice], None],
+    *,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> None:
+    """Run ``batch`` in microbatches; hand each activation at ``hook_names`` to ``reduce``.
+
+    ``reduce(name, activation, microbatch, rows)`` sees the microbatch (trimmed to its own
+    longest prompt) and the rows of ``batch`` it holds.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    fired: set[str] = set()
+
+    def hook_for(name: str, mb: TokenBatch, rows: slice) -> HookSpec:
+        def hook(act, hook):
+            fired.add(name)
+            reduce(name, act, mb, rows)
+
+        return name, hook
+
+    stop = stop_layer(hook_names)
+    device = model.cfg.device
+    chunks = microbatches(len(batch), batch_size)
+    for rows in tqdm(chunks, total=math.ceil(len(batch) / batch_size), disable=not progress, desc=desc):
+        mb = batch.select(rows).to(device)
+        with torch.no_grad(), hooked(model, [hook_for(name, mb, rows) for name in hook_names]):
+            model(mb.tokens, stop_at_layer=stop)
+    silent = [name for name in hook_names if name not in fired]
+    if silent:
+        raise ValueError(f"hook points {silent} never fired in a forward pass of this model")
+
+
+def _check_rows(name: str, act: Tensor, mb: TokenBatch) -> None:
+    if tuple(act.shape[:2]) != tuple(mb.tokens.shape):
+        raise ValueError(
+            f"{name} gives activations of shape {tuple(act.shape)}, not [batch, pos, ...] = "
+            f"[{mb.tokens.shape[0]}, {mb.tokens.shape[1]}, ...]"
+        )
+
+
+def mean_activations(
+    model,
+    batch: TokenBatch,
+    hook_names: Sequence[str],
+    *,
+    per_position: bool = False,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, Float[Tensor, "... d"]]:
+    """Mean activation of each hook over prompts and their real positions.
+
+    Returns ``[d...]`` per hook (the activation's trailing shape), or with ``per_position``
+    ``[pos, d...]``, where position ``p`` is averaged over the prompts at least ``p + 1`` long.
+    """
+    names = [_positional(n) for n in check_hook_names(model, hook_names)]
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, Tensor] = {}
+    width = batch.tokens.shape[1]
+
+    def reduce(name: str, act: Tensor, mb: TokenBatch, rows: slice) -> None:
+        _check_rows(name, act, mb)
+        mask = mb.attention_mask.to(act.device, torch.float32)
+        if per_position:
+            part, count = torch.einsum("bp,bp...->p...", mask, act.float()), mask.sum(0)
+        else:
+            part, count = torch.einsum("bp,bp...->...", mask, act.float()), mask.sum()
+        if name not in sums:
+            lead = (width,) if per_position else ()
+            sums[name] = act.new_zeros(lead + tuple(act.shape[2:]), dtype=torch.float32)
+            counts[name] = act.new_zeros(lead, dtype=torch.float32)
+        span = slice(0, act.shape[1]) if per_position else ...
+        sums[name][span] += part
+        counts[name][span] += count
+
+    _stream(model, batch, names, reduce, batch_size=batch_size, progress=progress, desc="mean activations")
+    out = {}
+    for name in names:
+        count = counts[name].reshape(counts[name].shape + (1,) * (sums[name].ndim - counts[name].ndim))
+        out[name] = sums[name] / count
+    return out
+
+
+def activation_norms(
+    model,
+    batch: TokenBatch,
+    hook_names: Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, Float[Tensor, "... d"]]:
+    """Per-feature L2 norm of each hook's activation over all real tokens of ``batch``.
+
+    ``||x_j||_2`` over every (prompt, real position), the input-norm factor of Wanda-style
+    weight scores ``|W_ij| * ||x_j||``; one value per feature, in the activation's trailing shape.
+    """
+    names = [_positional(n) for n in check_hook_names(model, hook_names)]
+    squares: dict[str, Tensor] = {}
+
+    def reduce(name: str, act: Tensor, mb: TokenBatch, rows: slice) -> None:
+        _check_rows(name, act, mb)
+        mask = mb.attention_mask.to(act.device, torch.float32)
+        part = torch.einsum("bp,bp...->...", mask, act.float().square())
+        squares[name] = squares[name] + part if name in squares else part
+
+    _stream(model, batch, names, reduce, batch_size=batch_size, progress=progress, desc="activation norms")
+    return {name: squares[name].sqrt() for name in names}
+
+
+def attention_to_positions(
+    model,
+    batch: TokenBatch,
+    key_mask: Bool[Tensor, "batch pos"],
+    *,
+    query: Literal["answer", "all"] = "answer",
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Float[Tensor, "layer head"]:
+    """Mean attention probability each head pays to the key positions marked in ``key_mask``.
+
+    Per prompt, the attention mass on the marked keys is read from the answer position
+    (``query="answer"``) or averaged over the prompt's real query positions (``"all"``); the
+    result is the mean over prompts, from ``blocks.{L}.attn.hook_pattern``.
+    """
+    if query not in ("answer", "all"):
+        raise ValueError(f"query must be 'answer' or 'all', got {query!r}")
+    key_mask = torch.as_tensor(key_mask)
+    if tuple(key_mask.shape) != tuple(batch.tokens.shape):
+        raise ValueError(
+            f"key_mask has shape {tuple(key_mask.shape)} but the batch's tokens are "
+            f"{tuple(batch.tokens.shape)}; mark keys on the batch's own [batch, pos] grid"
+        )
+    key_mask = key_mask.bool().to(batch.tokens.device)
+    if (key_mask & ~batch.attention_mask.bool()).any():
+        raise ValueError("key_mask marks padding positions; mark only real tokens of each prompt")
+    n_layers = int(model.cfg.n_layers)
+    names = check_hook_names(model, [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)])
+    total = torch.zeros(n_layers, int(model.cfg.n_heads), dtype=torch.float32, device=model.cfg.device)
+
+    def reduce(name: str, pattern: Tensor, mb: TokenBatch, rows: slice) -> None:
+        keys = key_mask[rows, : mb.tokens.shape[1]].to(pattern.device, torch.float32)
+        mass = torch.einsum("bhqk,bk->bhq", pattern.float(), keys)
+        if query == "answer":
+            prompt = torch.arange(mass.shape[0], device=mass.device)
+            per_prompt = mass[prompt, :, mb.answer_pos.to(mass.device)]
+        else:
+            queries = mb.attention_mask.to(mass.device, torch.float32)
+            per_prompt = torch.einsum("bhq,bq->bh", mass, queries) / queries.sum(-1, keepdim=True)
+        total[int(_LAYER.match(name).group(1))] += per_prompt.sum(0).to(total.device)
+
+    _stream(model, batch, names, reduce, batch_size=batch_size, progress=progress, desc="attention to keys")
+    return total / len(batch)

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from interp.activations import activation_norms, attention_to_positions, mean_activations
+from interp.batching import tokenize
+
+PROMPTS = ["The seller asked for", "Hi", "A much longer prompt about buying a used bicycle from"]
+HOOKS = ["blocks.0.mlp.hook_post", "blocks.1.attn.hook_z", "blocks.2.hook_resid_pre"]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model):
+    batch = tokenize(tiny_model, PROMPTS)
+    assert len(set(batch.lengths.tolist())) == 3  # padding present
+    return batch
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, batch):
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(batch.tokens)
+    return {name: cache[name] for name in HOOKS} | {
+        f"blocks.{layer}.attn.hook_pattern": cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(3)
+    }
+
+
+def _real(batch):
+    return batch.attention_mask.bool()
+
+
+def test_mean_over_real_positions(tiny_model, batch, cache):
+    means = mean_activations(tiny_model, batch, HOOKS, batch_size=2)
+    for name in HOOKS:
+        expected = cache[name][_real(batch)].mean(0)
+        torch.testing.assert_close(means[name], expected, rtol=1e-5, atol=1e-5)
+        with_pads = cache[name].flatten(0, 1).mean(0)
+        assert not torch.allclose(means[name], with_pads, atol=1e-3)  # pads were really left out
+
+
+def test_mean_per_position_over_prompts_that_have_it(tiny_model, batch, cache):
+    means = mean_activations(tiny_model, batch, HOOKS, per_position=True, batch_size=2)
+    real = _real(batch)
+    for name in HOOKS:
+        act = cache[name]
+        assert means[name].shape == act.shape[1:]
+        for pos in range(act.shape[1]):
+            expected = act[real[:, pos], pos].mean(0)
+            torch.testing.assert_close(means[name][pos], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_norms_over_real_tokens(tiny_model, batch, cache):
+    norms = activation_norms(tiny_model, batch, HOOKS[:2], batch_size=1)
+    for name, norm in norms.items():
+        expected = cache[name][_real(batch)].norm(dim=0)
+        torch.testing.assert_close(norm, expected, rtol=1e-5, atol=1e-5)
+
+
+def _marked_keys(batch):
+    key_mask = torch.zeros_like(batch.tokens, dtype=torch.bool)
+    key_mask[:, 1] = True  # the first token after BOS, in every prompt
+    key_mask[2, 3:5] = True
+    return key_mask
+
+
+def test_attention_to_positions_from_answer(tiny_model, batch, cache):
+    key_mask = _marked_keys(batch)
+    got = attention_to_positions(tiny_model, batch, key_mask, query="answer", batch_size=2)
+    expected = torch.zeros(3, 4)
+    for layer in range(3):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]  # batch head query key
+        for row in range(len(batch)):
+            at_answer = pattern[row, :, batch.answer_pos[row]]
+            expected[layer] += at_answer[:, key_mask[row]].sum(-1) / len(batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_to_positions_over_real_queries(tiny_model, batch, cache):
+    key_mask = _marked_keys(batch)
+    got = attention_to_positions(tiny_model, batch, key_mask, query="all", batch_size=3)
+    expected = torch.zeros(3, 4)
+    for layer in range(3):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        for row in range(len(batch)):
+            n = int(batch.lengths[row])
+            to_keys = pattern[row, :, :n][:, :, key_mask[row]].sum(-1)  # head query
+            expected[layer] += to_keys.mean(-1) / len(batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_get_clear_errors(tiny_model, batch):
+    with pytest.raises(ValueError, match="no hook point 'blocks.0.mlp.hook_pots'"):
+        mean_activations(tiny_model, batch, ["blocks.0.mlp.hook_pots"])
+    with pytest.raises(ValueError, match="attention_to_positions"):
+        mean_activations(tiny_model, batch, ["blocks.0.attn.hook_pattern"])
+    with pytest.raises(ValueError, match="batch_size"):
+        activation_norms(tiny_model, batch, HOOKS[:1], batch_size=0)
+    with pytest.raises(ValueError, match="key_mask has shape"):
+        attention_to_positions(tiny_model, batch, torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="padding"):
+        attention_to_positions(tiny_model, batch, torch.ones_like(batch.tokens, dtype=torch.bool))
+    with pytest.raises(ValueError, match="query must be"):
+        attention_to_positions(tiny_model, batch, _marked_keys(batch), query="last")

@@ -1,0 +1,177 @@
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from interp.batching import TokenBatch, encode, tokenize
+from interp.metrics import (
+    CandidateAnswers,
+    ExpectedValue,
+    LogitDiff,
+    TokenSetProb,
+    answer_logits,
+    kl_divergence,
+    run_metric,
+)
+
+PROMPTS = ["The seller asked for", "Hi", "My offer for the used bicycle is"]
+TEXTS, VALUES = [" 5", " 50", " 500", " 1,000"], [5.0, 50.0, 500.0, 1000.0]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model):
+    return tokenize(tiny_model, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def logits(tiny_model, batch):
+    with torch.no_grad():
+        return tiny_model(batch.tokens)
+
+
+@pytest.fixture(scope="module")
+def candidates(tiny_model):
+    return CandidateAnswers.from_texts(tiny_model.tokenizer, TEXTS, VALUES)
+
+
+def _final(logits, batch):
+    return torch.stack([logits[row, int(batch.answer_pos[row])] for row in range(len(batch))])
+
+
+def test_answer_logits_read_each_prompts_own_position(logits, batch):
+    assert torch.equal(answer_logits(logits, batch), _final(logits, batch))
+    assert not torch.equal(answer_logits(logits, batch), logits[:, -1])  # padding present
+
+
+def test_logit_diff(logits, batch):
+    got = LogitDiff(positive=[10, 11], negative=[12])(logits, batch)
+    final = _final(logits, batch)
+    torch.testing.assert_close(got, (final[:, 10] + final[:, 11]) / 2 - final[:, 12])
+
+
+def test_token_set_prob(logits, batch):
+    probs = _final(logits, batch).softmax(-1)
+    expected = probs[:, [10, 11, 300]].sum(-1)
+    torch.testing.assert_close(TokenSetProb([10, 11, 300])(logits, batch), expected)
+    torch.testing.assert_close(TokenSetProb([10, 11, 300], log=True)(logits, batch), expected.log())
+    torch.testing.assert_close(TokenSetProb([10, 11, 11, 300])(logits, batch), expected)  # a set
+    with pytest.raises(ValueError, match="at least one token"):
+        TokenSetProb([])(logits, batch)
+
+
+def test_kl_zero_for_identical_logits(logits, batch):
+    assert kl_divergence(logits, logits, batch).abs().max() < 1e-6
+    assert kl_divergence(logits, logits, batch, all_positions=False).abs().max() < 1e-6
+
+
+def test_kl_matches_torch(logits, batch):
+    other = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    new, ref = other.log_softmax(-1), logits.log_softmax(-1)
+    per_pos = F.kl_div(new, ref, log_target=True, reduction="none").sum(-1)  # KL(ref || new)
+    mask = batch.attention_mask.float()
+    expected = (per_pos * mask).sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(kl_divergence(other, logits, batch), expected, rtol=1e-5, atol=1e-6)
+    at_answer = F.kl_div(_final(new, batch), _final(ref, batch), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(kl_divergence(other, logits, batch, all_positions=False), at_answer)
+
+
+def test_candidate_log_probs_equal_token_by_token(tiny_model, batch, candidates):
+    assert not candidates.single_token
+    prompts = PROMPTS[1:]  # the shortest and the longest
+    expanded = candidates.expand(batch.select([1, 2]))
+    with torch.no_grad():
+        got = candidates.log_probs(tiny_model(expanded.tokens), expanded)
+    assert got.shape == (len(prompts), len(TEXTS))
+    for row, prompt in enumerate(prompts):
+        prompt_ids = encode(tiny_model, prompt)
+        for col, answer in enumerate(candidates.token_ids):
+            ids = torch.tensor([prompt_ids + list(answer)])
+            with torch.no_grad():
+                logp = tiny_model(ids)[0].log_softmax(-1)
+            manual = sum(logp[len(prompt_ids) - 1 + k, token] for k, token in enumerate(answer))
+            torch.testing.assert_close(got[row, col], manual, rtol=1e-5, atol=1e-4)
+
+
+def test_distribution_and_expected_value(tiny_model, batch, candidates):
+    metric = ExpectedValue(candidates)
+    expanded = metric.expand(batch)
+    with torch.no_grad():
+        logits = tiny_model(expanded.tokens)
+    dist = candidates.distribution(logits, expanded)
+    torch.testing.assert_close(dist.sum(-1), torch.ones(len(PROMPTS)))
+    values = torch.tensor(VALUES)
+    torch.testing.assert_close(metric(logits, expanded), dist @ values)
+    mass = candidates.grid_mass(logits, expanded)
+    assert ((mass > 0) & (mass < 1)).all()
+    with torch.no_grad():
+        torch.testing.assert_close(run_metric(tiny_model, metric, batch), dist @ values)
+
+
+def test_extra_padding_changes_nothing(tiny_model, batch, candidates):
+    pad = torch.full((len(batch), 3), int(batch.tokens[0, -1]))
+    wide = TokenBatch(
+        torch.cat([batch.tokens, pad], 1),
+        torch.cat([batch.attention_mask, torch.zeros_like(pad)], 1),
+        batch.answer_pos,
+    )
+    metric = ExpectedValue(candidates)
+    with torch.no_grad():
+        expected = run_metric(tiny_model, metric, batch)
+        torch.testing.assert_close(run_metric(tiny_model, metric, wide), expected)
+
+
+@dataclass(frozen=True)
+class _AlwaysExpand(CandidateAnswers):
+    @property
+    def single_token(self) -> bool:
+        return False
+
+
+def test_single_token_fast_path_equals_expanded_path(tiny_model, batch):
+    fast = CandidateAnswers.from_texts(tiny_model.tokenizer, [" yes", " no", " maybe"], [1, 0, 0.5])
+    assert fast.single_token and fast.expand(batch) is batch
+    slow = _AlwaysExpand(fast.texts, fast.values, fast.token_ids)
+    expanded = slow.expand(batch)
+    assert len(expanded) == 3 * len(batch)
+    with torch.no_grad():
+        quick = fast.log_probs(tiny_model(batch.tokens), batch)
+        full = slow.log_probs(tiny_model(expanded.tokens), expanded)
+    torch.testing.assert_close(quick, full, rtol=1e-5, atol=1e-5)
+
+
+def test_expected_value_gradient(tiny_model, logits, batch):
+    grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" yes", " no", " maybe"], [1.0, 0.0, 0.5])
+    leaf = logits.clone().requires_grad_(True)
+    value = ExpectedValue(grid)(leaf, batch)
+    value.sum().backward()
+    ids = [t[0] for t in grid.token_ids]
+    probs = _final(logits, batch)[:, ids].softmax(-1)  # renormalized over the grid
+    values = torch.tensor(grid.values)
+    expected = probs * (values - (probs @ values)[:, None])  # dE/dlogit_c = p_c (v_c - E)
+    grad = leaf.grad
+    torch.testing.assert_close(_final(grad, batch)[:, ids], expected, rtol=1e-5, atol=1e-6)
+    grad_at_answer = _final(grad, batch)
+    grad_at_answer[:, ids] = 0
+    assert grad_at_answer.abs().max() < 1e-6 and grad.abs().sum() > 0
+
+
+def test_multi_token_expected_value_gradient_reaches_the_model(tiny_model, batch, candidates):
+    metric = ExpectedValue(candidates)
+    run_metric(tiny_model, metric, batch).sum().backward()
+    grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
+    tiny_model.zero_grad(set_to_none=True)
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_candidate_grid_errors(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    with pytest.raises(ValueError, match="at least 2 candidates"):
+        CandidateAnswers.from_texts(tokenizer, [" 5"], [5])
+    with pytest.raises(ValueError, match="one value each"):
+        CandidateAnswers.from_texts(tokenizer, [" 5", " 6"], [5])
+    with pytest.raises(ValueError, match="tokenize identically"):
+        CandidateAnswers.from_texts(tokenizer, [" 5", " 5"], [5, 6])
+    with pytest.raises(ValueError, match="tokenize to nothing"):
+        CandidateAnswers.from_texts(tokenizer, ["", " 5"], [0, 5])
