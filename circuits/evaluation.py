@@ -1,0 +1,180 @@
+"""Bias and utility of a model with a component set ablated, across evaluation sets.
+
+Bias on an evaluation set is the mean paired difference of the context's deterministic metric
+(expected answer over its grid) between the two rows of each counterfactual pair, A minus B,
+in the context's units; its reduction is ``1 - |gap with ablation| / |gap without|``. Utility is
+the KL divergence from the unablated model on the neutral text shipped with the package, and
+that text's perplexity.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from circuits.prompts import PairSet
+from interp.ablation import ablated
+from interp.batching import TokenBatch, microbatches, tokenize
+from interp.components import ComponentSet
+from interp.metrics import Metric, kl_divergence
+
+
+def neutral_texts() -> list[str]:
+    """The neutral sentences shipped with the package (our own text), one per line."""
+    text = (Path(__file__).parent / "data" / "neutral.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@dataclass(frozen=True, eq=False)
+class UtilityProbe:
+    """Neutral text and the unablated model's logits on it, the reference for KL."""
+
+    batch: TokenBatch
+    reference: Float[Tensor, "batch pos vocab"]
+
+    @classmethod
+    def build(cls, model, texts: Sequence[str] | None = None) -> "UtilityProbe":
+        batch = tokenize(model, list(texts or neutral_texts()))
+        with torch.no_grad():
+            reference = model(batch.tokens).float()
+        return cls(batch, reference)
+
+    def measure(self, model) -> dict[str, float]:
+        """KL from the reference and perplexity, for the model as it runs now (hooks included)."""
+        with torch.no_grad():
+            logits = model(self.batch.tokens).float()
+        kl = kl_divergence(logits, self.reference, self.batch).mean()
+        logp = logits[:, :-1].log_softmax(-1)
+        targets = self.batch.tokens[:, 1:]
+        nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+        mask = self.batch.attention_mask[:, 1:].to(nll.dtype)
+        ppl = torch.exp((nll * mask).sum() / mask.sum())
+        return {"kl": float(kl), "perplexity": float(ppl)}
+
+
+@dataclass(frozen=True, eq=False)
+class EvalSet:
+    """Counterfactual pairs of one context and the metric that measures them."""
+
+    name: str
+    pairs: PairSet
+    metric: Metric
+
+
+def paired_values(model, eval_set: EvalSet, *, batch_size: int = 16) -> tuple[Tensor, Tensor]:
+    """Metric on the A rows and on the B rows of every pair, for the model as it runs now."""
+    metric = eval_set.metric
+    out_a, out_b = [], []
+    with torch.no_grad():
+        for rows in microbatches(len(eval_set.pairs), batch_size):
+            for batch, out in ((eval_set.pairs.clean, out_a), (eval_set.pairs.corrupt, out_b)):
+                expanded = metric.expand(batch.select(rows))
+                out.append(metric(model(expanded.tokens), expanded).float().cpu())
+    return torch.cat(out_a), torch.cat(out_b)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One row per (component set, evaluation set): bias with the set ablated, and utility."""
+
+    frame: pd.DataFrame
+    settings: dict = field(default_factory=dict)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.frame.to_parquet(out / "evaluation.parquet", index=False)
+        (out / "evaluation.json").write_text(json.dumps(self.settings, indent=2, default=str))
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "Evaluation":
+        out = Path(out_dir)
+        return cls(pd.read_parquet(out / "evaluation.parquet"), json.loads((out / "evaluation.json").read_text()))
+
+
+def evaluate(
+    model,
+    sets: Mapping[str, ComponentSet],
+    eval_sets: Sequence[EvalSet],
+    *,
+    probe: UtilityProbe | None = None,
+    how: str = "zero",
+    means: Mapping[str, Tensor] | None = None,
+    plan: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Evaluation:
+    """Ablate each component set in turn and measure evaluation sets plus utility.
+
+    The empty set (the unablated model) is measured once on every evaluation set as the
+    baseline, under the label ``"none"``; reductions are relative to it. ``plan`` maps a set's
+    label to the names of the evaluation sets it is measured on (default: all).
+    """
+    if "none" in sets:
+        raise ValueError("'none' is reserved for the unablated baseline; rename that component set")
+    if not eval_sets:
+        raise ValueError("give at least one evaluation set")
+    known = {e.name for e in eval_sets}
+    for label, wanted in (plan or {}).items():
+        unknown = sorted(set(wanted) - known)
+        if label not in sets or unknown:
+            raise ValueError(f"plan for {label!r} names unknown sets: {unknown or [label]}; known {sorted(known)}")
+    probe = probe or UtilityProbe.build(model)
+    rows = []
+    labelled = {"none": ComponentSet(), **sets}
+    baseline: dict[str, float] = {}
+    for label, components in tqdm(labelled.items(), desc="evaluate", disable=not progress):
+        with ablated(model, components, how, means=means):
+            utility = probe.measure(model)
+            for es in eval_sets:
+                if label != "none" and plan is not None and label in plan and es.name not in plan[label]:
+                    continue
+                a, b = paired_values(model, es, batch_size=batch_size)
+                diff = a - b
+                gap = float(diff.mean())
+                baseline.setdefault(es.name, gap)
+                base = baseline[es.name]
+                rows.append(
+                    {
+                        "set": label,
+                        "n_components": len(components),
+                        "eval": es.name,
+                        "gap": gap,
+                        "gap_se": float(diff.std() / max(1, len(diff)) ** 0.5) if len(diff) > 1 else float("nan"),
+                        "baseline_gap": base,
+                        "reduction": 1 - abs(gap) / abs(base) if base != 0 else float("nan"),
+                        "mean_a": float(a.mean()),
+                        "mean_b": float(b.mean()),
+                        "n_pairs": len(diff),
+                        **utility,
+                    }
+                )
+    settings = {"how": how, "sets": {k: len(v) for k, v in sets.items()}, "eval_sets": [e.name for e in eval_sets]}
+    return Evaluation(pd.DataFrame(rows), settings)
+
+
+def head_utility(model, probe: UtilityProbe, *, progress: bool = True) -> Float[Tensor, "layer head"]:
+    """KL from the unablated model on neutral text when each head alone is zero-ablated (FASP's utility)."""
+    from interp.components import ComponentShape, Head
+
+    shape = ComponentShape.of(model)
+    out = torch.zeros(shape.n_layers, shape.n_heads)
+    bar = tqdm(total=shape.count("head"), desc="head utility", disable=not progress)
+    for layer in range(shape.n_layers):
+        for head in range(shape.n_heads):
+            with ablated(model, [Head(layer, head)], "zero"):
+                out[layer, head] = probe.measure(model)["kl"]
+            bar.update()
+    bar.close()
+    return out

@@ -1,0 +1,289 @@
+"""The study runner: audit -> scores -> selection -> generalization -> overlap -> report.
+
+Every stage is written atomically under ``<out_dir>/stages/`` with a key of the settings it
+depends on (see ``circuits.stages``); re-running the same command after an interruption loads
+the finished stages and computes only the rest. ``manifest.json`` records the config, package
+versions, model id and weight hash, seeds and git commit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from circuits.audit import AuditResult, run_audit
+from circuits.bias import context_metric
+from circuits.config import StudyConfig
+from circuits.names import sample_names
+from circuits.evaluation import EvalSet, UtilityProbe, head_utility
+from circuits.generalization import CandidateSet, ContextSplits, Generalization, generalize
+from circuits.prompts import PromptSet, build_pairs, build_prompts
+from circuits.scoring import ContextScores, baseline_sets, score_context
+from circuits.stages import StageStore, settings_key
+from circuits import pruning
+from interp.components import ComponentSet, ComponentShape
+
+PACKAGES = ("bias-circuits", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy")
+
+
+def _weights_hash(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str | None]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+@dataclass
+class StudyRun:
+    """What a study produced: the output directory, its stages and the report path."""
+
+    config: StudyConfig
+    out_dir: Path
+    stages: dict
+    report: Path | None
+
+    def summary(self) -> str:
+        lines = [f"study written to {self.out_dir}"]
+        for name, rec in self.stages.items():
+            state = f"computed in {rec.seconds:.0f}s" if rec.computed else "reused"
+            lines.append(f"  {name:<28} {state}")
+        if self.report:
+            lines.append(f"report: {self.report}")
+        return "\n".join(lines)
+
+
+class Study:
+    """One study: its config, output directory, model and stage store."""
+
+    def __init__(self, config: StudyConfig):
+        self.config = config.validate()
+        self.out = Path(config.out_dir).expanduser()
+        self.store = StageStore(self.out)
+        self.model = None
+        self.model_key = None
+
+    # -- set-up --------------------------------------------------------------------------
+    def _load_model(self) -> None:
+        from interp.models import load_model, resolve_model_path
+
+        device = None if self.config.device == "auto" else self.config.device
+        self.model = load_model(self.config.model, device=device)
+        model_dir = Path(resolve_model_path(self.config.model))
+        self.model_key = {"model": self.config.model, "weights": _weights_hash(model_dir)}
+        torch.manual_seed(self.config.seed)
+
+    def _write_manifest(self) -> None:
+        manifest = {
+            "config": self.config.to_dict(),
+            "model": self.model_key,
+            "device": str(self.model.cfg.device),
+            "seed": self.config.seed,
+            "packages": _versions(),
+            "git_commit": _git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+
+    def _key(self, *parts) -> str:
+        return settings_key(self.model_key, *parts)
+
+    # -- prompts ---------------------------------------------------------------------------
+    def prompts(self) -> PromptSet:
+        c = self.config
+        prompts = build_prompts(self.model, list(c.contexts), details=list(c.details), seed=c.seed)
+        frame = prompts.frame
+        names = [n for split in ("train", "heldout")
+                 for n in sample_names(frame[frame["name_split"] == split], c.names_per_cell, seed=c.seed)]
+        return prompts.sample(variations=c.variations, seed=c.seed).filter(name=names)
+
+    def splits(self, prompts: PromptSet) -> dict[str, ContextSplits]:
+        c = self.config
+        out = {}
+        for ctx in c.contexts:
+            rows = prompts.filter(context=ctx)
+            metric = context_metric(self.model, ctx, prompts=rows)
+
+            def eval_set(name, optional=False, **criteria):
+                subset = rows.filter(**criteria)
+                try:
+                    pairs = build_pairs(self.model, subset, max_pairs_per_cell=c.max_pairs_per_cell, seed=c.seed,
+                                        match_gender=not optional)
+                except ValueError as err:
+                    if optional:
+                        warnings.warn(f"{ctx}: no held-out-name pairs ({err}); that level is skipped")
+                        return None
+                    raise ValueError(f"{ctx} {name} split: {err}; raise names_per_cell") from err
+                return EvalSet(f"{ctx}:{name}", pairs, metric)
+
+            out[ctx] = ContextSplits(
+                ctx,
+                train=eval_set("train", variation_split="train", name_split="train"),
+                heldout=eval_set("heldout", variation_split="heldout"),
+                names=eval_set("names", optional=True, variation_split="train", name_split="heldout"),
+            )
+        return out
+
+    # -- stages ----------------------------------------------------------------------------
+    def run(self) -> StudyRun:
+        c = self.config
+        self._load_model()
+        self._write_manifest()
+        prompts = self.prompts()
+        audit_key = self._key("audit", c.contexts, c.details, c.variations, c.names_per_cell, c.seed)
+        self.store.run("audit", audit_key, lambda d: run_audit(self.model, prompts=prompts, out_dir=d,
+                                                               batch_size=c.batch_size * 8, seed=c.seed,
+                                                               progress=c.progress))
+        splits = self.splits(prompts)
+        pair_key = self._key("pairs", audit_key, c.max_pairs_per_cell)
+        scores: dict[str, ContextScores] = {}
+        baselines: dict[str, dict] = {}
+        for ctx, split in splits.items():
+            key = self._key("scores", pair_key, ctx, c.refine_top)
+            rec = self.store.run(f"scores-{ctx}", key, lambda d, s=split: score_context(
+                self.model, s.train, refine_top=c.refine_top, per_prompt=True, batch_size=c.batch_size,
+                progress=c.progress).save(d))
+            scores[ctx] = ContextScores.load(rec.path)
+            if {"wanda_difference", "attention_to_name"} & set(c.strategies):
+                bkey = self._key("baselines", pair_key, ctx, c.wanda_fraction)
+                rec = self.store.run(f"baselines-{ctx}", bkey, lambda d, s=split: _save_baselines(
+                    baseline_sets(self.model, s.train, top_fraction=c.wanda_fraction, batch_size=c.batch_size), d))
+                baselines[ctx] = _load_baselines(rec.path)
+        probe = UtilityProbe.build(self.model)
+        utility = None
+        if "fasp" in c.strategies:
+            rec = self.store.run("head-utility", self._key("head-utility"), lambda d: torch.save(
+                head_utility(self.model, probe, progress=c.progress), d / "head_utility.pt"))
+            utility = torch.load(rec.path / "head_utility.pt")
+        candidates = self.candidates(scores, baselines, utility)
+        select_key = self._key("select", [s.key for s in self.store.records.values()], c.strategies, c.neuron_ks,
+                               c.head_ks, c.fasp_gamma, c.fasp_alphas)
+        self.store.run("selection", select_key, lambda d: _candidates_frame(candidates).to_parquet(
+            d / "candidates.parquet", index=False))
+        gen_key = self._key("generalization", select_key, c.ablation)
+        rec = self.store.run("generalization", gen_key, lambda d: generalize(
+            self.model, candidates, splits, probe=probe, how=c.ablation, means=self._means(splits),
+            batch_size=c.batch_size, progress=c.progress).save(d))
+        generalization = Generalization.load(rec.path)
+        overlap_key = self._key("overlap", [scores[x].attribution.n_prompts for x in scores], select_key,
+                                c.overlap_k, c.n_null)
+        from circuits.analysis import overlap_tables
+
+        rec = self.store.run("overlap", overlap_key, lambda d: overlap_tables(
+            scores, generalization, k=c.overlap_k, n_null=c.n_null, seed=c.seed, out_dir=d))
+        from circuits.study_report import write_study_report
+
+        audit = AuditResult.load(self.store.root / "audit")
+        report_key = self._key("report", audit_key, gen_key, overlap_key)
+        rec = self.store.run("report", report_key, lambda d: write_study_report(
+            d, config=c, manifest=json.loads((self.out / "manifest.json").read_text()), audit=audit,
+            scores=scores, generalization=generalization, overlap_dir=self.store.root / "overlap"))
+        return StudyRun(c, self.out, dict(self.store.records), rec.path / "report.html")
+
+    def _means(self, splits: dict[str, ContextSplits]):
+        if self.config.ablation != "mean":
+            return None
+        from interp.activations import mean_activations
+        from interp.components import hook_name
+
+        shape = ComponentShape.of(self.model)
+        names = [hook_name(k, layer) for k in ("neuron", "head") for layer in range(shape.n_layers)]
+        batches = [s.train.pairs.clean for s in splits.values()] + [s.train.pairs.corrupt for s in splits.values()]
+        from interp.batching import pad_ids, pad_token_id
+
+        rows = [b.tokens[i, : int(b.lengths[i])].tolist() for b in batches for i in range(len(b))]
+        reference = pad_ids(rows, pad_token_id(self.model.tokenizer)).to(self.model.cfg.device)
+        return mean_activations(self.model, reference, names, batch_size=self.config.batch_size)
+
+    # -- selection -------------------------------------------------------------------------
+    def candidates(self, scores, baselines, utility) -> list[CandidateSet]:
+        c = self.config
+        shape = ComponentShape.of(self.model)
+        out: list[CandidateSet] = []
+
+        def add(strategy, k, ctx, components):
+            out.append(CandidateSet(f"{strategy}@{k}|{ctx}", strategy, int(k), ctx, components))
+
+        for ctx, s in scores.items():
+            for k in c.neuron_ks:
+                top = pruning.top_k_neurons(s.scores, k)
+                if "top_k_neurons" in c.strategies:
+                    add("top_k_neurons", k, ctx, top)
+                if "random" in c.strategies:
+                    add("random", k, ctx, pruning.random_set(shape, "neuron", k, seed=c.seed, per_layer_like=top))
+            for k in c.head_ks:
+                if "top_k_heads" in c.strategies:
+                    add("top_k_heads", k, ctx, pruning.top_k_heads(s.scores, k))
+                if "attention_to_name" in c.strategies:
+                    add("attention_to_name", k, ctx, pruning.top_k_heads(baselines[ctx]["attention_to_name"], k))
+            if "fasp" in c.strategies:
+                for alpha in c.fasp_alphas:
+                    chosen = pruning.fasp(s.scores["head"], utility, gamma=c.fasp_gamma, alpha=alpha)
+                    add("fasp", len(chosen), ctx, chosen)
+            if "wanda_difference" in c.strategies:
+                chosen = baselines[ctx]["wanda_difference"]
+                add("wanda_difference", len(chosen), ctx, chosen)
+        if "common" in c.strategies:
+            for kind, ks in (("neuron", c.neuron_ks), ("head", c.head_ks)):
+                for k in ks:
+                    sets = [ComponentSet.top_k(s.scores[kind], k, kind=kind) for s in scores.values()]
+                    add(f"common_{kind}s", k, "common", pruning.common(sets, min_count=max(2, len(sets) - 1)))
+        return out
+
+
+def _candidates_frame(candidates: list[CandidateSet]) -> pd.DataFrame:
+    frames = []
+    for cand in candidates:
+        frame = cand.components.to_dataframe()
+        frame.insert(0, "label", cand.label)
+        frame.insert(1, "strategy", cand.strategy)
+        frame.insert(2, "k", cand.k)
+        frame.insert(3, "train_context", cand.train_context)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _save_baselines(baselines: dict, out: Path) -> None:
+    baselines["wanda_difference"].to_dataframe().to_parquet(out / "wanda_difference.parquet", index=False)
+    torch.save({"attention_to_name": baselines["attention_to_name"], "magnitude": baselines["magnitude"]},
+               out / "scores.pt")
+
+
+def _load_baselines(path: Path) -> dict:
+    loaded = torch.load(path / "scores.pt")
+    loaded["wanda_difference"] = ComponentSet.from_dataframe(pd.read_parquet(path / "wanda_difference.parquet"))
+    return loaded
+
+
+def run_study(config: StudyConfig | None = None) -> StudyRun:
+    """Run (or resume) a study; with no config, the default study on the embedded model."""
+    return Study(config or StudyConfig()).run()

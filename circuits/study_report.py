@@ -1,0 +1,147 @@
+"""The study's report: tables and figures from every stage, as one HTML file and Markdown."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from circuits import plots
+from circuits.analysis import load_overlap_tables
+from circuits.audit import AuditResult
+from circuits.config import StudyConfig
+from circuits.generalization import Generalization
+from circuits.report import Section, write_report
+
+
+def _audit_section(audit: AuditResult) -> Section:
+    gaps = audit.gaps.to_dataframe()
+    shown = gaps.assign(comparison=gaps["group_a"] + " - " + gaps["group_b"])
+    # in each context's own units; the figure shows the SMD so contexts share one scale
+    fig_df = shown.assign(gap=shown["smd"], gap_lo=shown["smd"], gap_hi=shown["smd"])
+    table = shown[["context", "comparison", "mean_a", "mean_b", "gap", "ci_low", "ci_high", "smd",
+                   "p_permutation", "n_prompts", "mean_grid_mass"]]
+    return Section(
+        "Bias audit",
+        "Deterministic audit: the expected answer under the model's distribution over each context's "
+        "candidate grid, per prompt. `gap` is group A minus group B in the context's units, with a "
+        "cluster-bootstrap interval over names and templates; the figure shows the standardized "
+        "mean difference so contexts share a scale.",
+        tables=[("Group gaps per context", table.round(4))],
+        figures=[("audit_gaps", "Standardized mean difference per context", plots.audit_gaps(
+            fig_df[["context", "gap", "gap_lo", "gap_hi", "comparison"]]))],
+    )
+
+
+def _attribution_section(scores: dict) -> Section:
+    figures, tables = [], []
+    frames = []
+    for ctx, s in scores.items():
+        df = s.to_dataframe()
+        frames.append(df)
+        figures.append((f"heads_{ctx}", f"AtP head scores, {ctx} (layer x head)", plots.attribution_heatmap(df, "head")))
+        figures.append((f"neurons_{ctx}", f"AtP neuron scores by layer, {ctx}", plots.attribution_heatmap(df, "neuron")))
+    both = pd.concat(frames, ignore_index=True)
+    figures.append(("top_components", "Top components per context", plots.top_components(both, k=15)))
+    top = (both.assign(abs_score=both["score"].abs()).sort_values("abs_score", ascending=False)
+           .groupby("context").head(10)[["context", "kind", "layer", "index", "score"]])
+    tables.append(("Top 10 components per context (oriented, grid-scaled AtP)", top.round(5)))
+    text = ("Attribution patching of each context's metric over its training pairs. Scores are oriented "
+            "(positive: carries the measured gap) and divided by the width of the answer grid.")
+    return Section("Component attribution", text, tables=tables, figures=figures)
+
+
+def _pruning_sections(gen: Generalization) -> list[Section]:
+    frame = gen.frame
+    own = frame[(frame["level"] == "L1") | ((frame["strategy"] == "none") & (frame["split"] == "heldout"))]
+    own = own.assign(bias=own["gap"].abs(), eval_context=own["eval_context"])
+    curves = own[["strategy", "k", "eval_context", "bias"]]
+    sections = [Section(
+        "Bias vs sparsity",
+        "Absolute gap on each context's held-out variations (L1) after ablating the top-k components "
+        "found on its training split, per strategy; the dashed line is the unablated model.",
+        tables=[("Held-out (L1) results", own[["strategy", "k", "eval_context", "gap", "baseline_gap", "reduction",
+                                                "kl", "perplexity", "n_components"]].round(4))],
+        figures=[("bias_vs_sparsity", "Bias vs number of ablated components", plots.bias_vs_sparsity(curves))],
+    )]
+    matrix = gen.matrix()
+    largest = matrix.groupby("strategy")["k"].transform("max")
+    matrix = matrix[matrix["k"] == largest]
+    pivot_table = matrix.pivot_table(index=["strategy", "train_context"], columns="eval_context", values="reduction")
+    sections.append(Section(
+        "Generalization",
+        "Bias reduction (1 - |gap| / |unablated gap|) on held-out variations: the diagonal is the context the set "
+        "was found on (L1), off-diagonal cells are other contexts (L2). Shown at each strategy's largest k.",
+        tables=[("Train x eval reduction", pivot_table.round(3).reset_index())],
+        figures=[("generalization_matrix", "Train context x eval context bias reduction",
+                  plots.generalization_matrix(matrix[["strategy", "train_context", "eval_context", "reduction"]]))],
+    ))
+    levels = frame[frame["strategy"] != "none"].groupby(["strategy", "k", "level"], as_index=False)["reduction"].mean()
+    sections.append(Section(
+        "Generalization levels",
+        "Mean reduction per level: L0 the scored prompts, names = held-out names, L1 held-out variations, "
+        "L2 other contexts.",
+        tables=[("Mean reduction per level", levels.pivot_table(index=["strategy", "k"], columns="level",
+                                                                values="reduction").round(3).reset_index())],
+    ))
+    util = frame[frame["level"] == "L1"].groupby(["strategy", "k"], as_index=False).agg(
+        kl=("kl", "first"), bias_reduction=("reduction", "mean"))
+    sections.append(Section(
+        "Utility cost",
+        "KL divergence from the unablated model on neutral text against held-out bias reduction.",
+        tables=[("Utility and reduction", util.round(4))],
+        figures=[("utility_cost", "Bias reduction vs utility cost", plots.utility_cost(util))],
+    ))
+    return sections
+
+
+def _overlap_sections(tables: dict[str, pd.DataFrame]) -> list[Section]:
+    out = []
+    pairwise = tables["pairwise"]
+    if len(pairwise):
+        figures = []
+        for kind in ("neuron", "head"):
+            rows = pairwise[(pairwise["kind"] == kind) & (pairwise["stat"] == "jaccard")]
+            figures.append((f"overlap_{kind}", f"Top-k {kind} Jaccard between contexts (random-set null mean)",
+                            plots.overlap_matrix(rows[["context_a", "context_b", "stat", "value", "null_mean"]])))
+        curves = tables["jaccard_curves"]
+        figures.append(("jaccard_curves", "Jaccard of top-k neuron sets over k (chance band)",
+                        plots.jaccard_curves(curves[curves["kind"] == "neuron"][["pair", "k", "jaccard", "null_mean"]])))
+        perm = tables["permutation"]
+        out.append(Section(
+            "Overlap across contexts",
+            "How much of each context's top-k set is shared with another's: Jaccard, rank-biased overlap and "
+            "Spearman of the full score vectors, against random sets with the same per-layer counts; and a "
+            "label-permutation test (small p: less overlap than exchangeable prompts would give).",
+            tables=[("Pairwise overlap", pairwise.round(4)), ("Label-permutation tests", perm.round(4))],
+            figures=figures,
+        ))
+    shared = tables["shared_specific"]
+    if len(shared):
+        figures = []
+        for kind in shared["kind"].unique():
+            rows = shared[shared["kind"] == kind]
+            rows = rows[rows["k"] == rows["k"].max()]
+            figures.append((f"shared_specific_{kind}", f"Shared vs context-specific reduction ({kind}s)",
+                            plots.shared_specific(rows[["context", "full_reduction", "shared_reduction"]])))
+        out.append(Section(
+            "Shared vs context-specific",
+            "Held-out reduction by each context's own top-k set (full) and by the components common to the "
+            "training contexts alone (shared); the rest needs context-specific components.",
+            tables=[("Decomposition", shared.round(4))],
+            figures=figures,
+        ))
+    return out
+
+
+def write_study_report(out_dir: Path, *, config: StudyConfig, manifest: dict, audit: AuditResult, scores: dict,
+                       generalization: Generalization, overlap_dir: Path) -> Path:
+    settings = pd.DataFrame({"setting": list(config.to_dict()), "value": [str(v) for v in config.to_dict().values()]})
+    sections = [Section("Settings", "The study's configuration.", tables=[("Config", settings)])]
+    sections.append(_audit_section(audit))
+    sections.append(_attribution_section(scores))
+    sections += _pruning_sections(generalization)
+    sections += _overlap_sections(load_overlap_tables(overlap_dir))
+    meta = {"model": config.model, "weights": manifest["model"]["weights"], "device": manifest["device"],
+            "git commit": manifest.get("git_commit"), "started": manifest["started"]}
+    paths = write_report(out_dir, "Bias circuitry study", sections, meta=meta)
+    return paths.html
