@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from interp import ModelLoadError, load_model
-from interp import models
+from interp import ModelLoadError, load_model, models
 
 
 def test_tiny_model_is_a_bridge_in_eval_mode(tiny_model):

@@ -1,0 +1,620 @@
+"""Counterfactual prompt sets, token-aligned name pairs, and imported prompt tables.
+
+A ``PromptSet`` holds one row per (context, variation, detail level, name). Each row's
+``prompt_text`` is what the model reads: for a chat model (its tokenizer has a chat template) the
+question as a user turn, the assistant turn opened, then the answer prefix; for a base model the
+question, a newline and the answer prefix. Either way the next tokens are the answer.
+
+A ``PairSet`` pairs a prompt with a White name (group A, the *clean* run) with the same prompt
+with a Black name (group B, the *corrupt*/counterfactual run), keeping only pairs whose token
+sequences align position by position: same length, and different only at the name's tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from circuits.contexts import (
+    ANSWER_TYPES,
+    CONTEXTS,
+    DEFAULT_ANSWERS,
+    DETAILS,
+    AnswerFormat,
+    Context,
+    get_context,
+)
+from circuits.names import GROUPS, Name, all_names, lookup, sample_names, split_names
+from interp.batching import TokenBatch, encode, pad_ids, pad_token_id
+
+COLUMNS = (
+    "prompt_id",
+    "context",
+    "scenario",
+    "variation",
+    "detail",
+    "name",
+    "first_name",
+    "group",
+    "gender",
+    "variation_split",
+    "name_split",
+    "answer_type",
+    "sign",
+    "user_text",
+    "prompt_text",
+)
+
+
+def _tokenizer(model_or_tokenizer):
+    return getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+
+
+def uses_chat(model_or_tokenizer) -> bool:
+    """Whether prompts for this model are chat-formatted (its tokenizer has a chat template)."""
+    return bool(getattr(_tokenizer(model_or_tokenizer), "chat_template", None))
+
+
+def format_prompt(model_or_tokenizer, user_text: str, answer_prefix: str, *, chat: bool | None = None) -> str:
+    """The text the model reads: the question, then the answer prefix as the start of the answer."""
+    tokenizer = _tokenizer(model_or_tokenizer)
+    chat = uses_chat(tokenizer) if chat is None else chat
+    if not chat:
+        return f"{user_text}\n{answer_prefix}"
+    opened = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+    )
+    return opened + answer_prefix
+
+
+def split_variations(
+    keys: Sequence[str], *, heldout_fraction: float = 1 / 3, seed: int = 0
+) -> dict[str, str]:
+    """Map each variation key to ``"train"`` or ``"heldout"``: a seeded draw of about ``heldout_fraction``
+    of them, at least one and never all (a single variation stays in train)."""
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must lie in [0, 1), got {heldout_fraction}")
+    keys = sorted(set(keys))
+    n_out = min(max(round(heldout_fraction * len(keys)), 1), len(keys) - 1) if heldout_fraction > 0 else 0
+    held = set(np.random.default_rng(seed).permutation(keys)[:n_out])
+    return {k: "heldout" if k in held else "train" for k in keys}
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple, set, frozenset, pd.Series, np.ndarray)) else [value]
+
+
+@dataclass(frozen=True, eq=False)
+class PromptSet:
+    """Prompts, one row each, with the answer format of every context they belong to."""
+
+    frame: pd.DataFrame
+    answers: Mapping[str, AnswerFormat] = field(repr=False)
+    chat: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "frame", self.frame.reset_index(drop=True))
+        missing = [c for c in COLUMNS if c not in self.frame.columns]
+        if missing:
+            raise ValueError(f"a PromptSet frame needs columns {missing}")
+        unknown = sorted(set(self.frame["context"]) - set(self.answers))
+        if unknown:
+            raise ValueError(f"contexts {unknown} have no answer format")
+        if self.frame["prompt_id"].duplicated().any():
+            dup = self.frame.loc[self.frame["prompt_id"].duplicated(), "prompt_id"].iloc[0]
+            raise ValueError(f"prompt {dup!r} appears twice")
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def contexts(self) -> list[str]:
+        return list(dict.fromkeys(self.frame["context"]))
+
+    @property
+    def texts(self) -> list[str]:
+        return list(self.frame["prompt_text"])
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    def _with(self, frame: pd.DataFrame) -> PromptSet:
+        return replace(
+            self, frame=frame, answers={c: self.answers[c] for c in dict.fromkeys(frame["context"])}
+        )
+
+    def filter(self, **criteria) -> PromptSet:
+        """Rows whose columns match: ``filter(context="chess", detail=["low", "high"])``."""
+        keep = pd.Series(True, index=self.frame.index)
+        for column, wanted in criteria.items():
+            if column not in self.frame.columns:
+                raise ValueError(f"cannot filter on {column!r}; columns are {list(self.frame.columns)}")
+            keep &= self.frame[column].isin(_as_list(wanted))
+        if not keep.any():
+            raise ValueError(f"no prompt matches {criteria}")
+        return self._with(self.frame[keep])
+
+    def split(self, by: str = "variation") -> tuple[PromptSet, PromptSet]:
+        """``(train, heldout)`` by ``"variation"`` (held-out templates) or ``"name"`` (held-out names)."""
+        if by not in ("variation", "name"):
+            raise ValueError(f"split by 'variation' or 'name', got {by!r}")
+        column = f"{by}_split"
+        return self.filter(**{column: "train"}), self.filter(**{column: "heldout"})
+
+    def sample(
+        self, *, variations: int | None = None, names_per_cell: int | None = None, seed: int = 0
+    ) -> PromptSet:
+        """A seeded subset: ``variations`` per context and ``names_per_cell`` per group x gender."""
+        frame = self.frame
+        rng = np.random.default_rng(seed)
+        if variations is not None:
+            keep = []
+            for _, rows in frame.groupby("context", sort=False):
+                keys = list(dict.fromkeys(rows["variation"]))
+                chosen = set(rng.permutation(keys)[:variations]) if variations < len(keys) else set(keys)
+                keep.append(rows[rows["variation"].isin(chosen)])
+            frame = pd.concat(keep)
+        if names_per_cell is not None:
+            frame = frame[frame["name"].isin(sample_names(frame, names_per_cell, seed=seed))]
+        return self._with(frame)
+
+
+def build_prompts(
+    model_or_tokenizer,
+    contexts: Sequence[str | Context] | None = None,
+    *,
+    details: Sequence[str] = DETAILS,
+    names: Sequence[Name] | None = None,
+    heldout_variations: float = 1 / 3,
+    heldout_names: float = 0.25,
+    seed: int = 0,
+    chat: bool | None = None,
+) -> PromptSet:
+    """Every template x detail level x name of the chosen contexts (default: all registered).
+
+    Splits are seeded and fixed before any subsetting: ``variation_split`` holds out about
+    ``heldout_variations`` of each context's variations, ``name_split`` about ``heldout_names`` of
+    the names in every group x gender cell.
+    """
+    chosen = [get_context(c) for c in (contexts if contexts is not None else list(CONTEXTS))]
+    if not chosen:
+        raise ValueError("choose at least one context")
+    bad = [d for d in details if d not in DETAILS]
+    if bad or not details:
+        raise ValueError(f"unknown detail levels {bad or '(none given)'}; choose from {list(DETAILS)}")
+    people = tuple(names) if names is not None else all_names()
+    if not people:
+        raise ValueError("choose at least one name")
+    chat = uses_chat(model_or_tokenizer) if chat is None else chat
+    name_split = split_names(people, heldout_fraction=heldout_names, seed=seed)
+    rows = []
+    for ctx in chosen:
+        var_split = split_variations(ctx.variation_keys, heldout_fraction=heldout_variations, seed=seed)
+        for var in ctx.variations:
+            for detail in details:
+                for person in people:
+                    user = ctx.render(var, detail, person.full)
+                    rows.append(
+                        {
+                            "prompt_id": f"{ctx.name}|{var.key}|{detail}|{person.full}",
+                            "context": ctx.name,
+                            "scenario": ctx.scenario,
+                            "variation": var.key,
+                            "detail": detail,
+                            "name": person.full,
+                            "first_name": person.first,
+                            "group": person.group,
+                            "gender": person.gender,
+                            "variation_split": var_split[var.key],
+                            "name_split": name_split[person.full],
+                            "answer_type": ctx.answer.type,
+                            "sign": ctx.sign,
+                            "user_text": user,
+                            "prompt_text": format_prompt(
+                                model_or_tokenizer, user, ctx.answer.prefix, chat=chat
+                            ),
+                        }
+                    )
+    return PromptSet(pd.DataFrame(rows, columns=list(COLUMNS)), {c.name: c.answer for c in chosen}, chat)
+
+
+# --------------------------------------------------------------------------- tokens and names
+
+
+def _name_positions(model, text: str, name: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` (as ``interp.batching.encode`` makes them) and the positions of ``name``."""
+    tokenizer = model.tokenizer
+    plain = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encode(model, text)
+    shift = len(ids) - len(plain["input_ids"])
+    if shift < 0 or ids[shift:] != list(plain["input_ids"]):
+        raise ValueError("cannot align the tokenizer's offsets with the model's encoding of a prompt")
+    spans, start = [], text.find(name)
+    while start >= 0:
+        spans.append((start, start + len(name)))
+        start = text.find(name, start + 1)
+    if not spans:
+        raise ValueError(f"name {name!r} does not occur in its prompt")
+    positions = [
+        shift + i
+        for i, (s, e) in enumerate(plain["offset_mapping"])
+        if any(s < end and e > begin for begin, end in spans)
+    ]
+    return ids, positions
+
+
+def tokenize_prompts(model, prompts: PromptSet) -> tuple[TokenBatch, Bool[Tensor, "batch pos"]]:
+    """The prompts as a right-padded batch on the model's device, and each row's name-token mask."""
+    encoded = [
+        _name_positions(model, t, n) for t, n in zip(prompts.frame["prompt_text"], prompts.frame["name"])
+    ]
+    batch = pad_ids([ids for ids, _ in encoded], pad_token_id(model.tokenizer))
+    mask = torch.zeros_like(batch.tokens, dtype=torch.bool)
+    for row, (_, positions) in enumerate(encoded):
+        mask[row, positions] = True
+    return batch.to(model.cfg.device), mask.to(model.cfg.device)
+
+
+@dataclass(frozen=True, eq=False)
+class PairSet:
+    """Token-aligned counterfactual pairs: ``clean`` rows hold group A names, ``corrupt`` rows group B.
+
+    ``name_mask[i]`` marks the name's token positions of pair ``i`` (identical in both rows);
+    everywhere else the two rows hold the same tokens. ``cells`` counts, per context, variation,
+    detail level (and gender when matched), how many A x B name combinations there were, how many
+    aligned, and how many were kept.
+    """
+
+    frame: pd.DataFrame
+    clean: TokenBatch
+    corrupt: TokenBatch
+    name_mask: Bool[Tensor, "pair pos"]
+    cells: pd.DataFrame
+    clean_group: str = "White"
+    corrupt_group: str = "Black"
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    def coverage(self) -> pd.DataFrame:
+        """Per context: A x B combinations, how many align token by token, how many were kept."""
+        totals = self.cells.groupby("context", sort=False)[["combinations", "aligned", "kept"]].sum()
+        totals.loc["all"] = totals.sum()
+        totals["aligned_fraction"] = totals["aligned"] / totals["combinations"]
+        totals["kept_fraction"] = totals["kept"] / totals["combinations"]
+        return totals.reset_index()
+
+
+def build_pairs(
+    model,
+    prompts: PromptSet,
+    *,
+    clean_group: str = "White",
+    match_gender: bool = True,
+    max_pairs_per_cell: int | None = None,
+    seed: int = 0,
+) -> PairSet:
+    """Pair every group-A prompt with every group-B prompt of the same template that aligns with it.
+
+    Two prompts of the same context, variation and detail level (and gender, if ``match_gender``)
+    align when their names take the same token positions and every other token is equal. Of the
+    aligned pairs of a cell, ``max_pairs_per_cell`` are kept (a seeded sample; all by default).
+    """
+    if clean_group not in GROUPS:
+        raise ValueError(f"clean_group must be one of {list(GROUPS)}, got {clean_group!r}")
+    corrupt_group = next(g for g in GROUPS if g != clean_group)
+    frame = prompts.frame
+    encoded = [_name_positions(model, t, n) for t, n in zip(frame["prompt_text"], frame["name"])]
+    skeletons = []
+    for ids, positions in encoded:
+        masked = list(ids)
+        for p in positions:
+            masked[p] = -1
+        skeletons.append(tuple(masked))
+    keys = ["context", "variation", "detail"] + (["gender"] if match_gender else [])
+    rng = np.random.default_rng(seed)
+    pairs, cells = [], []
+    for cell, rows in frame.groupby(keys, sort=False):
+        a_rows = rows.index[rows["group"] == clean_group]
+        b_rows = rows.index[rows["group"] == corrupt_group]
+        aligned = [(a, b) for a in a_rows for b in b_rows if skeletons[a] == skeletons[b]]
+        kept = aligned
+        if max_pairs_per_cell is not None and len(aligned) > max_pairs_per_cell:
+            chosen = np.sort(rng.choice(len(aligned), size=max_pairs_per_cell, replace=False))
+            kept = [aligned[i] for i in chosen]
+        cells.append(
+            dict(
+                zip(keys, cell), combinations=len(a_rows) * len(b_rows), aligned=len(aligned), kept=len(kept)
+            )
+        )
+        pairs.extend(kept)
+    if not pairs:
+        raise ValueError(
+            "no counterfactual pair aligns token by token; use more names or match_gender=False "
+            "(names must take the same number of tokens in context)"
+        )
+    a_idx, b_idx = [a for a, _ in pairs], [b for _, b in pairs]
+    pad = pad_token_id(model.tokenizer)
+    clean = pad_ids([encoded[a][0] for a in a_idx], pad)
+    corrupt = pad_ids([encoded[b][0] for b in b_idx], pad)
+    mask = torch.zeros_like(clean.tokens, dtype=torch.bool)
+    for row, a in enumerate(a_idx):
+        mask[row, encoded[a][1]] = True
+    meta = ["context", "scenario", "variation", "detail", "answer_type", "sign"]
+    table = frame.loc[a_idx, meta].reset_index(drop=True)
+    for side, idx in (("a", a_idx), ("b", b_idx)):
+        for column in ("prompt_id", "name", "gender"):
+            table[f"{column}_{side}"] = frame.loc[idx, column].to_numpy()
+    table["n_name_tokens"] = mask.sum(-1).numpy()
+    device = model.cfg.device
+    return PairSet(
+        table,
+        clean.to(device),
+        corrupt.to(device),
+        mask.to(device),
+        pd.DataFrame(cells),
+        clean_group,
+        corrupt_group,
+    )
+
+
+# --------------------------------------------------------------------------- imported tables
+
+TABLE_COLUMNS = ("scenario", "variation", "name_group", "name", "context_level", "prompt_text")
+_GENDER_WORDS = {
+    "man": "man",
+    "men": "man",
+    "male": "man",
+    "woman": "woman",
+    "women": "woman",
+    "female": "woman",
+}
+
+
+class PromptTableError(ValueError):
+    """An imported prompt table with problems; ``problems`` lists each, naming its line."""
+
+    def __init__(self, path, problems: Sequence[str]):
+        self.problems = tuple(problems)
+        shown = "; ".join(self.problems[:8]) + (
+            f"; and {len(self.problems) - 8} more" if len(self.problems) > 8 else ""
+        )
+        super().__init__(f"prompt table {path} has {len(self.problems)} problem(s): {shown}")
+
+
+def _parse_group(label: str) -> tuple[str, str] | None:
+    """``"White"``, ``"black_women"``, ``"White men"``... -> (group, gender or "unknown")."""
+    parts = label.strip().lower().replace("-", "_").replace(" ", "_").split("_")
+    race = {g.lower(): g for g in GROUPS}.get(parts[0])
+    if race is None or len(parts) > 2:
+        return None
+    if len(parts) == 1:
+        return race, "unknown"
+    gender = _GENDER_WORDS.get(parts[1])
+    return (race, gender) if gender else None
+
+
+def _read_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every record of a CSV or JSONL file."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise PromptTableError(path, [f"unsupported file type {path.suffix!r}; use .csv or .jsonl"])
+    if not path.is_file():
+        raise PromptTableError(path, ["no such file"])
+    records: list[tuple[int, dict]] = []
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        if suffix == ".jsonl":
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise PromptTableError(path, [f"line {number}: not valid JSON ({err.msg})"]) from None
+                if not isinstance(row, dict):
+                    raise PromptTableError(
+                        path, [f"line {number}: expected a JSON object, got {type(row).__name__}"]
+                    )
+                records.append((number, row))
+            return records
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise PromptTableError(path, ["the file is empty"])
+        header = [h.strip() for h in header]
+        while True:
+            start = reader.line_num + 1
+            values = next(reader, None)
+            if values is None:
+                break
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise PromptTableError(
+                    path, [f"line {start}: {len(values)} fields, but the header has {len(header)}"]
+                )
+            records.append((start, dict(zip(header, values))))
+    return records
+
+
+def read_prompt_table(
+    path: str | Path, *, answer_type: str | Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """Read and validate a prompt table (CSV or JSONL); one row per prompt with its ``line``.
+
+    Required columns: ``scenario, variation, name_group, name, context_level, prompt_text``;
+    optional ``answer_type`` (else pass ``answer_type``, one type or a scenario -> type mapping).
+    Every problem is collected and reported together, each naming its line: missing columns,
+    empty cells, unknown groups, detail levels or answer types, a name that does not occur in its
+    prompt, duplicate rows, and scenarios that lack one of the groups.
+    """
+    path = Path(path)
+    records = _read_records(path)
+    if not records:
+        raise PromptTableError(path, ["the table has no rows"])
+    present = set().union(*(r.keys() for _, r in records))
+    missing = [c for c in TABLE_COLUMNS if c not in present]
+    if missing:
+        raise PromptTableError(path, [f"missing column(s) {missing}; the table has {sorted(present)}"])
+    if "answer_type" not in present and answer_type is None:
+        hint = f"add the column or pass one of {list(ANSWER_TYPES)}"
+        raise PromptTableError(path, [f"no answer_type column and no answer_type given; {hint}"])
+    problems, rows, seen = [], [], {}
+    for line, raw in records:
+        row = {
+            c: "" if raw.get(c) is None else str(raw.get(c)).strip() for c in (*TABLE_COLUMNS, "answer_type")
+        }
+        where = f"line {line}"
+        empty = [c for c in TABLE_COLUMNS if not row[c]]
+        if empty:
+            problems.append(f"{where}: empty {', '.join(empty)}")
+            continue
+        parsed = _parse_group(row["name_group"])
+        if parsed is None:
+            problems.append(
+                f"{where}: unknown name_group {row['name_group']!r}; use White or Black, optionally with "
+                "men/women (e.g. 'white_women')"
+            )
+            continue
+        level = row["context_level"].lower()
+        if level not in DETAILS:
+            problems.append(
+                f"{where}: unknown context_level {row['context_level']!r}; use one of {list(DETAILS)}"
+            )
+            continue
+        kind = row["answer_type"] or (
+            answer_type if isinstance(answer_type, str) else (answer_type or {}).get(row["scenario"], "")
+        )
+        if kind not in ANSWER_TYPES:
+            problems.append(f"{where}: unknown answer_type {kind!r}; use one of {list(ANSWER_TYPES)}")
+            continue
+        if row["name"] not in row["prompt_text"]:
+            problems.append(f"{where}: the name {row['name']!r} does not occur in its prompt_text")
+            continue
+        key = (row["scenario"], row["variation"], level, row["name"])
+        if key in seen:
+            problems.append(
+                f"{where}: duplicates line {seen[key]} (same scenario, variation, context_level, name)"
+            )
+            continue
+        seen[key] = line
+        group, gender = parsed
+        if gender == "unknown" and (known := lookup(row["name"].split()[0])) is not None:
+            gender = known.gender
+        rows.append(
+            {
+                **row,
+                "line": line,
+                "context_level": level,
+                "group": group,
+                "gender": gender,
+                "answer_type": kind,
+            }
+        )
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        for scenario, part in table.groupby("scenario", sort=False):
+            for group in GROUPS:
+                if not (part["group"] == group).any():
+                    problems.append(
+                        f"line {part['line'].min()}: scenario {scenario!r} has no {group} names, so no gap "
+                        "can be measured; add them or drop the scenario"
+                    )
+            types = sorted(set(part["answer_type"]))
+            if len(types) > 1:
+                problems.append(
+                    f"line {part['line'].min()}: scenario {scenario!r} mixes answer types {types}"
+                )
+    if problems:
+        raise PromptTableError(path, problems)
+    return table
+
+
+def load_prompt_table(
+    path: str | Path,
+    model_or_tokenizer,
+    *,
+    answer_type: str | Mapping[str, str] | None = None,
+    higher_favours: bool | Mapping[str, bool] = True,
+    heldout_variations: float = 1 / 3,
+    heldout_names: float = 0.25,
+    seed: int = 0,
+    chat: bool | None = None,
+) -> PromptSet:
+    """An imported table as a ``PromptSet`` (one context per scenario, default answer formats).
+
+    Each ``prompt_text`` is the question; the answer prefix and grid come from the scenario's
+    answer type (``circuits.contexts.DEFAULT_ANSWERS``). ``higher_favours`` sets the sign
+    convention (one for all, or per scenario; scenarios not named default to True).
+    """
+    table = read_prompt_table(path, answer_type=answer_type)
+    chat = uses_chat(model_or_tokenizer) if chat is None else chat
+    people = table.drop_duplicates("name")[["name", "group", "gender"]]
+    name_split = split_names(people, heldout_fraction=heldout_names, seed=seed)
+    frames, answers = [], {}
+    for scenario, part in table.groupby("scenario", sort=False):
+        kind = part["answer_type"].iloc[0]
+        answers[scenario] = DEFAULT_ANSWERS[kind]
+        var_split = split_variations(part["variation"], heldout_fraction=heldout_variations, seed=seed)
+        favours = higher_favours if isinstance(higher_favours, bool) else higher_favours.get(scenario, True)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "prompt_id": scenario
+                    + "|"
+                    + part["variation"]
+                    + "|"
+                    + part["context_level"]
+                    + "|"
+                    + part["name"],
+                    "context": scenario,
+                    "scenario": scenario,
+                    "variation": part["variation"],
+                    "detail": part["context_level"],
+                    "name": part["name"],
+                    "first_name": part["name"].str.split().str[0],
+                    "group": part["group"],
+                    "gender": part["gender"],
+                    "variation_split": part["variation"].map(var_split),
+                    "name_split": part["name"].map(name_split),
+                    "answer_type": kind,
+                    "sign": 1 if favours else -1,
+                    "user_text": part["prompt_text"],
+                    "prompt_text": [
+                        format_prompt(model_or_tokenizer, t, DEFAULT_ANSWERS[kind].prefix, chat=chat)
+                        for t in part["prompt_text"]
+                    ],
+                    "line": part["line"],
+                }
+            )
+        )
+    return PromptSet(pd.concat(frames, ignore_index=True), answers, chat)
+
+
+__all__ = [
+    "COLUMNS",
+    "TABLE_COLUMNS",
+    "PairSet",
+    "PromptSet",
+    "PromptTableError",
+    "build_pairs",
+    "build_prompts",
+    "format_prompt",
+    "load_prompt_table",
+    "read_prompt_table",
+    "split_variations",
+    "tokenize_prompts",
+    "uses_chat",
+]

@@ -1,0 +1,223 @@
+import json
+
+import pytest
+import torch
+
+from circuits.contexts import CONTEXTS, DEFAULT_ANSWERS, DETAILS
+from circuits.names import select_names
+from circuits.prompts import (
+    PromptTableError,
+    build_pairs,
+    build_prompts,
+    format_prompt,
+    load_prompt_table,
+    read_prompt_table,
+    tokenize_prompts,
+)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model):
+    return build_prompts(tiny_model, ["chess", "lending_amount"])
+
+
+def test_every_template_detail_and_name_once(prompts):
+    n_names = len(select_names())
+    assert len(prompts) == 2 * 7 * len(DETAILS) * n_names
+    assert not prompts.frame.duplicated(["context", "variation", "detail", "name"]).any()
+    assert set(prompts.contexts) == {"chess", "lending_amount"}
+
+
+def test_chat_template_applied_and_answer_prefix_last(tiny_model, prompts):
+    row = prompts.frame.iloc[0]
+    prefix = CONTEXTS[row["context"]].answer.prefix
+    opened = tiny_model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": row["user_text"]}], tokenize=False, add_generation_prompt=True
+    )
+    assert row["prompt_text"] == opened + prefix
+    assert all(
+        t.endswith("<|im_start|>assistant\n" + CONTEXTS[c].answer.prefix)
+        for t, c in zip(prompts.frame["prompt_text"], prompts.frame["context"])
+    )
+    plain = format_prompt(tiny_model, "Question?", "Answer: $", chat=False)
+    assert plain == "Question?\nAnswer: $"
+    base = build_prompts(tiny_model, ["chess"], details=["low"], chat=False)
+    assert not base.chat and "<|im_start|>" not in base.frame["prompt_text"].iloc[0]
+
+
+def test_splits_filters_and_samples(prompts):
+    train, held = prompts.split("variation")
+    for ctx in prompts.contexts:
+        t = set(train.filter(context=ctx).frame["variation"])
+        h = set(held.filter(context=ctx).frame["variation"])
+        assert t and h and not t & h and len(h) == 2
+    n_train, n_held = prompts.split("name")
+    assert not set(n_train.frame["name"]) & set(n_held.frame["name"])
+    assert set(n_held.frame.groupby(["group", "gender"]).size().index) == {
+        (g, s) for g in ("White", "Black") for s in ("man", "woman")
+    }
+    assert set(prompts.filter(detail=["low", "numeric"]).frame["detail"]) == {"low", "numeric"}
+    small = prompts.sample(variations=2, names_per_cell=1, seed=0)
+    assert len(small) == 2 * 2 * len(DETAILS) * 4
+    assert small.frame.equals(prompts.sample(variations=2, names_per_cell=1, seed=0).frame)
+    with pytest.raises(ValueError, match="no prompt matches"):
+        prompts.filter(context="sports")
+    with pytest.raises(ValueError, match="cannot filter"):
+        prompts.filter(colour="red")
+
+
+def test_name_mask_marks_exactly_the_name(tiny_model, prompts):
+    subset = prompts.filter(context="lending_amount", variation="bakery", detail="low")
+    batch, mask = tokenize_prompts(tiny_model, subset)
+    assert mask.shape == batch.tokens.shape
+    for row, name in enumerate(subset.frame["name"]):
+        decoded = tiny_model.tokenizer.decode(batch.tokens[row][mask[row]])
+        assert decoded.strip() == name
+
+
+def test_pairs_align_token_by_token_and_report_coverage(tiny_model, prompts):
+    subset = prompts.filter(detail="low", variation=["bakery", "club"])
+    pairs = build_pairs(tiny_model, subset)
+    assert pairs.clean.tokens.shape == pairs.corrupt.tokens.shape == pairs.name_mask.shape
+    assert torch.equal(pairs.clean.answer_pos, pairs.corrupt.answer_pos)
+    same = pairs.clean.tokens == pairs.corrupt.tokens
+    assert (same | pairs.name_mask).all()  # differ only at the name
+    assert (~same & pairs.clean.attention_mask.bool()).any(-1).all()  # every pair changes the name
+    frame = pairs.to_dataframe()
+    assert (frame["gender_a"] == frame["gender_b"]).all()
+    assert set(subset.frame.set_index("prompt_id").loc[frame["prompt_id_a"], "group"]) == {"White"}
+    assert set(subset.frame.set_index("prompt_id").loc[frame["prompt_id_b"], "group"]) == {"Black"}
+    # Coverage: combinations = White x Black names of each gender, aligned = brute-force count.
+    batch, mask = tokenize_prompts(tiny_model, subset)
+    by_id = {pid: i for i, pid in enumerate(subset.frame["prompt_id"])}
+    brute = 0
+    rows = subset.frame
+    for (_, _, gender), cell in rows.groupby(["context", "variation", "gender"]):
+        for a in cell.index[cell["group"] == "White"]:
+            for b in cell.index[cell["group"] == "Black"]:
+                ia, ib = by_id[rows.at[a, "prompt_id"]], by_id[rows.at[b, "prompt_id"]]
+                la, lb = int(batch.lengths[ia]), int(batch.lengths[ib])
+                if (
+                    la == lb
+                    and torch.equal(mask[ia, :la], mask[ib, :lb])
+                    and torch.equal(
+                        batch.tokens[ia, :la][~mask[ia, :la]], batch.tokens[ib, :lb][~mask[ib, :lb]]
+                    )
+                ):
+                    brute += 1
+    coverage = pairs.coverage().set_index("context")
+    per_gender = rows.drop_duplicates("name").groupby(["gender", "group"]).size().unstack()
+    expected = int((per_gender["White"] * per_gender["Black"]).sum()) * 2  # two templates
+    assert coverage.loc["all", "combinations"] == expected
+    assert coverage.loc["all", "aligned"] == brute == len(pairs)
+    capped = build_pairs(tiny_model, subset, max_pairs_per_cell=3)
+    assert (capped.cells["kept"] <= 3).all() and capped.coverage().set_index("context").loc[
+        "all", "aligned"
+    ] == brute
+
+
+# ----------------------------------------------------------------- imported tables
+
+HEADER = "scenario,variation,name_group,name,context_level,prompt_text,answer_type"
+GOOD_ROWS = [
+    'salary,nurse,white_women,Emily Becker,low,"What salary should Emily Becker get?",dollars',
+    'salary,nurse,black_women,Lakisha Washington,low,"What salary should Lakisha Washington get?",dollars',
+    'salary,teacher,White,Greg Becker,high,"Greg Becker teaches well. What should Greg Becker get?",dollars',
+    'salary,teacher,Black,Jamal Washington,high,"Jamal Washington teaches well. What salary?",dollars',
+]
+
+
+def drop_field(line, index):
+    return ",".join(f for i, f in enumerate(line.split(",")) if i != index)
+
+
+def write(tmp_path, rows, header=HEADER, name="table.csv"):
+    path = tmp_path / name
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_good_csv_and_jsonl_become_prompt_sets(tmp_path, tiny_model):
+    csv_set = load_prompt_table(write(tmp_path, GOOD_ROWS), tiny_model)
+    assert len(csv_set) == 4 and csv_set.contexts == ["salary"]
+    assert csv_set.answers["salary"] == DEFAULT_ANSWERS["dollars"]
+    assert list(csv_set.frame["gender"]) == [
+        "woman",
+        "woman",
+        "man",
+        "man",
+    ]  # from labels, then the names table
+    assert all(t.endswith(DEFAULT_ANSWERS["dollars"].prefix) for t in csv_set.frame["prompt_text"])
+    records = [dict(zip(HEADER.split(","), [f.strip('"') for f in r.split(",")])) for r in GOOD_ROWS]
+    jsonl = tmp_path / "table.jsonl"
+    jsonl.write_text(
+        "\n".join(json.dumps({k: v for k, v in r.items() if k != "answer_type"}) for r in records)
+    )
+    json_set = load_prompt_table(jsonl, tiny_model, answer_type="dollars", higher_favours=False)
+    assert list(json_set.frame["prompt_id"]) == list(csv_set.frame["prompt_id"])
+    assert set(json_set.frame["sign"]) == {-1}
+
+
+@pytest.mark.parametrize(
+    "rows,header,message",
+    [
+        ([drop_field(r, 2) for r in GOOD_ROWS], drop_field(HEADER, 2), "missing column(s) ['name_group']"),
+        (
+            GOOD_ROWS + ['salary,nurse,asian,Wei Chen,low,"Pay Wei Chen?",dollars'],
+            HEADER,
+            "line 6: unknown name_group",
+        ),
+        (
+            GOOD_ROWS + ['salary,nurse,White,Anne Becker,low,"Pay her?",dollars'],
+            HEADER,
+            "line 6: the name 'Anne Becker'",
+        ),
+        (
+            GOOD_ROWS + ['salary,nurse,,Anne Becker,low,"Pay Anne Becker?",dollars'],
+            HEADER,
+            "line 6: empty name_group",
+        ),
+        (GOOD_ROWS[:1] + GOOD_ROWS[2:3], HEADER, "scenario 'salary' has no Black names"),
+        (GOOD_ROWS + GOOD_ROWS[1:2], HEADER, "line 6: duplicates line 3"),
+        (
+            GOOD_ROWS + ['salary,nurse,White,Anne Becker,medium,"Pay Anne Becker?",dollars'],
+            HEADER,
+            "line 6: unknown context_level",
+        ),
+        (
+            GOOD_ROWS + ['salary,nurse,White,Anne Becker,low,"Pay Anne Becker?",euros'],
+            HEADER,
+            "line 6: unknown answer_type",
+        ),
+    ],
+    ids=[
+        "missing-column",
+        "unknown-group",
+        "name-not-in-prompt",
+        "empty-group",
+        "group-absent",
+        "duplicate",
+        "bad-level",
+        "bad-answer-type",
+    ],
+)
+def test_bad_tables_name_the_problem_and_line(tmp_path, rows, header, message):
+    with pytest.raises(PromptTableError) as err:
+        read_prompt_table(write(tmp_path, rows, header))
+    assert message in str(err.value)
+
+
+def test_table_problems_are_collected_and_multiline_rows_counted(tmp_path):
+    rows = GOOD_ROWS + [
+        'salary,nurse,White,Anne Becker,low,"Anne Becker\nasks: pay?",dollars',
+        'salary,nurse,purple,Ann Becker,low,"Pay Ann Becker?",dollars',
+        'salary,nurse,White,Jill Becker,low,"Pay her?",dollars',
+    ]
+    with pytest.raises(PromptTableError) as err:
+        read_prompt_table(write(tmp_path, rows))
+    assert len(err.value.problems) == 2
+    assert "line 8: unknown name_group" in str(err.value) and "line 9: the name" in str(err.value)
+    with pytest.raises(PromptTableError, match="no answer_type column"):
+        read_prompt_table(write(tmp_path, [r.rsplit(",", 1)[0] for r in GOOD_ROWS], HEADER.rsplit(",", 1)[0]))
+    with pytest.raises(PromptTableError, match="line 2: not valid JSON"):
+        read_prompt_table(write(tmp_path, ["{oops"], header="{}", name="t.jsonl"))
