@@ -122,8 +122,154 @@ def _run_audit(args) -> int:
     return 0
 
 
+def _add_study(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "study",
+        help="run (or resume) a whole study: audit, scores, pruning, generalization, overlap, report",
+        description=(
+            "Run a whole study from a TOML or YAML config (a [study] table whose fields are those of "
+            "circuits.config.StudyConfig): audit -> attribution scores -> pruning strategies -> generalization "
+            "matrix -> overlap -> report. With no config it runs the default study on the embedded "
+            "SmolLM2-135M-Instruct. Every stage is written atomically to the output directory; re-running the "
+            "same command after an interruption reuses finished stages, and a changed setting recomputes only "
+            "the stages that depend on it."
+        ),
+    )
+    parser.add_argument("--config", metavar="FILE", help="study config (.toml, .yaml)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (overrides the config's out_dir)")
+    parser.add_argument("--model", help="model (overrides the config)")
+    parser.add_argument("--device", help="torch device (overrides the config; default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _study_config(args):
+    from circuits.config import StudyConfig
+
+    overrides = {k: v for k, v in (("out_dir", args.out), ("model", args.model), ("device", args.device)) if v}
+    if getattr(args, "no_progress", False):
+        overrides["progress"] = False
+    if args.config:
+        return StudyConfig.from_file(args.config, **overrides)
+    return StudyConfig.from_dict(overrides)
+
+
+def _run_study(args) -> int:
+    from circuits.study import run_study
+
+    run = run_study(_study_config(args).validate())
+    print(run.summary())
+    return 0
+
+
+def _add_attribute(subparsers) -> None:
+    from circuits.contexts import CONTEXTS
+
+    parser = subparsers.add_parser(
+        "attribute",
+        help="score every MLP neuron and attention head for one context's bias (attribution patching)",
+        description=(
+            "Attribution patching of a context's deterministic bias metric over token-aligned counterfactual "
+            "pairs (White-name prompt A, Black-name prompt B): for every neuron and head, the estimated drop in "
+            "metric(A) - metric(B) when its activation on A is replaced by its value on B. Writes the scores "
+            "(Parquet + JSON) to --out and prints the top components."
+        ),
+        epilog=f"Contexts: {', '.join(CONTEXTS)}.",
+    )
+    parser.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--context", required=True, help="context to score")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--names-per-cell", type=int, default=4, help="names per race x gender cell (default 4)")
+    parser.add_argument("--pairs-per-cell", type=int, default=4, help="pairs kept per template (default 4)")
+    parser.add_argument("--method", choices=("atp", "ig"), default="atp")
+    parser.add_argument("--refine-top", type=int, default=0, help="refine the top N by exact patching")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--top", type=int, default=20, help="how many top components to print")
+
+
+def _run_attribute(args) -> int:
+    from circuits.bias import context_metric
+    from circuits.contexts import get_context
+    from circuits.evaluation import EvalSet
+    from circuits.names import sample_names
+    from circuits.prompts import build_pairs, build_prompts
+    from circuits.scoring import score_context
+    from interp import DEFAULT_MODEL, load_model
+
+    get_context(args.context)
+    model = load_model(args.model or DEFAULT_MODEL, device=args.device)
+    prompts = build_prompts(model, [args.context], details=["low"], seed=args.seed)
+    prompts = prompts.filter(name=sample_names(prompts.frame, args.names_per_cell, seed=args.seed))
+    pairs = build_pairs(model, prompts, max_pairs_per_cell=args.pairs_per_cell, seed=args.seed)
+    metric = context_metric(model, args.context, prompts=prompts)
+    scores = score_context(model, EvalSet(args.context, pairs, metric), method=args.method,
+                           refine_top=args.refine_top, batch_size=args.batch_size)
+    scores.save(args.out)
+    table = scores.to_dataframe()
+    top = table.reindex(table["score"].abs().sort_values(ascending=False).index).head(args.top)
+    print(f"{len(pairs)} pairs; gap A - B = {scores.gap:.4g}")
+    print(top.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_prune(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prune",
+        help="export a pruned copy of a model: the top-k components of saved scores, removed by weight edits",
+        description=(
+            "Select the top-k neurons or heads from scores written by 'bias-circuits attribute' (or a study's "
+            "stages/scores-CONTEXT directory), zero the weights that write them into the residual stream, and "
+            "save a Hugging Face directory that interp.load_model (and any transformers user) can load."
+        ),
+    )
+    parser.add_argument("--model", default=None, help="model the scores were computed on (default: embedded)")
+    parser.add_argument("--scores", required=True, metavar="DIR", help="directory of saved context scores")
+    parser.add_argument("--kind", choices=("neuron", "head", "mixed"), default="neuron")
+    parser.add_argument("--k", type=int, required=True, help="number of components to remove")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the pruned model")
+    parser.add_argument("--device", default=None)
+
+
+def _run_prune(args) -> int:
+    from circuits.scoring import ContextScores
+    from interp import DEFAULT_MODEL, load_model
+    from interp.ablation import export_pruned
+
+    scores = ContextScores.load(args.scores)
+    if args.k < 1:
+        raise BadInput("--k must be at least 1")
+    chosen = scores.top(args.k, None if args.kind == "mixed" else args.kind)
+    model = load_model(args.model or DEFAULT_MODEL, device=args.device)
+    export_pruned(model, chosen, args.out)
+    chosen.to_dataframe().to_csv(f"{args.out}/pruned_components.csv", index=False)
+    print(f"removed {len(chosen)} components ({scores.context}); wrote {args.out}")
+    return 0
+
+
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="re-render the HTML/Markdown report of a finished study directory",
+        description="Rebuild report.html, report.md and the figures of a study from its saved stages.",
+    )
+    parser.add_argument("study_dir", help="a study's output directory")
+
+
+def _run_report(args) -> int:
+    from circuits.study import rebuild_report
+
+    print(f"wrote {rebuild_report(args.study_dir)}")
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "audit": (_add_audit, _run_audit),
+    "study": (_add_study, _run_study),
+    "attribute": (_add_attribute, _run_attribute),
+    "prune": (_add_prune, _run_prune),
+    "report": (_add_report, _run_report),
 }
 
 

@@ -35,6 +35,8 @@ class StudyConfig:
     variations: int | None = None  # per context; None = all
     names_per_cell: int = 4  # names per group x gender cell
     max_pairs_per_cell: int = 4  # counterfactual pairs kept per template cell
+    heldout_names: bool = True  # also evaluate on held-out names
+    utility_texts: int = 10  # neutral sentences for FASP's per-head utility sweep
     metric: str = "expected_value"
     strategies: tuple[str, ...] = STRATEGIES
     neuron_ks: tuple[int, ...] = (20, 100)
@@ -99,7 +101,7 @@ class StudyConfig:
             raise ConfigError(f"metric: {self.metric!r} is not supported; use 'expected_value'")
         if self.ablation not in ("zero", "mean"):
             raise ConfigError(f"ablation: {self.ablation!r} must be 'zero' or 'mean'")
-        for name in ("names_per_cell", "max_pairs_per_cell", "batch_size", "overlap_k", "n_null"):
+        for name in ("names_per_cell", "max_pairs_per_cell", "batch_size", "overlap_k", "n_null", "utility_texts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.variations is not None and self.variations < 2:

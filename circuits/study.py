@@ -149,7 +149,8 @@ class Study:
                 ctx,
                 train=eval_set("train", variation_split="train", name_split="train"),
                 heldout=eval_set("heldout", variation_split="heldout"),
-                names=eval_set("names", optional=True, variation_split="train", name_split="heldout"),
+                names=eval_set("names", optional=True, variation_split="train", name_split="heldout")
+                if c.heldout_names else None,
             )
         return out
 
@@ -181,8 +182,9 @@ class Study:
         probe = UtilityProbe.build(self.model)
         utility = None
         if "fasp" in c.strategies:
-            rec = self.store.run("head-utility", self._key("head-utility"), lambda d: torch.save(
-                head_utility(self.model, probe, progress=c.progress), d / "head_utility.pt"))
+            rec = self.store.run("head-utility", self._key("head-utility", c.utility_texts), lambda d: torch.save(
+                head_utility(self.model, probe, n_texts=c.utility_texts, progress=c.progress),
+                d / "head_utility.pt"))
             utility = torch.load(rec.path / "head_utility.pt")
         candidates = self.candidates(scores, baselines, utility)
         select_key = self._key("select", [s.key for s in self.store.records.values()], c.strategies, c.neuron_ks,
@@ -282,6 +284,26 @@ def _load_baselines(path: Path) -> dict:
     loaded = torch.load(path / "scores.pt")
     loaded["wanda_difference"] = ComponentSet.from_dataframe(pd.read_parquet(path / "wanda_difference.parquet"))
     return loaded
+
+
+def rebuild_report(out_dir: str | Path) -> Path:
+    """Re-render the report of a finished study from its saved stages."""
+    from circuits.study_report import write_study_report
+
+    out = Path(out_dir)
+    stages = out / "stages"
+    needed = ["audit", "generalization", "overlap"]
+    missing = [n for n in needed if not (stages / n / "stage.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"{out} has no finished stages {missing}; run 'bias-circuits study' first")
+    config = StudyConfig.from_dict(json.loads((out / "config.json").read_text()))
+    scores = {c: ContextScores.load(stages / f"scores-{c}") for c in config.contexts}
+    target = stages / "report"
+    target.mkdir(exist_ok=True)
+    return write_study_report(target, config=config, manifest=json.loads((out / "manifest.json").read_text()),
+                              audit=AuditResult.load(stages / "audit"), scores=scores,
+                              generalization=Generalization.load(stages / "generalization"),
+                              overlap_dir=stages / "overlap")
 
 
 def run_study(config: StudyConfig | None = None) -> StudyRun:
