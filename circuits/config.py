@@ -32,14 +32,14 @@ class StudyConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     contexts: tuple[str, ...] = ("lending_amount", "commerce_buy", "hiring_salary")
     details: tuple[str, ...] = ("low",)
-    variations: int | None = None  # per context; None = all
-    names_per_cell: int = 4  # names per group x gender cell
-    max_pairs_per_cell: int = 4  # counterfactual pairs kept per template cell
-    heldout_names: bool = True  # also evaluate on held-out names
+    variations: int | None = 3  # per context, about a third held out; None = all
+    names_per_cell: int = 2  # names per group x gender cell, in each name split
+    max_pairs_per_cell: int = 2  # counterfactual pairs kept per template cell
+    heldout_names: bool = False  # also evaluate on held-out names
     utility_texts: int = 10  # neutral sentences for FASP's per-head utility sweep
     metric: str = "expected_value"
     strategies: tuple[str, ...] = STRATEGIES
-    neuron_ks: tuple[int, ...] = (20, 100)
+    neuron_ks: tuple[int, ...] = (25, 100)
     head_ks: tuple[int, ...] = (3, 9)
     fasp_gamma: float = 0.5
     fasp_alphas: tuple[float, ...] = (0.02,)

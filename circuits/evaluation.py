@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -23,7 +24,7 @@ from circuits.prompts import PairSet
 from interp.ablation import ablated
 from interp.batching import TokenBatch, microbatches, tokenize
 from interp.components import ComponentSet
-from interp.metrics import Metric, kl_divergence
+from interp.metrics import Metric
 
 
 def neutral_texts() -> list[str]:
@@ -34,28 +35,32 @@ def neutral_texts() -> list[str]:
 
 @dataclass(frozen=True, eq=False)
 class UtilityProbe:
-    """Neutral text and the unablated model's logits on it, the reference for KL."""
+    """Neutral text and the unablated model's next-token log-probabilities on it, the reference for KL."""
 
     batch: TokenBatch
-    reference: Float[Tensor, "batch pos vocab"]
+    reference: Float[Tensor, "batch pos vocab"]  # log-probabilities
 
     @classmethod
     def build(cls, model, texts: Sequence[str] | None = None) -> "UtilityProbe":
         batch = tokenize(model, list(texts or neutral_texts()))
         with torch.no_grad():
-            reference = model(batch.tokens).float()
+            reference = model(batch.tokens).float().log_softmax(-1)
         return cls(batch, reference)
+
+    def subset(self, n: int) -> "UtilityProbe":
+        """The first ``n`` texts only (a cheaper probe for per-component sweeps)."""
+        batch = self.batch.select(slice(0, n))
+        return UtilityProbe(batch, self.reference[:n, : batch.tokens.shape[1]])
 
     def measure(self, model) -> dict[str, float]:
         """KL from the reference and perplexity, for the model as it runs now (hooks included)."""
         with torch.no_grad():
-            logits = model(self.batch.tokens).float()
-        kl = kl_divergence(logits, self.reference, self.batch).mean()
-        logp = logits[:, :-1].log_softmax(-1)
-        targets = self.batch.tokens[:, 1:]
-        nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
-        mask = self.batch.attention_mask[:, 1:].to(nll.dtype)
-        ppl = torch.exp((nll * mask).sum() / mask.sum())
+            logp = model(self.batch.tokens).float().log_softmax(-1)
+        mask = self.batch.attention_mask.to(logp.dtype)
+        per_pos = F.kl_div(logp, self.reference, log_target=True, reduction="none").sum(-1)
+        kl = ((per_pos * mask).sum(-1) / mask.sum(-1)).mean()
+        nll = -logp[:, :-1].gather(-1, self.batch.tokens[:, 1:, None]).squeeze(-1)
+        ppl = torch.exp((nll * mask[:, 1:]).sum() / mask[:, 1:].sum())
         return {"kl": float(kl), "perplexity": float(ppl)}
 
 
@@ -164,10 +169,11 @@ def evaluate(
     return Evaluation(pd.DataFrame(rows), settings)
 
 
-def head_utility(model, probe: UtilityProbe, *, progress: bool = True) -> Float[Tensor, "layer head"]:
+def head_utility(model, probe: UtilityProbe, *, n_texts: int = 10, progress: bool = True) -> Float[Tensor, "layer head"]:
     """KL from the unablated model on neutral text when each head alone is zero-ablated (FASP's utility)."""
     from interp.components import ComponentShape, Head
 
+    probe = probe.subset(n_texts)
     shape = ComponentShape.of(model)
     out = torch.zeros(shape.n_layers, shape.n_heads)
     bar = tqdm(total=shape.count("head"), desc="head utility", disable=not progress)

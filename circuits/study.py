@@ -124,7 +124,15 @@ class Study:
         frame = prompts.frame
         names = [n for split in ("train", "heldout")
                  for n in sample_names(frame[frame["name_split"] == split], c.names_per_cell, seed=c.seed)]
-        return prompts.sample(variations=c.variations, seed=c.seed).filter(name=names)
+        prompts = prompts.filter(name=names)
+        if c.variations is None:
+            return prompts
+        keep = []  # per context, about a third of the chosen variations are held out
+        n_held = max(1, round(c.variations / 3))
+        for _, rows in frame.groupby("context", sort=False):
+            for split, n in (("heldout", n_held), ("train", c.variations - n_held)):
+                keep += list(dict.fromkeys(rows.loc[rows["variation_split"] == split, "variation"]))[:n]
+        return prompts.filter(variation=keep)
 
     def splits(self, prompts: PromptSet) -> dict[str, ContextSplits]:
         c = self.config
