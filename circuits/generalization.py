@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from circuits.evaluation import EvalSet, Evaluation, UtilityProbe, evaluate
+from circuits.evaluation import EvalSet, UtilityProbe, evaluate
 from interp.components import ComponentSet
 
 LEVELS = ("L0", "names", "L1", "L2")

@@ -127,12 +127,14 @@ class Study:
         prompts = prompts.filter(name=names)
         if c.variations is None:
             return prompts
-        keep = []  # per context, about a third of the chosen variations are held out
+        keep = set()  # per context, about a third of the chosen variations are held out
         n_held = max(1, round(c.variations / 3))
-        for _, rows in frame.groupby("context", sort=False):
+        frame = prompts.frame
+        for ctx, rows in frame.groupby("context", sort=False):
             for split, n in (("heldout", n_held), ("train", c.variations - n_held)):
-                keep += list(dict.fromkeys(rows.loc[rows["variation_split"] == split, "variation"]))[:n]
-        return prompts.filter(variation=keep)
+                keep |= {(ctx, v) for v in list(dict.fromkeys(rows.loc[rows["variation_split"] == split, "variation"]))[:n]}
+        chosen = [(ctx, v) in keep for ctx, v in zip(frame["context"], frame["variation"])]
+        return prompts.filter(prompt_id=list(frame.loc[chosen, "prompt_id"]))
 
     def splits(self, prompts: PromptSet) -> dict[str, ContextSplits]:
         c = self.config
