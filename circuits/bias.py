@@ -131,8 +131,7 @@ def measure(model, prompts: PromptSet, *, batch_size: int = 32, progress: bool =
         probs = np.zeros((len(rows), len(cands.texts)))
         for part in microbatches(len(rows), max(1, batch_size // per_prompt)):
             batch = pad_ids(ids[part], pad).to(model.cfg.device)
-            expanded = metric.expand(batch)
-            logp = cands.log_probs(model(expanded.tokens), expanded).float().cpu()
+            logp = cands.score(model, batch).float().cpu()
             p = logp.softmax(-1)
             probs[part] = p.numpy()
             values[rows[part]] = (p @ grid_values).numpy()

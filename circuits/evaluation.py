@@ -24,7 +24,7 @@ from circuits.prompts import PairSet
 from interp.ablation import ablated
 from interp.batching import TokenBatch, microbatches, tokenize
 from interp.components import ComponentSet
-from interp.metrics import Metric
+from interp.metrics import Metric, run_metric
 
 
 def neutral_texts() -> list[str]:
@@ -80,8 +80,7 @@ def paired_values(model, eval_set: EvalSet, *, batch_size: int = 16) -> tuple[Te
     with torch.no_grad():
         for rows in microbatches(len(eval_set.pairs), batch_size):
             for batch, out in ((eval_set.pairs.clean, out_a), (eval_set.pairs.corrupt, out_b)):
-                expanded = metric.expand(batch.select(rows))
-                out.append(metric(model(expanded.tokens), expanded).float().cpu())
+                out.append(run_metric(model, metric, batch.select(rows)).float().cpu())
     return torch.cat(out_a), torch.cat(out_b)
 
 

@@ -187,12 +187,66 @@ class CandidateAnswers:
         total = (token_logp * valid).sum(-1)
         return einops.rearrange(total, "(prompt cand) -> prompt cand", cand=batch.n_candidates)
 
+    def read_positions(self, batch: TokenBatch) -> Int[Tensor, "row n"]:
+        """The positions whose next-token logits ``log_probs`` reads."""
+        if self.single_token or not isinstance(batch, CandidateBatch):
+            return batch.answer_pos[:, None]
+        k = batch.cand_tokens.shape[1]
+        width = batch.tokens.shape[1]
+        return (batch.cand_start[:, None] - 1 + torch.arange(k, device=batch.tokens.device)).clamp(max=width - 1)
+
+    def log_probs_at(self, logits: Float[Tensor, "row n vocab"], batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
+        """``log_probs`` from the logits at ``read_positions(batch)`` only (see ``logits_at``)."""
+        logp = logits.float().log_softmax(-1)
+        if self.single_token or not isinstance(batch, CandidateBatch):
+            ids = torch.tensor([t[0] for t in self.token_ids], device=logp.device)
+            return logp[:, 0, ids]
+        valid = batch.cand_tokens >= 0
+        token_logp = logp.gather(-1, batch.cand_tokens.clamp(min=0)[..., None]).squeeze(-1)
+        total = (token_logp * valid).sum(-1)
+        return einops.rearrange(total, "(prompt cand) -> prompt cand", cand=batch.n_candidates)
+
+    def score(self, model, batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
+        """Exact candidate log-probabilities for ``batch``'s prompts, unembedding only where read."""
+        expanded = self.expand(batch)
+        return self.log_probs_at(logits_at(model, expanded.tokens, self.read_positions(expanded)), expanded)
+
     def distribution(self, logits, batch) -> Float[Tensor, "prompt cand"]:
         return self.log_probs(logits, batch).softmax(-1)
 
     def grid_mass(self, logits, batch) -> Float[Tensor, "prompt"]:
         """Total (unrenormalized) probability the model puts on the grid."""
         return self.log_probs(logits, batch).logsumexp(-1).exp()
+
+
+class _BodyDone(Exception):
+    """Stops a forward pass once the last block's residual stream is known."""
+
+
+def logits_at(model, tokens: Int[Tensor, "row pos"], positions: Int[Tensor, "row n"]) -> Float[Tensor, "row n vocab"]:
+    """Next-token logits at the given positions only.
+
+    The transformer body runs once; the final norm and the unembedding (for a 49k vocabulary the
+    largest single cost of a small model's forward) run only where logits are read. Hooks that
+    are active around the call apply to the body as usual.
+    """
+    from interp.hooks import hooked
+
+    store = {}
+
+    def grab(resid, hook):
+        store["resid"] = resid
+        raise _BodyDone
+
+    try:
+        with hooked(model, [(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", grab)]):
+            model(tokens)
+    except _BodyDone:
+        pass
+    resid = store["resid"]
+    rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
+    picked = resid[rows, positions.to(resid.device)]
+    return model.unembed(model.ln_final(picked))
 
 
 def pad_token_id_of(batch: TokenBatch) -> int:
@@ -211,13 +265,21 @@ class ExpectedValue:
         return self.candidates.expand(batch)
 
     def __call__(self, logits, batch):
-        probs = self.candidates.distribution(logits, batch)
+        return self._expect(self.candidates.distribution(logits, batch))
+
+    def evaluate(self, model, batch: TokenBatch) -> Float[Tensor, "prompt"]:
+        """Per-prompt value straight from the model, unembedding only the positions read."""
+        return self._expect(self.candidates.score(model, batch).softmax(-1))
+
+    def _expect(self, probs: Float[Tensor, "prompt cand"]) -> Float[Tensor, "prompt"]:
         values = torch.tensor(self.candidates.values, device=probs.device, dtype=probs.dtype)
         return probs @ values
 
 
 def run_metric(model, metric: Metric, batch: TokenBatch, **kwargs) -> Float[Tensor, "prompt"]:
     """Run ``model`` on the metric's expansion of ``batch`` and return per-prompt values."""
+    if isinstance(metric, ExpectedValue) and not kwargs:
+        return metric.evaluate(model, batch)
     expanded = metric.expand(batch)
     logits = model(expanded.tokens, **kwargs)
     return metric(logits, expanded)
@@ -233,5 +295,6 @@ __all__ = [
     "answer_logits",
     "kl_divergence",
     "run_metric",
+    "logits_at",
     "pad_token_id",
 ]

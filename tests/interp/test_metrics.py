@@ -175,3 +175,17 @@ def test_candidate_grid_errors(tiny_model):
         CandidateAnswers.from_texts(tokenizer, [" 5", " 5"], [5, 6])
     with pytest.raises(ValueError, match="tokenize to nothing"):
         CandidateAnswers.from_texts(tokenizer, ["", " 5"], [0, 5])
+
+
+def test_logits_at_reads_only_the_needed_positions_exactly(tiny_model):
+    from interp.batching import tokenize
+    from interp.metrics import CandidateAnswers, ExpectedValue, logits_at
+
+    batch = tokenize(tiny_model, ["Offer for the bike: $", "A much longer prompt about an offer: $"])
+    positions = torch.tensor([[0, 3], [2, 5]])
+    full = tiny_model(batch.tokens)
+    picked = logits_at(tiny_model, batch.tokens, positions)
+    torch.testing.assert_close(picked, full[torch.arange(2)[:, None], positions], rtol=1e-5, atol=1e-5)
+    metric = ExpectedValue(CandidateAnswers.from_texts(tiny_model.tokenizer, ["10", "250", "3,000"], [10, 250, 3000]))
+    expanded = metric.expand(batch)
+    torch.testing.assert_close(metric.evaluate(tiny_model, batch), metric(tiny_model(expanded.tokens), expanded))
