@@ -1,0 +1,66 @@
+"""Shared benchmark helpers: command-line flags, wall-clock timing, peak memory, the RESULT line."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``--quick`` (a small run: under a minute on 2 CPU cores), ``--device`` (default: cpu) and
+    ``--threads`` (torch CPU threads; default: torch's own choice). ``--threads`` is applied here."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small inputs, for a run under a minute")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda given but no CUDA device is available")
+    return args
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], T], device: torch.device | str = "cpu", *, repeats: int = 1) -> tuple[T, float]:
+    """``fn()``'s result and its best wall-clock time in seconds over ``repeats`` calls."""
+    best, result = float("inf"), None
+    for _ in range(max(1, repeats)):
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a fresh peak-memory count (CUDA only; the CPU figure is the process's lifetime peak)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak allocated CUDA memory since the last reset, or the process's peak resident set on CPU."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def result_line(name: str, ratio: float, target: float) -> str:
+    """The final line every benchmark prints: ``RESULT <name> ratio=<ratio> target=<target>``."""
+    return f"RESULT {name} ratio={ratio:.2f} target={target:g}"
