@@ -1,3 +1,5 @@
+import warnings
+
 import pandas as pd
 import pytest
 import torch
@@ -7,6 +9,7 @@ from interp.batching import tokenize
 from interp.components import ComponentSet, ComponentShape, Head, Neuron
 from interp.hooks import attached_hook_count, hooked
 from interp.metrics import CandidateAnswers, ExpectedValue, LogitDiff
+import interp.patching
 from interp.patching import PatchingResult, patch_sweep
 
 TARGETS = ["When Mary and John went to the park, John gave a ball to", "The cat sat on the"]
@@ -70,7 +73,8 @@ def naive_values(model, target, source, metric, variant: ComponentSet) -> torch.
 
 
 def no_hooks_left(model, before: int) -> bool:
-    return attached_hook_count(model) == before and not any("forward" in vars(b) for b in model.blocks)
+    overridden = [m for b in model.blocks for m in (b, b.attn) if "forward" in vars(m)]
+    return attached_hook_count(model) == before and not overridden
 
 
 def test_heads_match_transformer_lens(tiny_model, pair, logit_diff):
@@ -142,6 +146,55 @@ def test_positions_read_only_gives_the_same_values(tiny_model, pair, logit_diff)
     torch.testing.assert_close(fast.baseline, full.baseline, atol=1e-5, rtol=0)
 
 
+LATE_TARGETS = [
+    "When Mary and John went to the park, John gave a ball to",
+    "Anna met Paul in town and Paul waved to",
+]
+LATE_SOURCES = [
+    "When Mary and John went to the park, Mary gave a ball to",
+    "Anna met Paul in town and Anna waved to",
+]
+LATE_VARIANTS = [Head(0, 2), Head(2, 1), Neuron(1, 50), ComponentSet([Head(1, 0), Neuron(2, 9)])]
+
+
+def test_shared_prefix_is_run_once_and_exact(tiny_model, logit_diff):
+    target, source = tokenize(tiny_model, LATE_TARGETS), tokenize(tiny_model, LATE_SOURCES)
+    reader = interp.patching._LogitReader.for_metric(tiny_model, logit_diff, target)
+    shared = interp.patching._shared_prefix_length(target, source, reader)
+    assert shared == int(((target.tokens != source.tokens).int().argmax(-1)).min()) > 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the prefix is used, not abandoned
+        result = patch_sweep(tiny_model, target, source, logit_diff, LATE_VARIANTS, max_batch_rows=3)
+    for i, variant in enumerate(result.variants):
+        expected = naive_values(tiny_model, target, source, logit_diff, variant)
+        torch.testing.assert_close(result.values[i], expected, atol=1e-4, rtol=0)
+    full_width = patch_sweep(tiny_model, target, source, OpaqueMetric(logit_diff), LATE_VARIANTS)
+    torch.testing.assert_close(result.values, full_width.values, atol=1e-4, rtol=0)
+
+
+def test_unusable_prefix_falls_back_to_every_position(tiny_model, logit_diff, monkeypatch):
+    target, source = tokenize(tiny_model, LATE_TARGETS), tokenize(tiny_model, LATE_SOURCES)
+    expected = patch_sweep(tiny_model, target, source, logit_diff, LATE_VARIANTS)
+
+    def no_cache(*args, **kwargs):
+        raise NotImplementedError("no key/value cache")
+
+    monkeypatch.setattr(interp.patching._Prefix, "build", no_cache)
+    with pytest.warns(RuntimeWarning, match="cannot reuse the shared prompt prefix"):
+        result = patch_sweep(tiny_model, target, source, logit_diff, LATE_VARIANTS)
+    torch.testing.assert_close(result.values, expected.values, atol=1e-4, rtol=0)
+
+
+def test_prefix_that_changes_the_result_is_caught(tiny_model, logit_diff, monkeypatch):
+    target, source = tokenize(tiny_model, LATE_TARGETS), tokenize(tiny_model, LATE_SOURCES)
+    expected = patch_sweep(tiny_model, target, source, logit_diff, LATE_VARIANTS)
+    right_rows = interp.patching._Prefix.kwargs
+    monkeypatch.setattr(interp.patching._Prefix, "kwargs", lambda self, rows: right_rows(self, rows.flip(0)))
+    with pytest.warns(RuntimeWarning, match="does not reproduce the unpatched run"):
+        result = patch_sweep(tiny_model, target, source, logit_diff, LATE_VARIANTS)
+    torch.testing.assert_close(result.values, expected.values, atol=1e-4, rtol=0)
+
+
 def test_microbatching_gives_the_same_result(tiny_model, pair, logit_diff):
     target, source = pair
     whole = patch_sweep(
@@ -179,31 +232,24 @@ def test_bad_inputs_are_named(tiny_model, pair, logit_diff):
         patch_sweep(tiny_model, target, source, logit_diff, "heads", max_batch_rows=0)
 
 
-class FailsOnCall:
-    """A metric that raises on its ``fail_at``-th evaluation."""
-
-    def __init__(self, inner, fail_at: int):
-        self.inner, self.fail_at, self.calls = inner, fail_at, 0
-
-    def expand(self, batch):
-        return batch
-
-    def __call__(self, logits, batch):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("metric failed")
-        return self.inner(logits, batch)
-
-
-def test_no_hooks_or_skipped_blocks_remain(tiny_model, pair, logit_diff):
-    target, source = pair
+def test_no_hooks_or_overrides_remain(tiny_model, logit_diff, monkeypatch):
+    target, source = tokenize(tiny_model, LATE_TARGETS), tokenize(tiny_model, LATE_SOURCES)
     before = attached_hook_count(tiny_model)
     with torch.no_grad():
         reference = tiny_model(target.tokens)
     patch_sweep(tiny_model, target, source, logit_diff, [Head(2, 0), Neuron(1, 1)])
     assert no_hooks_left(tiny_model, before)
-    with pytest.raises(RuntimeError, match="metric failed"):  # calls 1, 2: source and target runs
-        patch_sweep(tiny_model, target, source, FailsOnCall(logit_diff, fail_at=3), [Head(2, 0)])
+
+    def failing_writer(*args):
+        def write(act, hook):
+            assert "forward" in vars(tiny_model.blocks[0]) and "forward" in vars(tiny_model.blocks[2].attn)
+            raise RuntimeError("patch failed")
+
+        return write
+
+    monkeypatch.setattr(interp.patching, "_writer", failing_writer)
+    with pytest.raises(RuntimeError, match="patch failed"):  # inside a resumed forward after the prefix
+        patch_sweep(tiny_model, target, source, logit_diff, [Head(2, 0)])
     assert no_hooks_left(tiny_model, before)
     with torch.no_grad():
         torch.testing.assert_close(tiny_model(target.tokens), reference, atol=0, rtol=0)
