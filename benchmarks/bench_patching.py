@@ -20,7 +20,8 @@ Below 1 comes from work the floor still counts: patch_sweep runs the leading pos
 and source prompts agree (here everything before the swapped name) once, not once per variant,
 and stacks variants into larger batches.
 
-Run: ``python benchmarks/bench_patching.py [--quick] [--device cuda]``.
+Run: ``python benchmarks/bench_patching.py [--quick] [--device cuda] [--threads N]`` (on a CPU shared with other
+jobs, ``--threads 1`` keeps both sides from thrashing).
 """
 
 from __future__ import annotations

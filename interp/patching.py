@@ -284,17 +284,11 @@ class _LogitReader:
         hf_forward = getattr(getattr(model, "original_model", None), "forward", None)
         if hf_forward is None or "logits_to_keep" not in inspect.signature(hf_forward).parameters:
             return cls()
-        if type(metric) in (LogitDiff, TokenSetProb) or (
-            type(metric) in (CandidateAnswers, ExpectedValue) and not isinstance(batch, CandidateBatch)
-        ):
+        if type(metric) in (LogitDiff, TokenSetProb):
             return cls(batch.answer_pos.unique())
         if type(metric) in (CandidateAnswers, ExpectedValue):
-            reads = (
-                batch.cand_start[:, None]
-                - 1
-                + torch.arange(batch.cand_tokens.shape[1], device=batch.cand_start.device)
-            )
-            return cls(reads.clamp(max=batch.tokens.shape[1] - 1).unique())
+            candidates = metric if isinstance(metric, CandidateAnswers) else metric.candidates
+            return cls(candidates.read_positions(batch).unique())
         return cls()
 
     def kwargs(self, offset: int = 0) -> dict:

@@ -5,11 +5,11 @@ import pytest
 import torch
 from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
+import interp.patching
 from interp.batching import tokenize
 from interp.components import ComponentSet, ComponentShape, Head, Neuron
 from interp.hooks import attached_hook_count, hooked
 from interp.metrics import CandidateAnswers, ExpectedValue, LogitDiff
-import interp.patching
 from interp.patching import PatchingResult, patch_sweep
 
 TARGETS = ["When Mary and John went to the park, John gave a ball to", "The cat sat on the"]
