@@ -27,7 +27,7 @@ from circuits.contexts import AnswerFormat, Context, get_context
 from circuits.prompts import PairSet, PromptSet, uses_chat
 from circuits.stats import cluster_bootstrap, mann_whitney, permutation_pvalue, smd
 from interp.batching import encode, microbatches, pad_ids, pad_token_id
-from interp.metrics import CandidateAnswers, ExpectedValue
+from interp.metrics import CandidateAnswers, ExpectedValue, takes_layout
 
 CONTRASTS = {"race": ("group", "White", "Black"), "gender": ("gender", "woman", "man")}
 
@@ -40,13 +40,15 @@ def answer_candidates(
     A terminated grid ends every candidate with the end of the answer: the end-of-turn token for
     chat prompts, a newline for plain ones.
     """
-    tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    is_model = hasattr(model_or_tokenizer, "cfg")
+    tokenizer = model_or_tokenizer.tokenizer if is_model else model_or_tokenizer
     chat = uses_chat(tokenizer) if chat is None else chat
     texts = list(answer.grid.texts)
     if answer.grid.terminated:
         end = tokenizer.eos_token if chat and tokenizer.eos_token else "\n"
         texts = [t + end for t in texts]
-    return CandidateAnswers.from_texts(tokenizer, texts, answer.grid.values)
+    packed = takes_layout(model_or_tokenizer) if is_model else True
+    return CandidateAnswers.from_texts(tokenizer, texts, answer.grid.values, packed=packed)
 
 
 def context_metric(model, context: str | Context, *, prompts: PromptSet | None = None) -> ExpectedValue:

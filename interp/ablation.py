@@ -105,8 +105,9 @@ def _source_slices(
 
         return name, hook
 
+    source = source.to(model.cfg.device)
     with torch.no_grad(), hooked(model, [keep(name) for name in index]):
-        model(source.tokens.to(model.cfg.device), stop_at_layer=stop_layer(list(index)))
+        model(source.tokens, stop_at_layer=stop_layer(list(index)), **source.forward_kwargs())
     return kept
 
 

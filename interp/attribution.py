@@ -246,7 +246,7 @@ def _run_capturing(model, batch: TokenBatch, points: list[_HookPoint], *, grad: 
     if grad:
         hooks.insert(0, (_GRAD_ENTRY, _require_grad))
     with torch.set_grad_enabled(grad), hooked(model, hooks):
-        logits = model(batch.tokens)
+        logits = model(batch.tokens, **batch.forward_kwargs())
     return logits, store
 
 
@@ -314,7 +314,7 @@ def _ig_batch(model, prompts: TokenBatch, a: TokenBatch, b: TokenBatch, metric: 
             start = einops.repeat(corrupt, "row ... -> (step row) ...", step=k)
             interpolated = (start + alpha * einops.repeat(delta, "row ... -> (step row) ...", step=k)).requires_grad_(True)
             with torch.enable_grad(), hooked(model, [(point.name, lambda act, hook, x=interpolated: x)]):
-                logits = model(stacked[k].tokens)
+                logits = model(stacked[k].tokens, **stacked[k].forward_kwargs())
                 value = _metric_values(metric, logits, stacked[k], k * n_prompts).sum()
                 (grad,) = torch.autograd.grad(value, interpolated)
             grad_sum += einops.reduce(grad.float(), "(step row) ... -> row ...", "sum", step=k)

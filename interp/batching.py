@@ -6,21 +6,35 @@ last prompt token, whose next-token logits are read) is recorded per prompt, nev
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Iterator, Sequence
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """Right-padded token ids with their mask and per-prompt answer positions."""
+    """Right-padded token ids with their mask and per-prompt answer positions.
+
+    A batch may carry its own layout: ``position_ids`` and ``key_mask`` (which keys each query
+    position attends to) for rows that pack several continuations of one prompt side by side.
+    Run such a batch as ``model(batch.tokens, **batch.forward_kwargs())``; for a plain causal
+    batch the keywords are empty.
+    """
 
     tokens: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
     answer_pos: Int[Tensor, "batch"]
+    position_ids: Int[Tensor, "batch pos"] | None = None  # None: 0, 1, 2, ... in every row
+    key_mask: Bool[Tensor, "batch pos key"] | None = None  # None: causal
+
+    def forward_kwargs(self, offset: int = 0) -> dict:
+        """Forward keywords for ``tokens[:, offset:]`` (earlier positions given as a key/value cache)."""
+        if self.key_mask is None:
+            return {}
+        return {"attention_mask": self.key_mask[:, None, offset:, :], "position_ids": self.position_ids[:, offset:]}
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -30,12 +44,8 @@ class TokenBatch:
         return self.attention_mask.sum(-1)
 
     def to(self, device: torch.device | str) -> "TokenBatch":
-        return replace(
-            self,
-            tokens=self.tokens.to(device),
-            attention_mask=self.attention_mask.to(device),
-            answer_pos=self.answer_pos.to(device),
-        )
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
 
     def select(self, index: slice | Tensor | Sequence[int]) -> "TokenBatch":
         """The rows at ``index`` (slice, row numbers or boolean mask), trimmed to their longest prompt."""
@@ -44,7 +54,13 @@ class TokenBatch:
             index = index.nonzero().flatten() if index.dtype == torch.bool else index.long()
         mask = self.attention_mask[index]
         width = int(mask.sum(-1).max()) if mask.numel() else 0
-        return TokenBatch(self.tokens[index, :width], mask[:, :width], self.answer_pos[index])
+        return TokenBatch(
+            self.tokens[index, :width],
+            mask[:, :width],
+            self.answer_pos[index],
+            None if self.position_ids is None else self.position_ids[index, :width],
+            None if self.key_mask is None else self.key_mask[index, :width, :width],
+        )
 
 
 def pad_token_id(tokenizer) -> int:

@@ -8,12 +8,13 @@ logits on that batch back to one value per prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol, Sequence, runtime_checkable
 
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp.batching import TokenBatch, pad_token_id
@@ -103,19 +104,77 @@ class CandidateBatch(TokenBatch):
 
 
 @dataclass(frozen=True)
+class PackedCandidateBatch(TokenBatch):
+    """Each prompt followed, in the same row, by the trie of its candidates' leading tokens.
+
+    Row layout: the prompt, then one position per trie node (a proper prefix of some candidate),
+    then padding. A node attends to the prompt, its ancestors and itself, and sits at the position
+    id its prefix would have right after the prompt, so it computes exactly what it would with the
+    prefix appended alone. ``read_pos[:, 0]`` is the answer position, ``read_pos[:, 1 + n]`` node ``n``.
+    """
+
+    read_pos: Int[Tensor, "row read"] = field(default=None)
+
+
+@dataclass(frozen=True)
+class _Trie:
+    """The trie of the candidates' fed tokens (all but each candidate's last), shared by every row."""
+
+    tokens: Int[Tensor, "node"]
+    depth: Int[Tensor, "node"]  # 1 for a candidate's first token
+    sees: Bool[Tensor, "node node"]  # ancestor-or-self
+    read: Int[Tensor, "cand k"]  # where candidate token j's logits are read: 0 answer position, 1 + node
+    cand_tokens: Int[Tensor, "cand k"]  # -1 padded
+
+    @classmethod
+    def of(cls, token_ids: Sequence[Sequence[int]]) -> "_Trie":
+        node_of: dict[tuple[int, ...], int] = {}
+        parents, tokens, depth = [], [], []
+        for ids in token_ids:
+            for d in range(1, len(ids)):
+                prefix = tuple(ids[:d])
+                if prefix not in node_of:
+                    node_of[prefix] = len(tokens)
+                    parents.append(node_of.get(prefix[:-1], -1))
+                    tokens.append(ids[d - 1])
+                    depth.append(d)
+        n = len(tokens)
+        sees = torch.eye(n, dtype=torch.bool)
+        for node, parent in enumerate(parents):  # parents come before children
+            if parent >= 0:
+                sees[node] |= sees[parent]
+        k = max(len(ids) for ids in token_ids)
+        read = torch.zeros(len(token_ids), k, dtype=torch.long)
+        cand_tokens = torch.full((len(token_ids), k), -1, dtype=torch.long)
+        for c, ids in enumerate(token_ids):
+            cand_tokens[c, : len(ids)] = torch.tensor(ids)
+            for j in range(1, len(ids)):
+                read[c, j] = 1 + node_of[tuple(ids[:j])]
+        return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(depth, dtype=torch.long), sees, read,
+                   cand_tokens)
+
+
+@dataclass(frozen=True)
 class CandidateAnswers:
     """An ordered grid of candidate answers (strings) with their numeric values.
 
-    ``expand`` appends every candidate to every prompt; ``distribution`` gives the model's exact
-    probability of each candidate (product over its tokens), renormalized over the grid.
+    ``expand`` lays out every candidate after every prompt; ``distribution`` gives the model's
+    exact probability of each candidate (product over its tokens), renormalized over the grid.
+    With ``packed`` (the default) each prompt is one row holding the trie of its candidates (see
+    ``PackedCandidateBatch``; the model must accept ``attention_mask``/``position_ids`` keywords,
+    as the TransformerLens bridge does); otherwise each candidate gets a row of its own, prompt
+    repeated, which any model runs.
     """
 
     texts: tuple[str, ...]
     values: tuple[float, ...]
     token_ids: tuple[tuple[int, ...], ...]
+    packed: bool = True
 
     @classmethod
-    def from_texts(cls, tokenizer, texts: Sequence[str], values: Sequence[float]) -> "CandidateAnswers":
+    def from_texts(
+        cls, tokenizer, texts: Sequence[str], values: Sequence[float], *, packed: bool = True
+    ) -> "CandidateAnswers":
         if len(texts) != len(values) or len(texts) < 2:
             raise ValueError(
                 f"need at least 2 candidates with one value each; got {len(texts)} texts and "
@@ -127,15 +186,21 @@ class CandidateAnswers:
             raise ValueError(f"candidates {empty} tokenize to nothing")
         if len(set(ids)) != len(ids):
             raise ValueError("two candidates tokenize identically; the grid must be distinct")
-        return cls(tuple(texts), tuple(float(v) for v in values), ids)
+        return cls(tuple(texts), tuple(float(v) for v in values), ids, packed)
 
     @property
     def single_token(self) -> bool:
         return all(len(t) == 1 for t in self.token_ids)
 
+    @cached_property
+    def _trie(self) -> _Trie:
+        return _Trie.of(self.token_ids)
+
     def expand(self, batch: TokenBatch) -> TokenBatch:
         if self.single_token:
             return batch
+        if self.packed:
+            return self._pack(batch)
         device = batch.tokens.device
         n_prompt, n_cand = len(batch), len(self.token_ids)
         cand_len = max(len(t) for t in self.token_ids)
@@ -170,11 +235,49 @@ class CandidateAnswers:
             cand_tokens=cand_rows,
         )
 
+    def _pack(self, batch: TokenBatch) -> PackedCandidateBatch:
+        device = batch.tokens.device
+        trie = self._trie
+        n_nodes = len(trie.tokens)
+        lengths = batch.lengths
+        width = int(lengths.max()) + n_nodes
+        positions = torch.arange(width, device=device)
+        node = positions[None, :] - lengths[:, None]  # node index at each position, if in [0, n_nodes)
+        in_trie = (node >= 0) & (node < n_nodes)
+        node_c = node.clamp(0, n_nodes - 1)
+        tokens = torch.full((len(batch), width), pad_token_id_of(batch), dtype=torch.long, device=device)
+        tokens[:, : min(width, batch.tokens.shape[1])] = batch.tokens[:, :width]
+        tokens = torch.where(in_trie, trie.tokens.to(device)[node_c], tokens)
+        position_ids = torch.where(in_trie, lengths[:, None] - 1 + trie.depth.to(device)[node_c], positions[None, :])
+        causal = positions[None, :, None] >= positions[None, None, :]
+        both = in_trie[:, :, None] & in_trie[:, None, :]
+        sees = trie.sees.to(device)[node_c[:, :, None], node_c[:, None, :]]
+        key_mask = causal & (~both | sees)
+        return PackedCandidateBatch(
+            tokens=tokens,
+            attention_mask=(positions[None, :] < lengths[:, None] + n_nodes).long(),
+            answer_pos=lengths - 1,
+            position_ids=position_ids,
+            key_mask=key_mask,
+            read_pos=lengths[:, None] - 1 + torch.arange(n_nodes + 1, device=device),
+        )
+
+    def _from_read(self, logits: Float[Tensor, "row read vocab"]) -> Float[Tensor, "prompt cand"]:
+        """Candidate log-probabilities from the logits at a packed batch's ``read_pos``."""
+        trie = self._trie
+        logp = logits.float().log_softmax(-1)
+        read, ids = trie.read.to(logp.device), trie.cand_tokens.to(logp.device)
+        token_logp = logp[:, read, ids.clamp(min=0)]  # row cand k
+        return (token_logp * (ids >= 0)).sum(-1)
+
     def log_probs(self, logits: Float[Tensor, "row pos vocab"], batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
         """Exact log-probability of each candidate's full token sequence after each prompt."""
         if self.single_token:
             ids = torch.tensor([t[0] for t in self.token_ids], device=logits.device)
             return answer_logits(logits, batch).float().log_softmax(-1)[:, ids]
+        if isinstance(batch, PackedCandidateBatch):
+            rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+            return self._from_read(logits[rows, batch.read_pos.to(logits.device)])
         assert isinstance(batch, CandidateBatch), "run the model on metric.expand(batch)"
         k = batch.cand_tokens.shape[1]
         rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
@@ -189,6 +292,8 @@ class CandidateAnswers:
 
     def read_positions(self, batch: TokenBatch) -> Int[Tensor, "row n"]:
         """The positions whose next-token logits ``log_probs`` reads."""
+        if isinstance(batch, PackedCandidateBatch):
+            return batch.read_pos
         if self.single_token or not isinstance(batch, CandidateBatch):
             return batch.answer_pos[:, None]
         k = batch.cand_tokens.shape[1]
@@ -197,6 +302,8 @@ class CandidateAnswers:
 
     def log_probs_at(self, logits: Float[Tensor, "row n vocab"], batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
         """``log_probs`` from the logits at ``read_positions(batch)`` only (see ``logits_at``)."""
+        if isinstance(batch, PackedCandidateBatch):
+            return self._from_read(logits)
         logp = logits.float().log_softmax(-1)
         if self.single_token or not isinstance(batch, CandidateBatch):
             ids = torch.tensor([t[0] for t in self.token_ids], device=logp.device)
@@ -209,7 +316,7 @@ class CandidateAnswers:
     def score(self, model, batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
         """Exact candidate log-probabilities for ``batch``'s prompts, unembedding only where read."""
         expanded = self.expand(batch)
-        return self.log_probs_at(logits_at(model, expanded.tokens, self.read_positions(expanded)), expanded)
+        return self.log_probs_at(logits_at(model, expanded, self.read_positions(expanded)), expanded)
 
     def distribution(self, logits, batch) -> Float[Tensor, "prompt cand"]:
         return self.log_probs(logits, batch).softmax(-1)
@@ -223,7 +330,7 @@ class _BodyDone(Exception):
     """Stops a forward pass once the last block's residual stream is known."""
 
 
-def logits_at(model, tokens: Int[Tensor, "row pos"], positions: Int[Tensor, "row n"]) -> Float[Tensor, "row n vocab"]:
+def logits_at(model, batch: TokenBatch, positions: Int[Tensor, "row n"]) -> Float[Tensor, "row n vocab"]:
     """Next-token logits at the given positions only.
 
     The transformer body runs once; the final norm and the unembedding (for a 49k vocabulary the
@@ -240,13 +347,19 @@ def logits_at(model, tokens: Int[Tensor, "row pos"], positions: Int[Tensor, "row
 
     try:
         with hooked(model, [(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", grab)]):
-            model(tokens)
+            model(batch.tokens, **batch.forward_kwargs())
     except _BodyDone:
         pass
     resid = store["resid"]
     rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
     picked = resid[rows, positions.to(resid.device)]
     return model.unembed(model.ln_final(picked))
+
+
+def takes_layout(model) -> bool:
+    """Whether ``model`` runs a batch's own layout (4-D ``attention_mask`` and ``position_ids``
+    keywords): the TransformerLens bridge does, a legacy ``HookedTransformer`` does not."""
+    return getattr(model, "original_model", None) is not None
 
 
 def pad_token_id_of(batch: TokenBatch) -> int:
@@ -281,7 +394,7 @@ def run_metric(model, metric: Metric, batch: TokenBatch, **kwargs) -> Float[Tens
     if isinstance(metric, ExpectedValue) and not kwargs:
         return metric.evaluate(model, batch)
     expanded = metric.expand(batch)
-    logits = model(expanded.tokens, **kwargs)
+    logits = model(expanded.tokens, **expanded.forward_kwargs(), **kwargs)
     return metric(logits, expanded)
 
 
@@ -291,10 +404,12 @@ __all__ = [
     "TokenSetProb",
     "CandidateAnswers",
     "CandidateBatch",
+    "PackedCandidateBatch",
     "ExpectedValue",
     "answer_logits",
     "kl_divergence",
     "run_metric",
+    "takes_layout",
     "logits_at",
     "pad_token_id",
 ]

@@ -50,7 +50,15 @@ from interp.batching import TokenBatch, microbatches
 from interp.components import KINDS, Component, ComponentSet, ComponentShape, Kind
 from interp.hooks import HookSpec, hooked
 from interp.memory import backoff_batches, free_memory_bytes
-from interp.metrics import CandidateAnswers, CandidateBatch, ExpectedValue, LogitDiff, Metric, TokenSetProb
+from interp.metrics import (
+    CandidateAnswers,
+    CandidateBatch,
+    ExpectedValue,
+    LogitDiff,
+    Metric,
+    PackedCandidateBatch,
+    TokenSetProb,
+)
 
 Variant = Component | ComponentSet
 _CPU_BUDGET_BYTES = 1 << 30  # default microbatch memory budget where free memory cannot be queried
@@ -301,6 +309,8 @@ class _LogitReader:
         moved = {"answer_pos": torch.searchsorted(self.keep, batch.answer_pos)}
         if isinstance(batch, CandidateBatch):
             moved["cand_start"] = torch.searchsorted(self.keep, batch.cand_start - 1) + 1
+        if isinstance(batch, PackedCandidateBatch):
+            moved["read_pos"] = torch.searchsorted(self.keep, batch.read_pos)
         return replace(batch, **moved)
 
 
@@ -428,12 +438,15 @@ def _resume(
     model,
     residual: Float[Tensor, "row pos d_model"],
     layer: int,
+    batch: TokenBatch,
     rows: Int[Tensor, "row"],
     reader: _LogitReader,
     prefix: _Prefix,
 ) -> Tensor:
-    """Logits from ``residual`` entering block ``layer`` (after the prefix, if any), lower blocks skipped."""
-    kwargs = reader.kwargs(offset=prefix.length) | prefix.kwargs(rows)
+    """Logits of ``batch``'s ``rows`` from ``residual`` entering block ``layer`` (after the prefix, if
+    any), lower blocks skipped."""
+    layout = _take_rows(batch, rows).forward_kwargs(offset=prefix.length)
+    kwargs = reader.kwargs(offset=prefix.length) | prefix.kwargs(rows) | layout
     with (
         _blocks_skipped_below(model, layer),
         _attention_reads_cache(model) if prefix.length else nullcontext(),
@@ -464,7 +477,7 @@ def _checked_prefix(
     sample_rows = torch.arange(n_prompts * rows_per_prompt, device=residual.device)
     try:
         prefix = _Prefix.build(model, batch, length, rows)
-        logits = _resume(model, residual[sample_rows, length:], layer, sample_rows, reader, prefix)
+        logits = _resume(model, residual[sample_rows, length:], layer, batch, sample_rows, reader, prefix)
     except (AttributeError, TypeError, ValueError, NotImplementedError, RuntimeError) as err:
         warnings.warn(
             f"cannot reuse the shared prompt prefix on this model ({err!r}); running every position",
@@ -522,7 +535,7 @@ def _run_unpatched(
     with hooked(model, [keep(name) for name in capture]):
         for prompts in microbatches(n_prompts, max(1, rows // rows_per_prompt)):
             part = _take_rows(batch, _expanded_rows(prompts, rows_per_prompt, batch.tokens.device))
-            logits = model(part.tokens, **reader.kwargs())
+            logits = model(part.tokens, **reader.kwargs(), **part.forward_kwargs())
             values.append(_evaluate(metric, logits, reader.renumber(part), prompts.stop - prompts.start))
     return {name: torch.cat(p) for name, p in pieces.items()}, torch.cat(values)
 
@@ -682,7 +695,7 @@ def patch_sweep(
                 hooks = _patch_hooks(part, patches, store, rows_per_prompt, prefix.length, device)
                 with hooked(model, hooks):
                     residual = residuals[layer][own_rows, prefix.length :]
-                    logits = _resume(model, residual, layer, own_rows, reader, prefix)
+                    logits = _resume(model, residual, layer, run_target, own_rows, reader, prefix)
                 batch = reader.renumber(_take_rows(run_target, own_rows))
                 values[variant_idx, prompt_idx] = _evaluate(metric, logits, batch, len(part))
                 bar.update(len(part))

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -45,6 +46,8 @@ def _hand_atp(model, clean, corrupt, metric):
     n_layers = model.cfg.n_layers
     names = [hook_name(k, layer) for k in KIND_HOOKS for layer in range(n_layers)]
     per_prompt = {k: [] for k in KIND_HOOKS}
+    if isinstance(metric, ExpectedValue):  # a row per candidate: AtP is linear, so packing must not matter
+        metric = ExpectedValue(dataclasses.replace(metric.candidates, packed=False))
     for i in range(len(clean)):
         a, b = metric.expand(clean.select([i])), metric.expand(corrupt.select([i]))
         with torch.no_grad():

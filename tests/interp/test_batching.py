@@ -65,9 +65,9 @@ def test_to_device_keeps_everything():
     assert torch.equal(moved.tokens, batch.tokens) and torch.equal(moved.answer_pos, batch.answer_pos)
 
 
-def _padded_vs_alone(model, prompts, texts, values):
+def _padded_vs_alone(model, prompts, texts, values, packed=True):
     """Each prompt's candidate log-probs and expected value, batched with padding vs run alone."""
-    metric = ExpectedValue(CandidateAnswers.from_texts(model.tokenizer, texts, values))
+    metric = ExpectedValue(CandidateAnswers.from_texts(model.tokenizer, texts, values, packed=packed))
     assert not metric.candidates.single_token
     batch = tokenize(model, prompts)
     assert len(set(batch.lengths.tolist())) == len(prompts)  # every prompt padded differently
@@ -75,7 +75,7 @@ def _padded_vs_alone(model, prompts, texts, values):
     def scores(prompt_batch):
         expanded = metric.expand(prompt_batch)
         with torch.no_grad():
-            logits = model(expanded.tokens)
+            logits = model(expanded.tokens, **expanded.forward_kwargs())
         return metric.candidates.log_probs(logits, expanded), metric(logits, expanded)
 
     together = scores(batch)
@@ -84,8 +84,9 @@ def _padded_vs_alone(model, prompts, texts, values):
     torch.testing.assert_close(together[1], alone[1], rtol=1e-5, atol=0)
 
 
-def test_padded_and_unpadded_scores_agree(tiny_model):
-    _padded_vs_alone(tiny_model, PROMPTS, [" 5", " 50", " 500", " 1,000"], [5, 50, 500, 1000])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "row-per-candidate"])
+def test_padded_and_unpadded_scores_agree(tiny_model, packed):
+    _padded_vs_alone(tiny_model, PROMPTS, [" 5", " 50", " 500", " 1,000"], [5, 50, 500, 1000], packed)
 
 
 @pytest.mark.slow

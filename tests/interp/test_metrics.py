@@ -30,9 +30,13 @@ def logits(tiny_model, batch):
         return tiny_model(batch.tokens)
 
 
-@pytest.fixture(scope="module")
-def candidates(tiny_model):
-    return CandidateAnswers.from_texts(tiny_model.tokenizer, TEXTS, VALUES)
+@pytest.fixture(scope="module", params=[True, False], ids=["packed", "row-per-candidate"])
+def candidates(tiny_model, request):
+    return CandidateAnswers.from_texts(tiny_model.tokenizer, TEXTS, VALUES, packed=request.param)
+
+
+def _run(model, batch):
+    return model(batch.tokens, **batch.forward_kwargs())
 
 
 def _final(logits, batch):
@@ -81,7 +85,7 @@ def test_candidate_log_probs_equal_token_by_token(tiny_model, batch, candidates)
     prompts = PROMPTS[1:]  # the shortest and the longest
     expanded = candidates.expand(batch.select([1, 2]))
     with torch.no_grad():
-        got = candidates.log_probs(tiny_model(expanded.tokens), expanded)
+        got = candidates.log_probs(_run(tiny_model, expanded), expanded)
     assert got.shape == (len(prompts), len(TEXTS))
     for row, prompt in enumerate(prompts):
         prompt_ids = encode(tiny_model, prompt)
@@ -97,7 +101,7 @@ def test_distribution_and_expected_value(tiny_model, batch, candidates):
     metric = ExpectedValue(candidates)
     expanded = metric.expand(batch)
     with torch.no_grad():
-        logits = tiny_model(expanded.tokens)
+        logits = _run(tiny_model, expanded)
     dist = candidates.distribution(logits, expanded)
     torch.testing.assert_close(dist.sum(-1), torch.ones(len(PROMPTS)))
     values = torch.tensor(VALUES)
@@ -131,7 +135,7 @@ class _AlwaysExpand(CandidateAnswers):
 def test_single_token_fast_path_equals_expanded_path(tiny_model, batch):
     fast = CandidateAnswers.from_texts(tiny_model.tokenizer, [" yes", " no", " maybe"], [1, 0, 0.5])
     assert fast.single_token and fast.expand(batch) is batch
-    slow = _AlwaysExpand(fast.texts, fast.values, fast.token_ids)
+    slow = _AlwaysExpand(fast.texts, fast.values, fast.token_ids, packed=False)
     expanded = slow.expand(batch)
     assert len(expanded) == 3 * len(batch)
     with torch.no_grad():
@@ -184,8 +188,35 @@ def test_logits_at_reads_only_the_needed_positions_exactly(tiny_model):
     batch = tokenize(tiny_model, ["Offer for the bike: $", "A much longer prompt about an offer: $"])
     positions = torch.tensor([[0, 3], [2, 5]])
     full = tiny_model(batch.tokens)
-    picked = logits_at(tiny_model, batch.tokens, positions)
+    picked = logits_at(tiny_model, batch, positions)
     torch.testing.assert_close(picked, full[torch.arange(2)[:, None], positions], rtol=1e-5, atol=1e-5)
-    metric = ExpectedValue(CandidateAnswers.from_texts(tiny_model.tokenizer, ["10", "250", "3,000"], [10, 250, 3000]))
-    expanded = metric.expand(batch)
-    torch.testing.assert_close(metric.evaluate(tiny_model, batch), metric(tiny_model(expanded.tokens), expanded))
+    for packed in (True, False):
+        grid = CandidateAnswers.from_texts(tiny_model.tokenizer, ["10", "250", "3,000"], [10, 250, 3000], packed=packed)
+        metric = ExpectedValue(grid)
+        expanded = metric.expand(batch)
+        torch.testing.assert_close(metric.evaluate(tiny_model, batch), metric(_run(tiny_model, expanded), expanded))
+
+
+def test_packed_layout_is_the_candidate_trie(tiny_model, candidates):
+    """Shared leading tokens are fed once; each node sees the prompt and its own ancestors only."""
+    if not candidates.packed:
+        pytest.skip("layout of the packed batch only")
+    batch = tokenize(tiny_model, ["Hi", "My offer for the used bicycle is"])
+    packed = candidates.expand(batch)
+    fed = {ids[:d] for ids in candidates.token_ids for d in range(1, len(ids))}
+    n_nodes = len(fed)
+    lengths = batch.lengths
+    assert packed.tokens.shape == (2, int(lengths.max()) + n_nodes)
+    assert torch.equal(packed.lengths, lengths + n_nodes)
+    row, start = 0, int(lengths[0])
+    nodes = packed.tokens[row, start : start + n_nodes].tolist()
+    depth = packed.position_ids[row, start : start + n_nodes] - (start - 1)
+    # each node's prefix, read back from the key mask, is a fed prefix of some candidate
+    prefixes = set()
+    for i in range(n_nodes):
+        seen = packed.key_mask[row, start + i, start : start + n_nodes].nonzero().flatten().tolist()
+        assert len(seen) == int(depth[i]) and seen[-1] == i
+        assert packed.key_mask[row, start + i, :start].all()
+        prefixes.add(tuple(nodes[j] for j in seen))
+    assert prefixes == fed
+

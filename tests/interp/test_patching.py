@@ -67,9 +67,9 @@ def naive_values(model, target, source, metric, variant: ComponentSet) -> torch.
     groups = variant.by_hook()
     with torch.no_grad():
         with hooked(model, [save(name) for name in groups]):
-            model(run_source.tokens)
+            model(run_source.tokens, **run_source.forward_kwargs())
         with hooked(model, [patch(name, idx) for name, idx in groups.items()]):
-            return metric(model(run_target.tokens), run_target)
+            return metric(model(run_target.tokens, **run_target.forward_kwargs()), run_target)
 
 
 def no_hooks_left(model, before: int) -> bool:
@@ -117,10 +117,11 @@ def test_neuron_sweep_matches_one_at_a_time(tiny_model, pair, logit_diff):
         torch.testing.assert_close(result.values[i], expected, atol=1e-4, rtol=0)
 
 
-def test_mixed_sets_on_expanded_multi_token_candidates(tiny_model, pair):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "row-per-candidate"])
+def test_mixed_sets_on_expanded_multi_token_candidates(tiny_model, pair, packed):
     target, source = pair
     texts = [" 10", " 25", " 55", " 90"]  # equal lengths: the random model favours none by length
-    candidates = CandidateAnswers.from_texts(tiny_model.tokenizer, texts, [10, 25, 55, 90])
+    candidates = CandidateAnswers.from_texts(tiny_model.tokenizer, texts, [10, 25, 55, 90], packed=packed)
     assert not candidates.single_token
     variants = [
         ComponentSet([Neuron(2, 5), Head(1, 3)]),
