@@ -171,15 +171,17 @@ def evaluate(
 def head_utility(model, probe: UtilityProbe, *, n_texts: int = 10, progress: bool = True) -> Float[Tensor, "layer head"]:
     """KL from the unablated model on neutral text when each head alone is zero-ablated (FASP's utility)."""
     from interp.components import ComponentShape, Head
+    from interp.sweeps import ablation_sweep
 
     probe = probe.subset(n_texts)
     shape = ComponentShape.of(model)
-    out = torch.zeros(shape.n_layers, shape.n_heads)
-    bar = tqdm(total=shape.count("head"), desc="head utility", disable=not progress)
-    for layer in range(shape.n_layers):
-        for head in range(shape.n_heads):
-            with ablated(model, [Head(layer, head)], "zero"):
-                out[layer, head] = probe.measure(model)["kl"]
-            bar.update()
-    bar.close()
-    return out
+    mask = probe.batch.attention_mask.float()
+
+    def kl(logits, prompts):
+        per_pos = F.kl_div(logits.float().log_softmax(-1), probe.reference[prompts], log_target=True,
+                           reduction="none").sum(-1)
+        return (per_pos * mask[prompts]).sum(-1) / mask[prompts].sum(-1)
+
+    heads = [Head(layer, head) for layer in range(shape.n_layers) for head in range(shape.n_heads)]
+    values = ablation_sweep(model, probe.batch, heads, kl, progress=progress, desc="head utility")
+    return values.mean(-1).reshape(shape.n_layers, shape.n_heads)
