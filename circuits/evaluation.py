@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 
 from circuits.prompts import PairSet
 from interp.ablation import ablated
-from interp.batching import TokenBatch, microbatches, tokenize
+from interp.batching import TokenBatch, tokenize
 from interp.components import ComponentSet
+from interp.distributed import all_gather_rows, current_shard
+from interp.memory import Backoff
 from interp.metrics import Metric, run_metric
 
 
@@ -73,15 +75,38 @@ class EvalSet:
     metric: Metric
 
 
-def paired_values(model, eval_set: EvalSet, *, batch_size: int = 16) -> tuple[Tensor, Tensor]:
-    """Metric on the A rows and on the B rows of every pair, for the model as it runs now."""
-    metric = eval_set.metric
-    out_a, out_b = [], []
+def paired_values(
+    model, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None
+) -> tuple[Tensor, Tensor]:
+    """Metric on the A rows and on the B rows of every pair, for the model as it runs now.
+
+    Pairs run in microbatches of ``batch_size``, halved and retried on out-of-memory (said once);
+    pass a ``Backoff`` to share the batch size (and the one report) across calls.
+    Launched with ``torchrun`` (an initialized process group of world size > 1), each rank runs a
+    contiguous block of the pairs and every rank returns the values of all of them.
+    """
+    metric, pairs = eval_set.metric, eval_set.pairs
+    n = len(pairs)
+    shard = current_shard()
+    local = shard.indices(n)
+    first = int(local[0]) if len(local) else 0
+    device = torch.device(model.cfg.device) if shard.world_size > 1 else torch.device("cpu")
+    out_a = torch.zeros(len(local), dtype=torch.float32, device=device)
+    out_b = torch.zeros(len(local), dtype=torch.float32, device=device)
+
+    def run(part: slice) -> None:
+        rows = slice(first + part.start, first + part.stop)
+        a = run_metric(model, metric, pairs.clean.select(rows))  # both computed before either is kept
+        b = run_metric(model, metric, pairs.corrupt.select(rows))
+        out_a[part], out_b[part] = a.float().to(device), b.float().to(device)
+
+    backoff = backoff or Backoff(batch_size, what="evaluation batch")
     with torch.no_grad():
-        for rows in microbatches(len(eval_set.pairs), batch_size):
-            for batch, out in ((eval_set.pairs.clean, out_a), (eval_set.pairs.corrupt, out_b)):
-                out.append(run_metric(model, metric, batch.select(rows)).float().cpu())
-    return torch.cat(out_a), torch.cat(out_b)
+        for _ in backoff.batches(len(local), run):
+            pass
+    if shard.world_size > 1:  # a rank's block into the full rows (the collective wants the model's device)
+        out_a, out_b = all_gather_rows(out_a, n), all_gather_rows(out_b, n)
+    return out_a.cpu(), out_b.cpu()
 
 
 @dataclass(frozen=True)
@@ -123,7 +148,9 @@ def evaluate(
 
     The empty set (the unablated model) is measured once on every evaluation set as the
     baseline, under the label ``"none"``; reductions are relative to it. ``plan`` maps a set's
-    label to the names of the evaluation sets it is measured on (default: all).
+    label to the names of the evaluation sets it is measured on (default: all). Under
+    ``torch.distributed`` the pairs of each evaluation set are sharded across ranks (see
+    ``paired_values``) and every rank returns the same table; utility is measured on every rank.
     """
     if "none" in sets:
         raise ValueError("'none' is reserved for the unablated baseline; rename that component set")
@@ -138,13 +165,14 @@ def evaluate(
     rows = []
     labelled = {"none": ComponentSet(), **sets}
     baseline: dict[str, float] = {}
+    backoff = Backoff(batch_size, what="evaluation batch")  # a size that ran out of memory is not retried
     for label, components in tqdm(labelled.items(), desc="evaluate", disable=not progress):
         with ablated(model, components, how, means=means):
             utility = probe.measure(model)
             for es in eval_sets:
                 if label != "none" and plan is not None and label in plan and es.name not in plan[label]:
                     continue
-                a, b = paired_values(model, es, batch_size=batch_size)
+                a, b = paired_values(model, es, backoff=backoff)
                 diff = a - b
                 gap = float(diff.mean())
                 baseline.setdefault(es.name, gap)

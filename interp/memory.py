@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
@@ -31,30 +32,50 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+class Backoff:
+    """A microbatch size that halves on out-of-memory and stays halved across calls, said once.
+
+    One object serves several loops over the same kind of batch (a sweep's groups of items), so a
+    size found too large in one loop is not tried again in the next, and the shrinking is reported
+    once in all.
+    """
+
+    def __init__(self, batch_size: int, *, what: str = "batch"):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.size, self.what, self.warned = batch_size, what, False
+
+    def batches(self, n: int, run: Callable[[slice], T]) -> Iterator[T]:
+        """Run ``run`` over consecutive slices of ``range(n)``; on out-of-memory halve the size and retry.
+
+        The slice that failed is retried whole at the smaller size, so every item runs exactly once
+        and results come back in order. A batch of one that still does not fit re-raises the error.
+        """
+        start = 0
+        while start < n:
+            stop = min(start + self.size, n)
+            try:
+                result = run(slice(start, stop))
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _is_oom(err) or stop - start == 1:
+                    raise
+                self.size = max(1, (stop - start) // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if not self.warned:
+                    warnings.warn(f"out of memory at {self.what} size {stop - start}; retrying with smaller "
+                                  f"{self.what}es (now {self.size})", RuntimeWarning, stacklevel=2)
+                    self.warned = True
+                continue
+            yield result
+            start = stop
+
+
 def backoff_batches(n: int, batch_size: int, run: Callable[[slice], T], *, what: str = "batch") -> Iterator[T]:
     """Run ``run`` over consecutive slices of ``range(n)``; on out-of-memory halve the size and retry.
 
     The slice that failed is retried whole at the smaller size, so every item runs exactly once
     and results come back in order. Shrinking is reported once per call; a batch of one that
-    still does not fit re-raises the error.
+    still does not fit re-raises the error. ``Backoff`` keeps the smaller size across several loops.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    start, size, warned = 0, batch_size, False
-    while start < n:
-        stop = min(start + size, n)
-        try:
-            result = run(slice(start, stop))
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _is_oom(err) or size == 1:
-                raise
-            size = max(1, (stop - start) // 2)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if not warned:
-                warnings.warn(f"out of memory at {what} size {stop - start}; retrying with smaller {what}es "
-                              f"(now {size})", RuntimeWarning, stacklevel=2)
-                warned = True
-            continue
-        yield result
-        start = stop
+    return Backoff(batch_size, what=what).batches(n, run)

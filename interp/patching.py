@@ -13,6 +13,9 @@ returns the metric per variant per prompt. Instead of one full forward per varia
 * for the library's metrics, only the logit positions the metric reads are unembedded, and the
   leading positions where target and source agree (and no logit is read) are run once: no patch
   can change them, so the patched runs start after them, attending to their cached keys/values.
+* under ``torch.distributed`` (world size > 1) each rank runs a contiguous block of the sweep's
+  (variant, prompt) items and the values are summed over ranks, so every rank returns the full
+  result; the unpatched target and source runs are repeated on every rank.
 
 Skipping the lower blocks. ``TransformerBridge``'s ``start_at_layer`` feeds the residual to the
 Hugging Face model as ``inputs_embeds`` and makes block ``L`` swap it in for its own input, but it
@@ -48,8 +51,9 @@ from tqdm.auto import tqdm
 
 from interp.batching import TokenBatch, microbatches
 from interp.components import KINDS, Component, ComponentSet, ComponentShape, Kind
+from interp.distributed import Shard, all_reduce_sum, current_shard
 from interp.hooks import HookSpec, hooked
-from interp.memory import backoff_batches, free_memory_bytes
+from interp.memory import Backoff, free_memory_bytes
 from interp.metrics import (
     CandidateAnswers,
     CandidateBatch,
@@ -607,6 +611,19 @@ def _writer(rows: Int[Tensor, "n"], units: Int[Tensor, "n"], values: Tensor):
     return write
 
 
+def _local_items(
+    by_layer: dict[int, list[tuple[int, int]]], shard: Shard
+) -> dict[int, list[tuple[int, int]]]:
+    """This rank's contiguous block of the sweep's items (in sweep order), still grouped by start layer."""
+    flat = [(layer, item) for layer, items in by_layer.items() for item in items]
+    mine = shard.indices(len(flat))
+    local: dict[int, list[tuple[int, int]]] = {}
+    if len(mine):
+        for layer, item in flat[int(mine[0]) : int(mine[-1]) + 1]:
+            local.setdefault(layer, []).append(item)
+    return local
+
+
 def patch_sweep(
     model,
     target: TokenBatch,
@@ -626,6 +643,8 @@ def patch_sweep(
     ``variants`` is a sequence of components or component sets, or ``"heads"`` / ``"neurons"``
     for every head / neuron of the model on its own. A metric that expands prompts (multi-token
     candidate answers) patches on the expanded rows, expanded identically for target and source.
+    Launched with ``torchrun`` (an initialized process group of world size > 1), each rank patches
+    a contiguous block of the (variant, prompt) items and every rank returns the full result.
 
     Args:
         max_batch_rows: most rows per forward (at least one prompt's expanded rows always go together).
@@ -679,10 +698,19 @@ def patch_sweep(
             {hook: [store[hook].slot[u] for u in indices] for hook, indices in v.by_hook().items()}
             for v in sets
         ]
-        values = torch.empty(len(sets), n_prompts, device=device)
-        bar = tqdm(total=len(sets) * n_prompts, disable=not progress, desc="patching", unit="run")
-        for layer in starts:
-            items = [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
+        by_layer = {
+            layer: [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
+            for layer in starts
+        }
+        shard = current_shard()  # under torch.distributed each rank takes a block of the items
+        if shard.world_size > 1:
+            by_layer = _local_items(by_layer, shard)
+        values = torch.zeros(len(sets), n_prompts, device=device)  # items of other ranks stay zero
+        n_local = sum(len(items) for items in by_layer.values())
+        bar = tqdm(total=n_local, disable=not progress, desc="patching", unit="run")
+        # out-of-memory halves the batch and retries it; the smaller size carries over to later layers
+        backoff = Backoff(items_per_batch, what="patching batch")
+        for layer, items in by_layer.items():
 
             def run(chunk: slice, layer=layer, items=items) -> None:
                 part = items[chunk]
@@ -700,9 +728,11 @@ def patch_sweep(
                 values[variant_idx, prompt_idx] = _evaluate(metric, logits, batch, len(part))
                 bar.update(len(part))
 
-            for _ in backoff_batches(len(items), items_per_batch, run, what="patching batch"):
+            for _ in backoff.batches(len(items), run):
                 pass
         bar.close()
+        if shard.world_size > 1:  # each value was computed by exactly one rank
+            values = all_reduce_sum(values)
     return PatchingResult(
         values=values.cpu(),
         baseline=baseline.cpu(),

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from interp.distributed import Shard, all_gather_rows, all_reduce_sum, current_shard
@@ -18,16 +19,23 @@ def test_single_process_is_identity():
 
 DATA_PARALLEL_SCRIPT = """
 import sys, torch
+from pathlib import Path
 from interp.distributed import init_from_env, current_shard
 from interp.testing import load_tiny_model
-from tests.interp.test_distributed import pairs_and_metric
+from tests.interp.test_distributed import eval_inputs, pairs_and_metric, patch_variants
 from interp.attribution import attribute
+from interp.patching import patch_sweep
+from circuits.evaluation import evaluate, paired_values
 init_from_env("gloo")
+out = Path(sys.argv[1]) / f"rank{current_shard().rank}"  # every rank saves: all must hold the full result
 model = load_tiny_model()
 clean, corrupt, metric = pairs_and_metric(model)
-result = attribute(model, clean, corrupt, metric, batch_size=2, per_prompt=True)
-if current_shard().rank == 0:
-    result.save(sys.argv[1])
+attribute(model, clean, corrupt, metric, batch_size=2, per_prompt=True).save(out / "attribution")
+patch_sweep(model, clean, corrupt, metric, patch_variants(), max_batch_rows=3).save(out / "patching")
+eval_set, sets, probe = eval_inputs(model)
+a, b = paired_values(model, eval_set, batch_size=2)
+torch.save({"a": a, "b": b}, out / "paired.pt")
+evaluate(model, sets, [eval_set], probe=probe, batch_size=2, progress=False).save(out / "evaluation")
 """
 
 
@@ -46,30 +54,106 @@ def pairs_and_metric(model):
     return pad_ids(clean, pad), pad_ids(corrupt, pad), LogitDiff([300, 301], [302])
 
 
-def test_two_process_gloo_attribution_equals_single_process(tiny_model, tmp_path):
+def patch_variants():
+    """A few head variants over every start layer (one of them a set), so rank blocks split a layer."""
+    from interp.components import ComponentSet, Head, Neuron
+
+    return [Head(0, 1), Head(1, 2), Head(1, 3), ComponentSet([Head(2, 0), Neuron(2, 5)]), Head(2, 3)]
+
+
+def eval_inputs(model):
+    """An evaluation set over the ten pairs, two component sets to ablate, and a two-text utility probe."""
+    import pandas as pd
+
+    from circuits.evaluation import EvalSet, UtilityProbe
+    from circuits.prompts import PairSet
+    from interp.components import ComponentSet, Head, Neuron
+
+    clean, corrupt, metric = pairs_and_metric(model)
+    pairs = PairSet(pd.DataFrame({"pair": range(len(clean))}), clean, corrupt,
+                    torch.zeros(clean.tokens.shape, dtype=torch.bool), pd.DataFrame())
+    sets = {"heads": ComponentSet([Head(1, 2), Head(2, 0)]), "neuron": ComponentSet([Neuron(0, 7)])}
+    probe = UtilityProbe.build(model, ["The weather was mild today.", "A short neutral sentence."])
+    return EvalSet("toy", pairs, metric), sets, probe
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """One 2-process gloo torchrun of attribution, patching and evaluation (launched once: ~15 s)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from interp.attribution import AttributionResult, attribute
-
     root = Path(__file__).parents[2]
-    script = tmp_path / "dp.py"
+    tmp = tmp_path_factory.mktemp("dp")
+    script = tmp / "dp.py"
     script.write_text(DATA_PARALLEL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path / "out")],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), str(tmp / "out")],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    parallel = AttributionResult.load(tmp_path / "out")
+    return [tmp / "out" / f"rank{r}" for r in range(2)]
+
+
+def test_two_process_gloo_attribution_equals_single_process(tiny_model, two_process_run):
+    from interp.attribution import AttributionResult, attribute
+
     clean, corrupt, metric = pairs_and_metric(tiny_model)
     single = attribute(tiny_model, clean, corrupt, metric, batch_size=3, per_prompt=True)
-    for kind in ("neuron", "head"):
-        torch.testing.assert_close(parallel.scores[kind], single.scores[kind], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(parallel.per_prompt[kind], single.per_prompt[kind], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(parallel.metric_clean, single.metric_clean)
-    assert parallel.n_prompts == single.n_prompts == 10
+    for out in two_process_run:
+        parallel = AttributionResult.load(out / "attribution")
+        for kind in ("neuron", "head"):
+            torch.testing.assert_close(parallel.scores[kind], single.scores[kind], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(parallel.per_prompt[kind], single.per_prompt[kind], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(parallel.metric_clean, single.metric_clean)
+        assert parallel.n_prompts == single.n_prompts == 10
+
+
+def test_two_process_gloo_patch_sweep_equals_single_process(tiny_model, two_process_run):
+    from interp.patching import PatchingResult, patch_sweep
+
+    clean, corrupt, metric = pairs_and_metric(tiny_model)
+    single = patch_sweep(tiny_model, clean, corrupt, metric, patch_variants(), max_batch_rows=4)
+    for out in two_process_run:
+        parallel = PatchingResult.load(out / "patching")
+        assert parallel.values.shape == (5, 10) and parallel.variants == single.variants
+        torch.testing.assert_close(parallel.values.float(), single.values, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(parallel.baseline.float(), single.baseline, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(parallel.source_values.float(), single.source_values, rtol=1e-4, atol=1e-5)
+    assert (single.effects.abs() > 1e-3).any()  # the variants do move the metric
+
+
+def test_two_process_gloo_evaluation_equals_single_process(tiny_model, two_process_run):
+    import pandas as pd
+
+    from circuits.evaluation import Evaluation, evaluate, paired_values
+
+    eval_set, sets, probe = eval_inputs(tiny_model)
+    a, b = paired_values(tiny_model, eval_set, batch_size=3)
+    frame = evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=3, progress=False).frame
+    for out in two_process_run:
+        paired = torch.load(out / "paired.pt")
+        assert paired["a"].shape == paired["b"].shape == (10,)
+        torch.testing.assert_close(paired["a"], a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(paired["b"], b, rtol=1e-4, atol=1e-5)
+        parallel = Evaluation.load(out / "evaluation").frame
+        assert parallel["set"].tolist() == ["none", "heads", "neuron"] and (parallel["n_pairs"] == 10).all()
+        pd.testing.assert_frame_equal(parallel, frame, rtol=1e-4, atol=1e-5)
+
+
+def test_local_items_partition_the_sweep_in_order():
+    from interp.distributed import Shard
+    from interp.patching import _local_items
+
+    by_layer = {0: [(0, p) for p in range(3)], 2: [(v, p) for v in (1, 2) for p in range(3)]}
+    flat = [(layer, item) for layer, items in by_layer.items() for item in items]
+    for world in (1, 2, 4, 12):
+        parts = [_local_items(by_layer, Shard(r, world)) for r in range(world)]
+        joined = [(layer, item) for part in parts for layer, items in part.items() for item in items]
+        assert joined == flat
+        assert max(sum(map(len, p.values())) for p in parts) - min(sum(map(len, p.values())) for p in parts) <= 1
 
 
 def test_attribution_survives_simulated_out_of_memory(tiny_model, monkeypatch):

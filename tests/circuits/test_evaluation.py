@@ -1,0 +1,52 @@
+import warnings
+
+import torch
+
+from circuits import evaluation
+from tests.interp.test_distributed import eval_inputs
+
+
+def test_paired_values_survive_simulated_out_of_memory(tiny_model, monkeypatch):
+    eval_set, _, _ = eval_inputs(tiny_model)
+    reference = evaluation.paired_values(tiny_model, eval_set, batch_size=8)
+    real_run_metric = evaluation.run_metric
+    seen = []
+
+    def small_memory(model, metric, batch, **kwargs):
+        seen.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_run_metric(model, metric, batch, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_metric", small_memory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shrunk = evaluation.paired_values(tiny_model, eval_set, batch_size=8)
+    assert sum("out of memory" in str(w.message) for w in caught) == 1
+    assert seen[:3] == [8, 4, 2] and max(seen[3:]) <= 2  # halved until it fit, then kept small
+    for got, want in zip(shrunk, reference):
+        assert got.shape == (10,)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_survives_simulated_out_of_memory(tiny_model, monkeypatch):
+    import pandas as pd
+
+    eval_set, sets, probe = eval_inputs(tiny_model)
+    reference = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, progress=False)
+    real_run_metric = evaluation.run_metric
+    seen = []
+
+    def small_memory(model, metric, batch, **kwargs):
+        seen.append(len(batch))
+        if len(batch) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run_metric(model, metric, batch, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_metric", small_memory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shrunk = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, progress=False)
+    assert sum("out of memory" in str(w.message) for w in caught) == 1  # said once over every set
+    assert seen[:2] == [8, 4] and max(seen[2:]) <= 2  # the smaller size carries over to later sets
+    pd.testing.assert_frame_equal(shrunk.frame, reference.frame, rtol=1e-4, atol=1e-5)
