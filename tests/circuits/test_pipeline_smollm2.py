@@ -1,0 +1,51 @@
+"""Issue #5 on the embedded model: score two contexts, prune top-k neurons and heads, generalize, overlap."""
+import numpy as np
+import pytest
+
+from circuits.analysis import overlap_tables
+from circuits.config import StudyConfig
+from circuits.evaluation import UtilityProbe, neutral_texts
+from circuits.generalization import generalize
+from circuits.scoring import score_context
+from circuits.study import Study
+
+
+@pytest.mark.slow
+def test_scores_pruning_generalization_and_overlap_on_smollm2(smollm2, tmp_path):
+    config = StudyConfig(
+        contexts=("lending_amount", "commerce_buy"),
+        variations=3,
+        names_per_cell=1,
+        max_pairs_per_cell=1,
+        strategies=("top_k_neurons", "top_k_heads", "common"),
+        neuron_ks=(20,),
+        head_ks=(3,),
+        overlap_k=50,
+        n_null=20,
+        out_dir=str(tmp_path / "study"),
+        progress=False,
+    )
+    study = Study(config)
+    study.model = smollm2
+    splits = study.splits(study.prompts())
+    scores = {ctx: score_context(smollm2, s.train, batch_size=8, per_prompt=True, progress=False) for ctx, s in splits.items()}
+    for s in scores.values():
+        assert all(np.isfinite(t.numpy()).all() for t in s.scores.values())
+    candidates = study.candidates(scores, {}, None)
+    assert {c.strategy for c in candidates} == {"top_k_neurons", "top_k_heads", "common_neurons", "common_heads"}
+    probe = UtilityProbe.build(smollm2, neutral_texts()[:2])
+    result = generalize(smollm2, candidates, splits, probe=probe, batch_size=8, progress=False)
+
+    matrix = result.matrix()
+    pairs = {(row.train_context, row.eval_context) for row in matrix.itertuples()}
+    assert {("lending_amount", "commerce_buy"), ("commerce_buy", "lending_amount")} <= pairs  # L2 cells
+    assert {("lending_amount", "lending_amount"), ("commerce_buy", "commerce_buy")} <= pairs  # L1 cells
+    assert np.isfinite(matrix["reduction"]).all()
+    assert np.isfinite(result.frame[["gap", "kl"]].to_numpy(dtype=float)).all()
+
+    tables = overlap_tables(scores, result, k=50, n_null=20, seed=0, out_dir=tmp_path)
+    pairwise = tables["pairwise"]
+    assert len(pairwise) and np.isfinite(pairwise["value"]).all()
+    across = pairwise[(pairwise["context_a"] != pairwise["context_b"]) & (pairwise["stat"] == "jaccard")]
+    assert len(across) and np.isfinite(across[["null_mean", "null_low", "null_high", "p_value"]].to_numpy()).all()
+    assert len(tables["jaccard_curves"]) and len(tables["shared_specific"])
