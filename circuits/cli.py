@@ -122,6 +122,88 @@ def _run_audit(args) -> int:
     return 0
 
 
+def _add_agreement(subparsers) -> None:
+    from circuits.config import StudyConfig
+    from circuits.contexts import CONTEXTS, DETAILS
+
+    parser = subparsers.add_parser(
+        "agreement",
+        help="compare the deterministic metric with sampled answers, per context",
+        description=(
+            "Check the deterministic metric against the papers' sampled one on the same prompts. Every "
+            "prompt gets its expected answer over the context's candidate grid and --samples sampled replies "
+            "at --temperature, parsed as numbers (yes = 1, no = 0; unparsable replies count as invalid). "
+            "Per context it reports both White-minus-Black gaps with name x variation cluster-bootstrap "
+            "intervals, the sampled SMD and Mann-Whitney p-value, the invalid-answer share, Spearman and "
+            "Pearson correlations between each prompt's expected answer and the mean of its valid samples, "
+            "whether the two gaps have the same sign, and the ratio of the mean sampled to the mean expected "
+            "answer. Prompts are the study's "
+            "selection (--variations per context, --names-per-cell per name split). Writes agreement.parquet "
+            "(per context), prompts.parquet (per prompt), samples.parquet (every reply) and settings.json."
+        ),
+        epilog=f"Contexts: {', '.join(CONTEXTS)}. Sampling runs one full forward per new token: on a CPU, "
+        "bound the cost with --max-prompts, --samples and --max-new-tokens.",
+    )
+    parser.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--contexts", nargs="+", metavar="NAME", default=list(StudyConfig.contexts),
+                        help=f"contexts to compare (default: {' '.join(StudyConfig.contexts)})")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for the results")
+    parser.add_argument("--samples", type=int, default=10, metavar="N", help="sampled replies per prompt (default 10)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0)")
+    parser.add_argument("--max-new-tokens", type=int, default=12, metavar="N",
+                        help="longest reply in tokens (default 12)")
+    parser.add_argument("--details", nargs="+", choices=DETAILS, default=["low"], help="detail levels (default low)")
+    parser.add_argument("--variations", type=int, default=3, metavar="N", help="variations per context (default 3)")
+    parser.add_argument("--names-per-cell", type=int, default=2, metavar="N",
+                        help="names per race x gender cell in each name split (default 2: 16 names)")
+    parser.add_argument("--max-prompts", type=int, default=None, metavar="N",
+                        help="at most N prompts per context, one per name first, balanced over race x gender "
+                        "(seeded; default: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="model rows per forward pass (default 16)")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap and permutation resamples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run_agreement(args) -> int:
+    from circuits.agreement import run_agreement
+    from circuits.contexts import get_context
+    from interp import DEFAULT_MODEL, load_model
+
+    for name in args.contexts:
+        get_context(name)  # an unknown name fails before the model loads
+    for flag in ("samples", "max_new_tokens", "variations", "names_per_cell", "max_prompts", "batch_size",
+                 "resamples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise BadInput(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.temperature < 0:
+        raise BadInput("--temperature must be at least 0 (0 = greedy)")
+    model = load_model(args.model or DEFAULT_MODEL, device=args.device)
+    result = run_agreement(
+        model,
+        list(dict.fromkeys(args.contexts)),
+        details=args.details,
+        variations=args.variations,
+        names_per_cell=args.names_per_cell,
+        max_prompts=args.max_prompts,
+        n_samples=args.samples,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        n_resamples=args.resamples,
+        seed=args.seed,
+        progress=not args.no_progress,
+        out_dir=args.out,
+    )
+    columns = ["context", "n_prompts", "det_gap", "det_ci_low", "det_ci_high", "sampled_gap", "sampled_ci_low",
+               "sampled_ci_high", "sampled_p_mann_whitney", "invalid_share", "spearman_rho", "pearson_r",
+               "sign_agrees"]
+    print(result.to_dataframe()[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _add_study(subparsers) -> None:
     parser = subparsers.add_parser(
         "study",
@@ -266,6 +348,7 @@ def _run_report(args) -> int:
 
 SUBCOMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "audit": (_add_audit, _run_audit),
+    "agreement": (_add_agreement, _run_agreement),
     "study": (_add_study, _run_study),
     "attribute": (_add_attribute, _run_attribute),
     "prune": (_add_prune, _run_prune),

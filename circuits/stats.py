@@ -71,6 +71,27 @@ def mann_whitney(a, b) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
+def correlation(x, y, method: Literal["spearman", "pearson"] = "spearman") -> tuple[float, float]:
+    """Correlation of paired ``x`` and ``y`` (Spearman's rho or Pearson's r) and its two-sided p-value.
+
+    Pairs with a NaN on either side are dropped. NaN (with a warning) under 3 pairs or when a side
+    is constant.
+    """
+    if method not in ("spearman", "pearson"):
+        raise ValueError(f"method must be 'spearman' or 'pearson', got {method!r}")
+    x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x_arr.ndim != 1 or x_arr.shape != y_arr.shape:
+        raise ValueError(f"x and y must be paired 1-d values, got shapes {x_arr.shape} and {y_arr.shape}")
+    keep = ~(np.isnan(x_arr) | np.isnan(y_arr))
+    x_arr, y_arr = _finite(x_arr[keep], "x"), _finite(y_arr[keep], "y")
+    if len(x_arr) < 3 or np.ptp(x_arr) == 0 or np.ptp(y_arr) == 0:
+        nan = _undefined(f"a {method} correlation needs at least 3 pairs and no constant side; "
+                         f"got {len(x_arr)} pairs")
+        return nan, nan
+    result = (stats.spearmanr if method == "spearman" else stats.pearsonr)(x_arr, y_arr)
+    return float(result.statistic), float(result.pvalue)
+
+
 def bootstrap_ci(
     data: tuple,
     statistic: Callable[..., float],
@@ -240,6 +261,7 @@ __all__ = [
     "UndefinedStatisticWarning",
     "bootstrap_ci",
     "cluster_bootstrap",
+    "correlation",
     "mann_whitney",
     "permutation_pvalue",
     "smd",

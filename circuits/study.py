@@ -62,6 +62,28 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
+def study_prompts(
+    model, contexts, *, details=("low",), variations: int | None = 3, names_per_cell: int = 2, seed: int = 0
+) -> PromptSet:
+    """The study's prompts: ``names_per_cell`` names per group x gender cell from each name split, and
+    per context ``variations`` variations (None = all) of which about a third are held out."""
+    prompts = build_prompts(model, list(contexts), details=list(details), seed=seed)
+    frame = prompts.frame
+    names = [n for split in ("train", "heldout")
+             for n in sample_names(frame[frame["name_split"] == split], names_per_cell, seed=seed)]
+    prompts = prompts.filter(name=names)
+    if variations is None:
+        return prompts
+    keep = set()
+    n_held = max(1, round(variations / 3))
+    frame = prompts.frame
+    for ctx, rows in frame.groupby("context", sort=False):
+        for split, n in (("heldout", n_held), ("train", variations - n_held)):
+            keep |= {(ctx, v) for v in list(dict.fromkeys(rows.loc[rows["variation_split"] == split, "variation"]))[:n]}
+    chosen = [(ctx, v) in keep for ctx, v in zip(frame["context"], frame["variation"])]
+    return prompts.filter(prompt_id=list(frame.loc[chosen, "prompt_id"]))
+
+
 @dataclass
 class StudyRun:
     """What a study produced: the output directory, its stages and the report path."""
@@ -120,21 +142,8 @@ class Study:
     # -- prompts ---------------------------------------------------------------------------
     def prompts(self) -> PromptSet:
         c = self.config
-        prompts = build_prompts(self.model, list(c.contexts), details=list(c.details), seed=c.seed)
-        frame = prompts.frame
-        names = [n for split in ("train", "heldout")
-                 for n in sample_names(frame[frame["name_split"] == split], c.names_per_cell, seed=c.seed)]
-        prompts = prompts.filter(name=names)
-        if c.variations is None:
-            return prompts
-        keep = set()  # per context, about a third of the chosen variations are held out
-        n_held = max(1, round(c.variations / 3))
-        frame = prompts.frame
-        for ctx, rows in frame.groupby("context", sort=False):
-            for split, n in (("heldout", n_held), ("train", c.variations - n_held)):
-                keep |= {(ctx, v) for v in list(dict.fromkeys(rows.loc[rows["variation_split"] == split, "variation"]))[:n]}
-        chosen = [(ctx, v) in keep for ctx, v in zip(frame["context"], frame["variation"])]
-        return prompts.filter(prompt_id=list(frame.loc[chosen, "prompt_id"]))
+        return study_prompts(self.model, c.contexts, details=c.details, variations=c.variations,
+                             names_per_cell=c.names_per_cell, seed=c.seed)
 
     def splits(self, prompts: PromptSet) -> dict[str, ContextSplits]:
         c = self.config

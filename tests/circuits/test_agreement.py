@@ -1,0 +1,162 @@
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from circuits.agreement import Agreement, cap_prompts, compare, grid_value, read_reply, run_agreement
+from circuits.cli import build_parser, main
+from circuits.contexts import AnswerGrid
+from circuits.prompts import build_prompts
+from circuits.stats import UndefinedStatisticWarning, correlation
+from interp.testing import tiny_model_dir
+
+SETTINGS = {"max_prompts": 4, "n_samples": 2, "max_new_tokens": 2, "n_resamples": 50, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def agreement(tiny_model):
+    return run_agreement(tiny_model, ["chess", "lending_approval"], **SETTINGS)
+
+
+def _constructed(expected, sampled, groups):
+    """Per-prompt and per-sample tables of one context from known values (rows of ``sampled``); a
+    sample is on the grid when its value is a multiple of 10, and every grid mass is 0.25."""
+    prompts = pd.DataFrame({
+        "prompt_id": [f"p{i}" for i in range(len(expected))], "context": "c", "variation": "v", "detail": "low",
+        "name": [f"{g}{i}" for i, g in enumerate(groups)], "group": groups, "gender": "man",
+        "answer_type": "dollars", "sign": 1, "expected": expected, "grid_mass": 0.25,
+    })
+    samples = pd.DataFrame([{"prompt_id": f"p{i}", "sample": s, "value": v, "grid_value": v if v % 10 == 0 else np.nan}
+                            for i, row in enumerate(sampled) for s, v in enumerate(row)])
+    return prompts, samples
+
+
+def test_compare_on_known_values():
+    expected = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    sampled = [[12, np.nan], [18, 22], [np.nan, np.nan], [45, 35], [70, 50], [58, np.nan]]
+    groups = ["White", "Black", "White", "Black", "White", "Black"]
+    prompts, samples = _constructed(expected, sampled, groups)
+    row = compare(prompts, samples, n_resamples=50).iloc[0]
+    means = np.array([12, 20, 40, 60, 58])  # prompt p2 has no valid sample and drops out
+    paired = np.array([10, 20, 40, 50, 60])
+    assert row["invalid_share"] == pytest.approx(4 / 12)
+    assert row["n_prompts"] == 6 and row["n_correlated"] == 5 and row["samples_per_prompt"] == 2
+    assert row["spearman_rho"] == pytest.approx(stats.spearmanr(paired, means).statistic)
+    assert row["pearson_r"] == pytest.approx(stats.pearsonr(paired, means).statistic)
+    assert row["mean_abs_difference"] == pytest.approx(np.abs(paired - means).mean())
+    assert row["scale_ratio"] == pytest.approx(means.mean() / paired.mean())
+    assert row["median_sampled"] == 40  # of every valid sample
+    assert row["det_gap"] == pytest.approx(30 - 40)
+    assert row["sampled_gap"] == pytest.approx(np.mean([12, 70, 50]) - np.mean([18, 22, 45, 35, 58]))
+    white, black = [12, 70, 50], [18, 22, 45, 35, 58]
+    assert row["sampled_p_mann_whitney"] == pytest.approx(stats.mannwhitneyu(white, black).pvalue)
+    assert row["sampled_auc"] == pytest.approx(stats.mannwhitneyu(white, black).statistic / 15)
+    assert row["grid_share_sampled"] == pytest.approx(2 / 12) and row["grid_mean_sampled"] == 60  # 70 and 50
+    assert row["mean_grid_mass"] == 0.25
+    assert row["det_ci_low"] <= row["det_gap"] <= row["det_ci_high"]
+    assert not row["sign_agrees"]
+
+
+def test_sign_agreement_and_missing_sampled_gap():
+    groups = ["White", "White", "Black", "Black"]
+    prompts, samples = _constructed([5.0, 6.0, 1.0, 2.0], [[9, 8], [7, 9], [1, 2], [3, 1]], groups)
+    assert bool(compare(prompts, samples, n_resamples=20)["sign_agrees"].iloc[0])
+    prompts, samples = _constructed([5.0, 6.0, 1.0, 2.0], [[9, 8], [7, 9], [np.nan] * 2, [np.nan] * 2], groups)
+    with pytest.warns(UserWarning, match="no race gap"):
+        row = compare(prompts, samples, n_resamples=20).iloc[0]
+    assert np.isnan(row["sampled_gap"]) and pd.isna(row["sign_agrees"]) and row["invalid_share"] == 0.5
+
+
+def test_correlation_drops_nan_pairs_and_is_nan_when_undefined():
+    rho, _ = correlation([1, 2, np.nan, 4], [1, 3, 5, np.nan])
+    assert np.isnan(rho)  # only 2 complete pairs left
+    with pytest.warns(UndefinedStatisticWarning, match="constant"):
+        assert np.isnan(correlation([1, 2, 3], [4, 4, 4], "pearson")[0])
+    r, p = correlation([1, 2, 3, 4], [2, 4, 5, 9], "pearson")
+    assert (r, p) == pytest.approx(tuple(stats.pearsonr([1, 2, 3, 4], [2, 4, 5, 9])))
+    with pytest.raises(ValueError, match="spearman"):
+        correlation([1, 2, 3], [1, 2, 3], "kendall")
+
+
+@pytest.mark.parametrize("prefix,text,answer_type,value", [
+    ("Probability of winning: 0.", "35", "number", 0.35),
+    ("Probability of winning: 0.", " Orbit", "number", np.nan),  # the prefix's digits alone are no answer
+    ("Recommended loan amount: $", "12,500 for the kitchen", "number", 12500),
+    ("Chance of winning: ", "40%", "number", 40),
+    ("Decision:", " No.", "yes_no", 0),
+])
+def test_read_reply_reads_after_the_prefix(prefix, text, answer_type, value):
+    np.testing.assert_equal(read_reply(prefix, text, answer_type), value)
+
+
+def test_grid_value_reads_the_candidate_a_reply_starts_with():
+    grid = AnswerGrid.numbers((5000, 10000))
+    assert [grid_value(t, grid) for t in ("5,000", "10,000 dollars")] == [5000, 10000]
+    assert np.isnan(grid_value("50,000", grid)) and np.isnan(grid_value(" 5,000", grid))
+    ranks = AnswerGrid.numbers((1, 10), terminated=True)
+    assert grid_value("10", ranks) == 10 and np.isnan(grid_value("100", ranks))
+
+
+def test_cap_prompts_balances_cells_and_names(tiny_model):
+    prompts = build_prompts(tiny_model, ["chess", "sports"], details=["low"])
+    capped = cap_prompts(prompts, 8, seed=3)
+    frame = capped.frame
+    assert frame.groupby("context").size().tolist() == [8, 8]
+    assert (frame.groupby(["context", "group", "gender"]).size() == 2).all()
+    assert not frame.duplicated(["context", "name"]).any()
+    assert capped.frame.equals(cap_prompts(prompts, 8, seed=3).frame)
+
+
+def test_frames_are_well_formed(agreement):
+    table, per_prompt = agreement.to_dataframe(), agreement.prompts_frame()
+    assert table["context"].tolist() == ["chess", "lending_approval"]
+    assert (table["n_prompts"] == 4).all() and (table["samples_per_prompt"] == 2).all()
+    assert len(per_prompt) == 8 and (per_prompt["n_samples"] == 2).all()
+    assert per_prompt["expected"].between(0, 1).all() and per_prompt["expected"].notna().all()
+    assert len(agreement.samples) == 16 and set(agreement.samples["prompt_id"]) == set(per_prompt["prompt_id"])
+    for context, row in table.set_index("context").iterrows():
+        values = agreement.samples.loc[agreement.samples["prompt_id"].str.startswith(context + "|"), "value"]
+        assert row["invalid_share"] == pytest.approx(values.isna().mean())
+    assert np.isfinite(table["det_gap"]).all()
+    assert table["det_ci_low"].le(table["det_gap"]).all() and table["det_gap"].le(table["det_ci_high"]).all()
+
+
+def test_save_and_load_round_trip(agreement, tmp_path):
+    loaded = Agreement.load(agreement.save(tmp_path / "a"))
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), agreement.to_dataframe())
+    pd.testing.assert_frame_equal(loaded.samples, agreement.samples)
+    assert loaded.settings == agreement.settings
+    with pytest.raises(FileNotFoundError, match="not a saved Agreement"):
+        Agreement.load(tmp_path / "missing")
+
+
+def test_cli_is_deterministic_and_each_context_stands_alone(agreement, tmp_path, capsys):
+    """The CLI on chess alone repeats, sample for sample, the chess rows of the two-context run."""
+    out = tmp_path / "cli"
+    code = main(["agreement", "--model", str(tiny_model_dir()), "--device", "cpu", "--contexts", "chess",
+                 "--max-prompts", "4", "--samples", "2", "--max-new-tokens", "2", "--resamples", "50",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0 and "chess" in capsys.readouterr().out
+    loaded = Agreement.load(out)
+    chess = agreement.samples[agreement.samples["prompt_id"].str.startswith("chess|")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(loaded.samples, chess)
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), agreement.to_dataframe().iloc[:1])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--contexts", "poker"], "unknown context 'poker'"),
+    (["--samples", "0"], "--samples must be at least 1"),
+    (["--max-prompts", "0"], "--max-prompts must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be at least 0"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = main(["agreement", "--out", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_cli_help_explains_agreement(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["agreement", "--help"])
+    text = capsys.readouterr().out
+    assert "Spearman" in text and "--max-prompts" in text and "lending_amount" in text
