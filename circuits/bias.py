@@ -54,8 +54,9 @@ def answer_candidates(
 def context_metric(model, context: str | Context, *, prompts: PromptSet | None = None) -> ExpectedValue:
     """The differentiable per-prompt metric of a context: the expected answer over its grid.
 
-    An ``interp.metrics`` Metric: run the model on ``metric.expand(batch)`` and call the metric on
-    the logits. ``prompts`` supplies the answer format of imported contexts and the chat setting.
+    An ``interp.metrics`` Metric: run the model on ``expanded = metric.expand(batch)`` as
+    ``model(expanded.tokens, **expanded.forward_kwargs())`` (the keywords carry the packed layout)
+    and call the metric on the logits, or use ``interp.metrics.run_metric``. ``prompts`` supplies the answer format of imported contexts and the chat setting.
     """
     if prompts is not None and (context if isinstance(context, str) else context.name) in prompts.answers:
         name = context if isinstance(context, str) else context.name

@@ -114,7 +114,7 @@ def test_context_metric_is_differentiable_and_matches_measure(tiny_model, small)
     expanded = metric.expand(batch)
     tiny_model.zero_grad()
     with torch.enable_grad():
-        out = metric(tiny_model(expanded.tokens), expanded)
+        out = metric(tiny_model(expanded.tokens, **expanded.forward_kwargs()), expanded)
         out.sum().backward()
     assert out.shape == (len(subset),) and out.requires_grad
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.parameters())
