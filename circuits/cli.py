@@ -18,6 +18,14 @@ class BadInput(ValueError):
     """A user error the CLI reports in one line."""
 
 
+def _add_run_options(parser) -> None:
+    """The options every measuring subcommand shares."""
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap and permutation resamples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def _add_audit(subparsers) -> None:
     from circuits.contexts import CONTEXTS, DETAILS
 
@@ -73,10 +81,7 @@ def _add_audit(subparsers) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=32, help="model rows per forward pass (default: 32)"
     )
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap and permutation resamples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_run_options(parser)
 
 
 def _run_audit(args) -> int:
@@ -160,10 +165,7 @@ def _add_agreement(subparsers) -> None:
                         help="at most N prompts per context, one per name first, balanced over race x gender "
                         "(seeded; default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="model rows per forward pass (default 16)")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap and permutation resamples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_run_options(parser)
 
 
 def _run_agreement(args) -> int:
