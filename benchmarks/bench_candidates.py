@@ -57,8 +57,8 @@ def main(argv=None) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
         t_packed, t_rows = [], []
         for _ in range(repeats):
-            t_packed.append(timed(lambda: run(packed), args.device)[1])
-            t_rows.append(timed(lambda: run(rows), args.device)[1])
+            t_packed.append(timed(lambda run=run: run(packed), args.device)[1])
+            t_rows.append(timed(lambda run=run: run(rows), args.device)[1])
         ratios[what] = statistics.median(t_rows) / statistics.median(t_packed)
         print(f"{what}: packed {statistics.median(t_packed):.2f}s, row per candidate "
               f"{statistics.median(t_rows):.2f}s, speed-up {ratios[what]:.2f}x")
