@@ -47,6 +47,16 @@ class TokenBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
 
+    def take(self, rows: Int[Tensor, "row"]) -> "TokenBatch":
+        """``rows`` of this batch (any subclass), every per-row field indexed, the width kept."""
+        n = len(self)
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
+                changes[f.name] = value[rows.to(value.device)]
+        return replace(self, **changes)
+
     def select(self, index: slice | Tensor | Sequence[int]) -> "TokenBatch":
         """The rows at ``index`` (slice, row numbers or boolean mask), trimmed to their longest prompt."""
         if not isinstance(index, slice):

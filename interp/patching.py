@@ -38,7 +38,7 @@ import inspect
 import json
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
 
@@ -260,17 +260,6 @@ def _check_aligned(target: TokenBatch, source: TokenBatch) -> None:
         )
 
 
-def _take_rows(batch: TokenBatch, rows: Int[Tensor, "row"]) -> TokenBatch:
-    """``rows`` of any TokenBatch subclass, every per-row field indexed, the width kept."""
-    n = len(batch)
-    changes = {}
-    for f in fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
-            changes[f.name] = value[rows.to(value.device)]
-    return replace(batch, **changes)
-
-
 def _evaluate(metric: Metric, logits: Tensor, batch: TokenBatch, n_prompts: int) -> Float[Tensor, "prompt"]:
     out = metric(logits, batch)
     if not isinstance(out, Tensor) or out.shape != (n_prompts,):
@@ -449,7 +438,7 @@ def _resume(
 ) -> Tensor:
     """Logits of ``batch``'s ``rows`` from ``residual`` entering block ``layer`` (after the prefix, if
     any), lower blocks skipped."""
-    layout = _take_rows(batch, rows).forward_kwargs(offset=prefix.length)
+    layout = batch.take(rows).forward_kwargs(offset=prefix.length)
     kwargs = reader.kwargs(offset=prefix.length) | prefix.kwargs(rows) | layout
     with (
         _blocks_skipped_below(model, layer),
@@ -489,7 +478,7 @@ def _checked_prefix(
             stacklevel=3,
         )
         return _Prefix()
-    got = _evaluate(metric, logits, reader.renumber(_take_rows(batch, sample_rows)), n_prompts)
+    got = _evaluate(metric, logits, reader.renumber(batch.take(sample_rows)), n_prompts)
     tolerance = 1e-3 if model.cfg.dtype == torch.float32 else 5e-2
     if not torch.allclose(got, baseline[:n_prompts], rtol=tolerance, atol=tolerance):
         warnings.warn(
@@ -538,7 +527,7 @@ def _run_unpatched(
     n_prompts = len(batch) // rows_per_prompt
     with hooked(model, [keep(name) for name in capture]):
         for prompts in microbatches(n_prompts, max(1, rows // rows_per_prompt)):
-            part = _take_rows(batch, _expanded_rows(prompts, rows_per_prompt, batch.tokens.device))
+            part = batch.take(_expanded_rows(prompts, rows_per_prompt, batch.tokens.device))
             logits = model(part.tokens, **reader.kwargs(), **part.forward_kwargs())
             values.append(_evaluate(metric, logits, reader.renumber(part), prompts.stop - prompts.start))
     return {name: torch.cat(p) for name, p in pieces.items()}, torch.cat(values)
@@ -724,7 +713,7 @@ def patch_sweep(
                 with hooked(model, hooks):
                     residual = residuals[layer][own_rows, prefix.length :]
                     logits = _resume(model, residual, layer, run_target, own_rows, reader, prefix)
-                batch = reader.renumber(_take_rows(run_target, own_rows))
+                batch = reader.renumber(run_target.take(own_rows))
                 values[variant_idx, prompt_idx] = _evaluate(metric, logits, batch, len(part))
                 bar.update(len(part))
 

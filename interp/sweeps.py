@@ -18,7 +18,7 @@ from interp.batching import TokenBatch
 from interp.components import Component, ComponentSet, ComponentShape
 from interp.hooks import HookSpec, hooked
 from interp.memory import backoff_batches
-from interp.patching import _blocks_skipped_below, _take_rows
+from interp.patching import _blocks_skipped_below
 
 Score = Callable[[Float[Tensor, "row pos vocab"], Int[Tensor, "row"]], Float[Tensor, "row"]]
 
@@ -87,7 +87,7 @@ def ablation_sweep(
                 chosen = members[chunk]
                 variant_of_row = torch.arange(len(chosen)).repeat_interleave(n_prompts)
                 prompt_rows = torch.arange(n_prompts).repeat(len(chosen)).to(device)
-                rows = _take_rows(batch, prompt_rows)
+                rows = batch.take(prompt_rows)
                 hooks = _zeroing_hooks([sets[v] for v in chosen], variant_of_row, shape)
                 with hooked(model, hooks), _blocks_skipped_below(model, layer):
                     logits = model(residuals[layer][prompt_rows], start_at_layer=layer, **rows.forward_kwargs())

@@ -93,3 +93,13 @@ def test_padded_and_unpadded_scores_agree(tiny_model, packed):
 def test_padded_and_unpadded_scores_agree_smollm2(smollm2):
     prompts = ["I offer the seller", "For this used bicycle, my first offer in dollars is"]
     _padded_vs_alone(smollm2, prompts, [" 50", " 150", " 1,200"], [50, 150, 1200])
+
+
+def test_take_keeps_the_subclass_the_width_and_every_per_row_field(tiny_model):
+    grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" 5", " 50", " 1,000"], [5, 50, 1000])
+    packed = grid.expand(tokenize(tiny_model, PROMPTS))
+    rows = torch.tensor([2, 0])
+    taken = packed.take(rows)
+    assert type(taken) is type(packed) and taken.tokens.shape == (2, packed.tokens.shape[1])
+    for name in ("tokens", "attention_mask", "answer_pos", "position_ids", "key_mask", "read_pos"):
+        assert torch.equal(getattr(taken, name), getattr(packed, name)[rows])
