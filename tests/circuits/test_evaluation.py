@@ -6,19 +6,25 @@ from circuits import evaluation
 from tests.interp.test_distributed import eval_inputs
 
 
-def test_paired_values_survive_simulated_out_of_memory(tiny_model, monkeypatch):
-    eval_set, _, _ = eval_inputs(tiny_model)
-    reference = evaluation.paired_values(tiny_model, eval_set, batch_size=8)
+def _simulate_memory_limit(monkeypatch, max_rows: int) -> list[int]:
+    """Make evaluation's forwards of more than ``max_rows`` prompts raise out-of-memory; returns the sizes tried."""
     real_run_metric = evaluation.run_metric
     seen = []
 
     def small_memory(model, metric, batch, **kwargs):
         seen.append(len(batch))
-        if len(batch) > 2:
+        if len(batch) > max_rows:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real_run_metric(model, metric, batch, **kwargs)
 
     monkeypatch.setattr(evaluation, "run_metric", small_memory)
+    return seen
+
+
+def test_paired_values_survive_simulated_out_of_memory(tiny_model, monkeypatch):
+    eval_set, _, _ = eval_inputs(tiny_model)
+    reference = evaluation.paired_values(tiny_model, eval_set, batch_size=8)
+    seen = _simulate_memory_limit(monkeypatch, max_rows=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shrunk = evaluation.paired_values(tiny_model, eval_set, batch_size=8)
@@ -34,16 +40,7 @@ def test_evaluate_survives_simulated_out_of_memory(tiny_model, monkeypatch):
 
     eval_set, sets, probe = eval_inputs(tiny_model)
     reference = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, progress=False)
-    real_run_metric = evaluation.run_metric
-    seen = []
-
-    def small_memory(model, metric, batch, **kwargs):
-        seen.append(len(batch))
-        if len(batch) > 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_run_metric(model, metric, batch, **kwargs)
-
-    monkeypatch.setattr(evaluation, "run_metric", small_memory)
+    seen = _simulate_memory_limit(monkeypatch, max_rows=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shrunk = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, progress=False)
