@@ -68,7 +68,11 @@ def shared_specific_table(generalization: Generalization) -> pd.DataFrame:
             match = shared[(shared["k"] == k) & (shared["eval_context"] == ctx)]
             if len(match):
                 rows.append({"kind": kind, "k": k, "context": ctx, "full_reduction": row["reduction"],
+                             "full_low": row.get("reduction_low", float("nan")),
+                             "full_high": row.get("reduction_high", float("nan")),
                              "shared_reduction": float(match["reduction"].iloc[0]),
+                             "shared_low": float(match["reduction_low"].iloc[0]) if "reduction_low" in match else float("nan"),
+                             "shared_high": float(match["reduction_high"].iloc[0]) if "reduction_high" in match else float("nan"),
                              "n_shared": int(match["n_components"].iloc[0]), "n_full": int(row["n_components"])})
     table = pd.DataFrame(rows)
     if len(table):

@@ -9,6 +9,7 @@ that text's perplexity.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -142,9 +143,13 @@ def evaluate(
     means: Mapping[str, Tensor] | None = None,
     plan: Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 16,
+    seed: int = 0,
     progress: bool = True,
 ) -> Evaluation:
     """Ablate each component set in turn and measure evaluation sets plus utility.
+
+    ``reduction`` (1 - |gap| / |unablated gap|) comes with a 95% percentile interval from a paired
+    bootstrap over the evaluation set's pairs (``reduction_low``/``reduction_high``; seeded by ``seed``).
 
     The empty set (the unablated model) is measured once on every evaluation set as the
     baseline, under the label ``"none"``; reductions are relative to it. ``plan`` maps a set's
@@ -164,7 +169,7 @@ def evaluate(
     probe = probe or UtilityProbe.build(model)
     rows = []
     labelled = {"none": ComponentSet(), **sets}
-    baseline: dict[str, float] = {}
+    baseline: dict[str, Tensor] = {}  # per-pair differences of the unablated model
     backoff = Backoff(batch_size, what="evaluation batch")  # a size that ran out of memory is not retried
     for label, components in tqdm(labelled.items(), desc="evaluate", disable=not progress):
         with ablated(model, components, how, means=means):
@@ -175,8 +180,9 @@ def evaluate(
                 a, b = paired_values(model, es, backoff=backoff)
                 diff = a - b
                 gap = float(diff.mean())
-                baseline.setdefault(es.name, gap)
-                base = baseline[es.name]
+                base_diff = baseline.setdefault(es.name, diff)
+                base = float(base_diff.mean())
+                low, high = _reduction_interval(diff, base_diff, seed=seed) if label != "none" else (0.0, 0.0)
                 rows.append(
                     {
                         "set": label,
@@ -186,6 +192,8 @@ def evaluate(
                         "gap_se": float(diff.std() / max(1, len(diff)) ** 0.5) if len(diff) > 1 else float("nan"),
                         "baseline_gap": base,
                         "reduction": 1 - abs(gap) / abs(base) if base != 0 else float("nan"),
+                        "reduction_low": low,
+                        "reduction_high": high,
                         "mean_a": float(a.mean()),
                         "mean_b": float(b.mean()),
                         "n_pairs": len(diff),
@@ -194,6 +202,19 @@ def evaluate(
                 )
     settings = {"how": how, "sets": {k: len(v) for k, v in sets.items()}, "eval_sets": [e.name for e in eval_sets]}
     return Evaluation(pd.DataFrame(rows), settings)
+
+
+def _reduction_interval(diff: Tensor, base_diff: Tensor, *, seed: int) -> tuple[float, float]:
+    """Paired-bootstrap 95% interval of 1 - |mean(diff)| / |mean(base_diff)| over the pairs."""
+    from circuits.stats import bootstrap_ci
+
+    def reduction(d, b):
+        return 1 - abs(d.mean()) / abs(b.mean())
+
+    with warnings.catch_warnings():  # too few pairs (or a zero unablated gap) gives NaN, shown as such
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return bootstrap_ci((diff.cpu().numpy(), base_diff.cpu().numpy()), reduction, paired=True,
+                            n_resamples=1000, seed=seed)
 
 
 def head_utility(model, probe: UtilityProbe, *, n_texts: int = 10, progress: bool = True) -> Float[Tensor, "layer head"]:

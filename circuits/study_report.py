@@ -58,9 +58,11 @@ def _pruning_sections(gen: Generalization) -> list[Section]:
     sections = [Section(
         "Bias vs sparsity",
         "Absolute gap on each context's held-out variations (L1) after ablating the top-k components "
-        "found on its training split, per strategy; the dashed line is the unablated model.",
+        "found on its training split, per strategy; the dashed line is the unablated model. Reductions "
+        "carry 95% intervals from a paired bootstrap over the held-out pairs.",
         tables=[("Held-out (L1) results", own[["strategy", "k", "eval_context", "gap", "baseline_gap", "reduction",
-                                                "kl", "perplexity", "n_components"]].round(4))],
+                                                *[c for c in ("reduction_low", "reduction_high") if c in own],
+                                                "n_pairs", "kl", "perplexity", "n_components"]].round(4))],
         figures=[("bias_vs_sparsity", "Bias vs number of ablated components", plots.bias_vs_sparsity(curves))],
     )]
     matrix = gen.matrix()

@@ -77,6 +77,16 @@ def eval_inputs(model):
     return EvalSet("toy", pairs, metric), sets, probe
 
 
+def assert_evaluations_close(got, want) -> None:
+    """Evaluation frames equal to float tolerance; the bootstrap interval of a ratio amplifies float noise
+    from other batch layouts, so its columns get a looser relative tolerance."""
+    import pandas as pd
+
+    intervals = ["reduction_low", "reduction_high"]
+    pd.testing.assert_frame_equal(got.drop(columns=intervals), want.drop(columns=intervals), rtol=1e-4, atol=1e-5)
+    pd.testing.assert_frame_equal(got[intervals], want[intervals], rtol=1e-3, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """One 2-process gloo torchrun of attribution, patching and evaluation (launched once: ~15 s)."""
@@ -126,7 +136,6 @@ def test_two_process_gloo_patch_sweep_equals_single_process(tiny_model, two_proc
 
 
 def test_two_process_gloo_evaluation_equals_single_process(tiny_model, two_process_run):
-    import pandas as pd
 
     from circuits.evaluation import Evaluation, evaluate, paired_values
 
@@ -140,7 +149,7 @@ def test_two_process_gloo_evaluation_equals_single_process(tiny_model, two_proce
         torch.testing.assert_close(paired["b"], b, rtol=1e-4, atol=1e-5)
         parallel = Evaluation.load(out / "evaluation").frame
         assert parallel["set"].tolist() == ["none", "heads", "neuron"] and (parallel["n_pairs"] == 10).all()
-        pd.testing.assert_frame_equal(parallel, frame, rtol=1e-4, atol=1e-5)
+        assert_evaluations_close(parallel, frame)
 
 
 def test_local_items_partition_the_sweep_in_order():
