@@ -17,12 +17,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from circuits.audit import run_settings
 from circuits.bias import CONTRASTS, group_gaps, measure
 from circuits.config import StudyConfig
 from circuits.contexts import AnswerGrid
@@ -228,22 +228,10 @@ def run_agreement(
     samples = pd.concat(parts, ignore_index=True)
     per = measured[[*META, "value", "grid_mass"]].rename(columns={"value": "expected"})
     table = compare(per, samples, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    settings = {
-        "model": str(getattr(model, "model_id", type(model).__name__)),
-        "contexts": prompts.contexts,
-        "details": sorted(set(prompts.frame["detail"])),
-        "variations": variations,
-        "names_per_cell": names_per_cell,
-        "max_prompts": max_prompts,
-        "n_prompts": len(prompts),
-        "n_samples": n_samples,
-        "temperature": temperature,
-        "max_new_tokens": max_new_tokens,
-        "n_resamples": n_resamples,
-        "confidence": confidence,
-        "seed": seed,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    settings = run_settings(model, prompts, variations=variations, names_per_cell=names_per_cell,
+                            max_prompts=max_prompts, n_samples=n_samples, temperature=temperature,
+                            max_new_tokens=max_new_tokens, n_resamples=n_resamples, confidence=confidence,
+                            seed=seed)
     result = Agreement(table, per_prompt(per, samples), samples, settings)
     if out_dir is not None:
         result.save(out_dir)

@@ -44,6 +44,19 @@ class AuditResult:
         return cls(Measurement.load(out), gaps, settings)
 
 
+def run_settings(model, prompts: PromptSet, **extra) -> dict:
+    """The JSON settings of a run over ``prompts``: model, contexts, detail levels, prompt count,
+    time, and ``extra``."""
+    return {
+        "model": str(getattr(model, "model_id", type(model).__name__)),
+        "contexts": prompts.contexts,
+        "details": sorted(set(prompts.frame["detail"])),
+        "n_prompts": len(prompts),
+        **extra,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
 def run_audit(
     model,
     contexts: Sequence[str] | None = None,
@@ -79,17 +92,8 @@ def run_audit(
         prompts = prompts.sample(variations=variations, names_per_cell=names_per_cell, seed=seed)
     measurement = measure(model, prompts, batch_size=batch_size, progress=progress)
     gaps = group_gaps(measurement, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    settings = {
-        "model": str(getattr(model, "model_id", type(model).__name__)),
-        "contexts": prompts.contexts,
-        "details": sorted(set(prompts.frame["detail"])),
-        "variations": variations,
-        "names_per_cell": names_per_cell,
-        "n_prompts": len(prompts),
-        "n_names": int(prompts.frame["name"].nunique()),
-        "seed": seed,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    settings = run_settings(model, prompts, variations=variations, names_per_cell=names_per_cell,
+                            n_names=int(prompts.frame["name"].nunique()), seed=seed)
     result = AuditResult(measurement, gaps, settings)
     if out_dir is not None:
         result.save(out_dir)
