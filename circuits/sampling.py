@@ -1,10 +1,13 @@
 """Sampled answers, for parity with the papers' metric (parsed answers of sampled generations).
 
-Generation runs through the bridge's own forward (``model(tokens)``), one full forward per new
-token and no KV cache, so every hook attached around the call (an ablation context included) acts
-at every step. Each prompt is repeated ``n_samples`` times; rows are right-padded and each row
-samples at its own last position. Every (prompt, sample) row draws from its own generator, seeded
-from ``(seed, prompt index, sample index)``, so the samples do not depend on ``batch_size``.
+Generation needs no hooks of its own: it runs ``generate`` on the bridge's underlying Hugging Face
+model (``model.original_model``) with its KV cache, batched over left-padded prompts. Each batch
+holds a few prompts, each repeated for its samples: the prompts are read once (all but their last
+token, "prefill"), the cache is repeated per sample, and ``generate`` continues from it. Hooks
+attached to the bridge (an ablation context, say) still act, since the bridge's hook points wrap the
+Hugging Face modules. Sampling is plain: temperature scaling only, no top-k/top-p truncation.
+Each batch is seeded from ``(seed, first prompt, first sample)`` under a forked torch RNG, so the
+result is deterministic for given arguments (``batch_size`` included) and leaves the global RNG alone.
 
 A row stops at a special token (end of sequence / end of turn, not kept in the text), at the first
 newline after some non-blank text (the text is cut there), or after ``max_new_tokens`` tokens.
@@ -20,13 +23,14 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from circuits.parsing import parse_number, parse_yes_no
 from circuits.stats import mann_whitney, smd
-from interp.batching import encode, microbatches, pad_token_id
+from interp.batching import encode, pad_token_id
 
 AnswerType = Literal["number", "yes_no"]
 
@@ -115,67 +119,54 @@ class SampledAnswers:
         )
 
 
-def _row_generator(seed: int, prompt: int, sample: int, device: torch.device) -> torch.Generator:
+class _LineEnded(StoppingCriteria):
+    """Stops a row once its reply holds a newline after some non-blank text."""
+
+    def __init__(self, tokenizer, start: int):
+        self.tokenizer, self.start = tokenizer, start
+
+    def __call__(self, input_ids: Int[Tensor, "row pos"], scores, **kwargs) -> Bool[Tensor, "row"]:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+
+
+def reply_text(tokenizer, new_ids: Sequence[int], stop_ids: set[int]) -> str:
+    """The reply of one generated row: its tokens up to the first stop token, decoded, cut at the first
+    newline after some non-blank text."""
+    ids = list(new_ids)
+    end = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+    text = tokenizer.decode(ids[:end])
+    body = text.lstrip()
+    return text[: len(text) - len(body) + body.index("\n")] if "\n" in body else text
+
+
+def _batch_seed(seed: int, prompt: int, sample: int) -> int:
     state = np.random.SeedSequence([seed, prompt, sample]).generate_state(2, dtype=np.uint32)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return generator
-
-
-def _next_tokens(
-    last_logits: Float[Tensor, "row vocab"], temperature: float, generators: Sequence[torch.Generator]
-) -> Int[Tensor, "row"]:
-    if temperature == 0:
-        return last_logits.argmax(-1)
-    probs = torch.softmax(last_logits.float() / temperature, dim=-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    return int(state[0]) << 31 | int(state[1]) >> 1
 
 
 @torch.no_grad()
-def _generate_rows(
-    model,
-    prompt_ids: Sequence[list[int]],
-    generators: Sequence[torch.Generator],
-    *,
-    temperature: float,
-    max_new_tokens: int,
-    stop_ids: set[int],
-) -> list[str]:
-    """Sampled continuations of a microbatch of token-id prompts, one text per row."""
-    device = torch.device(model.cfg.device)
-    n_rows = len(prompt_ids)
-    lengths = torch.tensor([len(ids) for ids in prompt_ids], dtype=torch.long)
-    tokens = torch.full((n_rows, int(lengths.max()) + max_new_tokens), pad_token_id(model.tokenizer),
-                        dtype=torch.long)
-    for row, ids in enumerate(prompt_ids):
-        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    generated: list[list[int]] = [[] for _ in range(n_rows)]
-    texts = [""] * n_rows
-    active = list(range(n_rows))
-    for _ in range(max_new_tokens):
-        width = int(lengths[active].max())
-        logits = model(tokens[active, :width].to(device))
-        rows = torch.arange(len(active), device=logits.device)
-        last = logits[rows, (lengths[active] - 1).to(logits.device)]
-        chosen = _next_tokens(last, temperature, [generators[r] for r in active]).tolist()
-        still_active = []
-        for row, token in zip(active, chosen):
-            if token in stop_ids:
-                continue
-            generated[row].append(token)
-            tokens[row, lengths[row]] = token
-            lengths[row] += 1
-            text = model.tokenizer.decode(generated[row])
-            body = text.lstrip()
-            if "\n" in body:
-                texts[row] = text[: len(text) - len(body) + body.index("\n")]
-                continue
-            texts[row] = text
-            still_active.append(row)
-        active = still_active
-        if not active:
-            break
-    return texts
+def _generate_batch(
+    hf, prompt_ids: Sequence[list[int]], n_samples: int, *, pad_id: int, config: GenerationConfig,
+    stopping: StoppingCriteriaList | None = None,
+) -> Int[Tensor, "row new"]:
+    """``n_samples`` continuations of each prompt (rows prompt-major): prefill the left-padded prompts
+    once, repeat their cache per sample, then ``generate`` on."""
+    device = hf.device
+    width = max(len(ids) for ids in prompt_ids)
+    tokens = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in prompt_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+    kwargs = {}
+    if width > 1:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prefill = hf(input_ids=tokens[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                     use_cache=True)
+        prefill.past_key_values.batch_repeat_interleave(n_samples)
+        kwargs["cache"] = prefill.past_key_values
+    out = hf.generate(input_ids=tokens.repeat_interleave(n_samples, 0),
+                      attention_mask=mask.repeat_interleave(n_samples, 0), generation_config=config,
+                      stopping_criteria=stopping, **kwargs)
+    return out[:, width:].cpu()
 
 
 def sample_answers(
@@ -190,11 +181,12 @@ def sample_answers(
     answer_type: AnswerType = "number",
     progress: bool = True,
 ) -> SampledAnswers:
-    """Sample ``n_samples`` replies per prompt through the model's own forward and parse them.
+    """Sample ``n_samples`` replies per prompt with the KV-cached ``generate`` of the underlying model.
 
     ``prompts`` are fed verbatim (a chat template and an answer prefix included, if present); a BOS
     is prepended per the model's default. ``temperature=0`` is greedy decoding. ``batch_size``
-    counts rows (prompt x sample) per forward.
+    counts rows (prompt x sample) per ``generate`` call: ``batch_size // n_samples`` prompts with
+    all their samples, or one prompt's samples in chunks of ``batch_size``.
     """
     if isinstance(prompts, str) or not len(prompts):
         raise ValueError("prompts must be a non-empty sequence of strings (wrap a single prompt in a list)")
@@ -205,6 +197,10 @@ def sample_answers(
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if answer_type not in ("number", "yes_no"):
         raise ValueError(f"answer_type must be 'number' or 'yes_no', got {answer_type!r}")
+    hf = getattr(model, "original_model", None)
+    if hf is None or not hasattr(hf, "generate"):
+        raise ValueError(f"sampling needs the model's Hugging Face model as .original_model (a bridge from "
+                         f"interp.load_model); {type(model).__name__} has none")
     encoded = [encode(model, p) for p in prompts]
     longest = max(len(ids) for ids in encoded)
     n_ctx = getattr(model.cfg, "n_ctx", None)
@@ -213,20 +209,25 @@ def sample_answers(
                          f"exceeds the model's context of {n_ctx}; shorten the prompt or generate fewer tokens")
     tokenizer = model.tokenizer
     stop_ids = (set(tokenizer.all_special_ids) | {tokenizer.eos_token_id}) - {None}
-    device = torch.device(model.cfg.device)
-    grid = [(p, s) for p in range(len(prompts)) for s in range(n_samples)]
-    texts: list[str] = []
-    for part in tqdm(list(microbatches(len(grid), batch_size)), desc="sampling", disable=not progress):
-        rows = grid[part]
-        texts += _generate_rows(
-            model,
-            [encoded[p] for p, _ in rows],
-            [_row_generator(seed, p, s, device) for p, s in rows],
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            stop_ids=stop_ids,
-        )
-    by_prompt = [tuple(texts[p * n_samples:(p + 1) * n_samples]) for p in range(len(prompts))]
+    pad_id = pad_token_id(tokenizer)
+    config = GenerationConfig(
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=0, top_p=1.0,
+        max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids), pad_token_id=pad_id, use_cache=True)
+    per_batch, chunk = max(1, batch_size // n_samples), min(n_samples, batch_size)
+    batches = [(p, s) for p in range(0, len(prompts), per_batch) for s in range(0, n_samples, chunk)]
+    texts: list[list[str]] = [[] for _ in prompts]
+    device = torch.device(hf.device)
+    for p, s in tqdm(batches, desc="sampling", disable=not progress):
+        chosen = range(p, min(p + per_batch, len(prompts)))
+        n = min(chunk, n_samples - s)
+        stopping = StoppingCriteriaList([_LineEnded(tokenizer, max(len(encoded[i]) for i in chosen))])
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(_batch_seed(seed, p, s))
+            new = _generate_batch(hf, [encoded[i] for i in chosen], n, pad_id=pad_id, config=config,
+                                  stopping=stopping)
+        for row, ids in enumerate(new.tolist()):
+            texts[chosen[row // n]].append(reply_text(tokenizer, ids, stop_ids))
+    by_prompt = [tuple(row) for row in texts]
     values = np.array([[parse_answer(t, answer_type) for t in row] for row in by_prompt], dtype=float)
     settings = {
         "model": str(getattr(model.cfg, "model_name", "")), "n_samples": n_samples, "temperature": temperature,
@@ -280,4 +281,5 @@ def sampled_gap(values_a, values_b) -> SampledGap:
     )
 
 
-__all__ = ["AnswerType", "SampledAnswers", "SampledGap", "parse_answer", "sample_answers", "sampled_gap"]
+__all__ = ["AnswerType", "SampledAnswers", "SampledGap", "parse_answer", "reply_text", "sample_answers",
+           "sampled_gap"]

@@ -3,9 +3,17 @@ from functools import partial
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
-from circuits.sampling import SampledAnswers, SampledGap, parse_answer, sample_answers, sampled_gap
+from circuits.sampling import (
+    SampledAnswers,
+    SampledGap,
+    parse_answer,
+    reply_text,
+    sample_answers,
+    sampled_gap,
+)
 from circuits.stats import mann_whitney, smd
 from interp.batching import encode
 from interp.hooks import attached_hook_count, hooked
@@ -18,25 +26,55 @@ def _token(model, text):
     return token
 
 
-def test_sampling_is_seeded_shaped_and_batch_size_free(tiny_model):
+def test_sampling_is_seeded_shaped_and_deterministic(tiny_model):
     kwargs = {"n_samples": 2, "max_new_tokens": 3, "temperature": 1.0, "progress": False}
+    state = torch.random.get_rng_state()
     first = sample_answers(tiny_model, PROMPTS, seed=0, batch_size=4, **kwargs)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
     assert first.values.shape == (2, 2) and [len(t) for t in first.texts] == [2, 2]
     assert first.prompts == tuple(PROMPTS)
-    assert sample_answers(tiny_model, PROMPTS, seed=0, batch_size=3, **kwargs).texts == first.texts
+    assert sample_answers(tiny_model, PROMPTS, seed=0, batch_size=4, **kwargs).texts == first.texts
     other = sample_answers(tiny_model, PROMPTS, seed=1, batch_size=4, **kwargs)
     assert other.texts != first.texts
     assert len(set(first.texts[0])) > 1  # samples of one prompt differ from each other
     assert first.settings["seed"] == 0 and first.settings["temperature"] == 1.0
 
 
+def test_first_tokens_follow_the_next_token_distribution(tiny_model):
+    """Batched, left-padded, KV-cached sampling draws from the model's exact next-token distribution.
+
+    The tiny model's distribution is flat (no token above 1%), so the reply texts are binned into ten
+    bins of about equal mass, in order of probability; a chi-square goodness-of-fit test per prompt."""
+    n = 400
+    answers = sample_answers(tiny_model, PROMPTS, n_samples=n, max_new_tokens=1, temperature=1.0,
+                             batch_size=2 * n, seed=3, progress=False)
+    tokenizer = tiny_model.tokenizer
+    stop_ids = (set(tokenizer.all_special_ids) | {tokenizer.eos_token_id}) - {None}
+    texts = [reply_text(tokenizer, [t], stop_ids) for t in range(len(tokenizer))]
+    for prompt, drawn in zip(PROMPTS, answers.texts):
+        with torch.no_grad():
+            probs = tiny_model(torch.tensor([encode(tiny_model, prompt)]))[0, -1].double().softmax(-1)
+        exact = pd.Series(probs.numpy()).groupby(texts).sum().sort_values(ascending=False)
+        bins = np.minimum((exact.cumsum().to_numpy() - exact.to_numpy() / 2) * 10, 9).astype(int)
+        expected = pd.Series(exact.to_numpy()).groupby(bins).sum().to_numpy() * n
+        observed = pd.Series(bins, index=exact.index).loc[list(drawn)].value_counts().reindex(
+            range(len(expected)), fill_value=0).to_numpy()
+        assert observed.sum() == n and expected.min() > 20
+        assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3
+        # a sampler truncated to the top tokens would pile every draw into the first bins
+        assert observed[-3:].sum() > 0.15 * n
+
+
 def test_greedy_decoding_repeats_the_same_answer(tiny_model):
     greedy = sample_answers(tiny_model, PROMPTS[:1], n_samples=3, temperature=0, max_new_tokens=3,
                             progress=False)
     assert len(set(greedy.texts[0])) == 1
+    with torch.no_grad():
+        first = tiny_model(torch.tensor([encode(tiny_model, PROMPTS[0])]))[0, -1].argmax().item()
+    assert greedy.texts[0][0].startswith(tiny_model.tokenizer.decode([first]))
 
 
-def test_hooks_fire_at_every_generation_step(tiny_model):
+def test_generation_uses_the_kv_cache_and_bridge_hooks_act(tiny_model):
     seven = _token(tiny_model, "7")
     widths = []
 
@@ -53,61 +91,34 @@ def test_hooks_fire_at_every_generation_step(tiny_model):
     assert answers.texts == (("77777",) * 2,) * 2
     np.testing.assert_array_equal(answers.values, 77777.0)
     longest = max(len(encode(tiny_model, p)) for p in PROMPTS)
-    assert widths == list(range(longest, longest + 5))  # one forward per new token, each hooked
+    assert widths == [longest - 1] + [1] * 5  # one prefill, then one cached token per step
 
 
-class Scripted:
-    """A stand-in model whose reply to each prompt is a fixed token script (per row, any padding)."""
-
-    def __init__(self, model, scripts: dict[str, list[int]]):
-        self.cfg, self.tokenizer = model.cfg, model.tokenizer
-        self.lengths = {}
-        self.scripts = {}
-        for prompt, script in scripts.items():
-            ids = tuple(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            self.scripts[ids] = script
-        self.calls = 0
-
-    def __call__(self, tokens):
-        self.calls += 1
-        logits = torch.zeros(*tokens.shape, len(self.tokenizer))
-        for row, seq in enumerate(tokens.tolist()):
-            ids, script = next((k, v) for k, v in self.scripts.items() if tuple(seq[1:1 + len(k)]) == k)
-            start = len(ids)  # the BOS-prefixed prompt's last position
-            for step, token in enumerate(script):
-                if start + step < tokens.shape[1]:
-                    logits[row, start + step, token] = 100.0
-        return logits
-
-
-def test_rows_stop_on_their_own_and_invalid_answers_are_counted(tiny_model):
+def test_replies_stop_at_special_tokens_and_lines(tiny_model):
     tok = partial(_token, tiny_model)
-    eos, newline = tiny_model.tokenizer.eos_token_id, tok("\n")
-    model = Scripted(tiny_model, {
-        "Alpha": [tok("4"), tok("2"), eos, tok("9")],  # stops at EOS
-        "Beta": [tok("x"), tok("y"), tok("z"), tok("w")],  # runs to max_new_tokens, not a number
-        "Gamma": [newline, tok("7"), newline, tok("8")],  # a leading newline does not stop it
-        "Delta": [tok("no"), eos],
-    })
-    answers = sample_answers(model, ["Alpha", "Beta", "Gamma", "Delta"], n_samples=2, max_new_tokens=3,
-                             batch_size=3, progress=False)
-    assert answers.texts == (("42",) * 2, ("xyz",) * 2, ("\n7",) * 2, ("no",) * 2)
-    np.testing.assert_array_equal(answers.values, [[42, 42], [np.nan, np.nan], [7, 7], [np.nan, np.nan]])
-    assert answers.invalid_rate == pytest.approx(0.5)
-    frame = answers.to_dataframe()
-    assert list(frame.columns) == ["prompt_id", "sample", "text", "value", "valid"]
-    assert frame.valid.tolist() == [True, True, False, False, True, True, False, False]
-    yes_no = sample_answers(model, ["Delta", "Alpha"], n_samples=1, max_new_tokens=3, answer_type="yes_no",
-                            progress=False)
-    assert yes_no.values.ravel().tolist()[0] == 0.0 and np.isnan(yes_no.values[1, 0])
+    tokenizer = tiny_model.tokenizer
+    eos, newline = tokenizer.eos_token_id, tok("\n")
+    stops = {eos}
+    assert reply_text(tokenizer, [tok("4"), tok("2"), eos, tok("9")], stops) == "42"
+    assert reply_text(tokenizer, [tok("x"), tok("y"), tok("z")], stops) == "xyz"
+    assert reply_text(tokenizer, [newline, tok("7"), newline, tok("8")], stops) == "\n7"  # leading newline kept
+    assert reply_text(tokenizer, [eos], stops) == ""
 
 
-def test_finished_rows_leave_the_batch(tiny_model):
-    tok = partial(_token, tiny_model)
-    model = Scripted(tiny_model, {"Alpha": [tiny_model.tokenizer.eos_token_id], "Beta": [tok("1")] * 4})
-    answers = sample_answers(model, ["Alpha", "Beta"], n_samples=1, max_new_tokens=4, progress=False)
-    assert answers.texts == (("",), ("1111",))
-    assert model.calls == 4
+def test_rows_stop_at_a_newline_after_text(tiny_model):
+    newline, one = _token(tiny_model, "\n"), _token(tiny_model, "1")
+    steps = []
+
+    def script(logits, hook):  # after the prefill: "1", "1", a newline, then "1" again
+        steps.append(logits.shape[1])
+        forced = torch.full_like(logits, -1e4)
+        forced[..., newline if len(steps) == 4 else one] = 0
+        return forced
+
+    with hooked(tiny_model, [("unembed.hook_out", script)]):
+        answers = sample_answers(tiny_model, PROMPTS[:1], n_samples=1, max_new_tokens=6, progress=False)
+    assert answers.texts == (("11",),)
+    assert len(steps) == 4  # the prefill and three steps, not six
 
 
 def test_save_load_round_trip(tiny_model, tmp_path):
