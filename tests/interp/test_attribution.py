@@ -306,3 +306,91 @@ def test_smollm2_scores_and_check(smollm2):
     check = atp_check(smollm2, clean, corrupt, metric, n_components=16, attribution=result)
     print(f"smollm2 atp_check spearman={check.spearman:.3f} (p={check.pvalue:.2g}, n=16)")
     assert math.isfinite(check.spearman) and check.spearman > 0
+
+
+# -- pair-free attribution of an ablation ----------------------------------------------------------
+
+PROMPTS = [a for a, _ in PAIRS] + [b for _, b in PAIRS]
+PROBED = [("neuron", 0, 3), ("neuron", 2, 40), ("head", 1, 2), ("head", 2, 0)]
+
+
+@pytest.fixture(scope="module")
+def tiny_double():
+    """The tiny model in float64, so a finite difference resolves effects of 1e-6."""
+    from interp.testing import load_tiny_model
+
+    return load_tiny_model().to(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def value_near_zero(tiny_model):
+    """An expected value whose likeliest answer is worth 0, so float32 resolves small changes."""
+    grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" 5", " 50", " 1,000"], [0.0, 50.0, 1000.0])
+    return ExpectedValue(grid)
+
+
+def _nudged_metric(model, metric, batch, kind, layer, index, value_of, eps):
+    """Per-prompt metric with unit (layer, index) moved ``eps`` of the way to its ablated value."""
+    expanded = metric.expand(batch)
+
+    def nudge(act, hook):
+        out = act.clone()
+        out[:, :, index] = act[:, :, index] + eps * (value_of(act)[:, :, index] - act[:, :, index])
+        return out
+
+    with torch.no_grad(), hooked(model, [(hook_name(kind, layer), nudge)]):
+        return metric(model(expanded.tokens, **expanded.forward_kwargs()), expanded).double()
+
+
+@pytest.mark.parametrize("how", ["zero", "mean"])
+@pytest.mark.parametrize("metric_name", ["logit_diff", "value_near_zero"])
+def test_ablation_attribution_equals_a_finite_difference(tiny_double, how, metric_name, request):
+    from interp.activations import mean_activations
+    from interp.attribution import ablation_attribution
+
+    tiny_model = tiny_double
+    metric = request.getfixturevalue(metric_name)
+    batch = tokenize(tiny_model, PROMPTS)
+    names = [hook_name(k, layer) for k in KIND_HOOKS for layer in range(tiny_model.cfg.n_layers)]
+    means = mean_activations(tiny_model, batch, names) if how == "mean" else None
+    weights = torch.linspace(-1.0, 2.0, len(PROMPTS))
+    result = ablation_attribution(tiny_model, batch, metric, weights=weights, how=how, means=means,
+                                  batch_size=3, per_prompt=True)
+    eps = 1e-2  # central difference: O(eps^2) truncation
+    for kind, layer, index in PROBED:
+        def value_of(act, name=hook_name(kind, layer)):
+            return torch.zeros_like(act) if how == "zero" else means[name].to(act.dtype).expand_as(act)
+
+        up = _nudged_metric(tiny_model, metric, batch, kind, layer, index, value_of, eps)
+        down = _nudged_metric(tiny_model, metric, batch, kind, layer, index, value_of, -eps)
+        finite = (up - down) / (2 * eps)  # d metric_i / d t at t = 0 along act + t (value - act)
+        estimate = result.per_prompt[kind][:, layer, index].double()
+        assert finite.abs().max() > 1e-6
+        torch.testing.assert_close(estimate, finite, atol=1e-2 * finite.abs().max().item(), rtol=1e-2)
+        torch.testing.assert_close(result.scores[kind][layer, index].double(), weights.double() @ finite,
+                                   atol=1e-2 * finite.abs().sum().item(), rtol=1e-2)
+    torch.testing.assert_close(result.metric, run_metric(tiny_model, metric, batch).float(), atol=1e-4, rtol=1e-5)
+
+
+def test_ablation_attribution_tracks_exact_zero_ablation_of_last_layer_neurons(tiny_model, logit_diff, tmp_path):
+    from interp.attribution import AblationAttribution, ablation_attribution
+    from interp.components import Neuron
+    from interp.sweeps import ablation_sweep
+
+    batch = tokenize(tiny_model, PROMPTS)
+    last = tiny_model.cfg.n_layers - 1
+    result = ablation_attribution(tiny_model, batch, logit_diff, kinds=["neuron"], batch_size=5)
+    neurons = [Neuron(last, i) for i in range(tiny_model.cfg.d_mlp)]
+    with torch.no_grad():
+        base = logit_diff(tiny_model(batch.tokens), batch)
+
+    def score(logits, rows):
+        return logit_diff(logits, batch.take(rows)) - base[rows.cpu()].to(logits.device)
+
+    exact = ablation_sweep(tiny_model, batch, neurons, score, rows_per_forward=40, prompts_per_pass=3).mean(-1)
+    estimate = result.scores["neuron"][last]
+    assert exact.abs().max() > 0.05
+    assert torch.corrcoef(torch.stack([estimate, exact]))[0, 1] > 0.98
+    loaded = AblationAttribution.load(result.save(tmp_path / "ablation"))
+    torch.testing.assert_close(loaded.scores["neuron"], result.scores["neuron"])
+    assert loaded.how == "zero" and loaded.per_prompt is None and loaded.n_prompts == len(PROMPTS)

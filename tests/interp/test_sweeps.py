@@ -68,3 +68,23 @@ def test_head_utility_is_the_per_head_kl(tiny_model):
             expected = probe.measure(tiny_model)["kl"]
         assert got[layer, head] == pytest.approx(expected, rel=1e-3, abs=1e-6)
     assert (got >= -1e-6).all() and got.max() > 0
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_mean_sweep_in_prompt_chunks_equals_one_mean_ablated_run_per_variant(tiny_model, batch, per_position):
+    from interp.activations import mean_activations
+    from interp.components import hook_name
+
+    names = [hook_name(k, layer) for k in ("neuron", "head") for layer in range(tiny_model.cfg.n_layers)]
+    means = mean_activations(tiny_model, batch, names, per_position=per_position)
+    variants = [Head(0, 1), Neuron(2, 7), ComponentSet([Head(1, 0), Neuron(1, 90)])]
+    score = _final_logprob(batch)
+    got = ablation_sweep(tiny_model, batch, variants, score, means=means, rows_per_forward=4, prompts_per_pass=2)
+    prompts = torch.arange(len(TEXTS))
+    for i, variant in enumerate(variants):
+        with torch.no_grad(), ablated(tiny_model, variant if isinstance(variant, ComponentSet) else [variant], "mean",
+                                      means=means):
+            expected = score(tiny_model(batch.tokens), prompts)
+        torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="means lack"):
+        ablation_sweep(tiny_model, batch, variants, score, means={names[0]: means[names[0]]})
