@@ -60,7 +60,15 @@ def _add_audit(subparsers) -> None:
         "--answer-type",
         default=None,
         help="answer type of a --prompts table without an "
-        "answer_type column (dollars, percent, probability, score, rank, yes_no)",
+        "answer_type column (dollars, percent, probability, score, rank, yes_no; any case)",
+    )
+    parser.add_argument(
+        "--higher-favours",
+        action="append",
+        default=None,
+        metavar="SCENARIO=yes|no",
+        help="whether a higher answer favours the named person in a --prompts scenario (repeatable; "
+        "overrides the table's higher_favours column; default: yes, except for ranks: lower is better)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the results")
     parser.add_argument("--details", nargs="+", choices=DETAILS, default=list(DETAILS), help="detail levels")
@@ -84,10 +92,25 @@ def _add_audit(subparsers) -> None:
     _add_run_options(parser)
 
 
+def _higher_favours(given: Sequence[str] | None) -> dict[str, bool] | None:
+    """``["office=yes", "rank=no"]`` -> ``{"office": True, "rank": False}``."""
+    if not given:
+        return None
+    words = {"yes": True, "true": True, "no": False, "false": False}
+    parsed = {}
+    for item in given:
+        scenario, _, word = item.rpartition("=")
+        if not scenario or word.strip().lower() not in words:
+            raise BadInput(f"--higher-favours {item!r}: write SCENARIO=yes or SCENARIO=no")
+        parsed[scenario.strip()] = words[word.strip().lower()]
+    return parsed
+
+
 def _run_audit(args) -> int:
     from circuits.audit import run_audit
     from circuits.contexts import get_context
-    from circuits.prompts import load_prompt_table, read_prompt_table
+    from circuits.coverage import coverage_lines
+    from circuits.prompts import load_prompt_table, read_prompt_table, scenario_signs
     from interp import DEFAULT_MODEL, load_model
 
     if args.contexts:
@@ -95,15 +118,19 @@ def _run_audit(args) -> int:
             get_context(name)  # an unknown name fails before the model loads
     if args.prompts is None and args.answer_type is not None:
         raise BadInput("--answer-type only applies to a --prompts table")
+    if args.prompts is None and args.higher_favours:
+        raise BadInput("--higher-favours only applies to a --prompts table")
+    favours = _higher_favours(args.higher_favours)
     for flag in ("variations", "names_per_cell", "batch_size", "resamples"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.prompts is not None:  # a bad table fails before the model loads
-        read_prompt_table(args.prompts, answer_type=args.answer_type)
+    if args.prompts is not None:  # a bad table (or a scenario it lacks) fails before the model loads
+        scenario_signs(read_prompt_table(args.prompts, answer_type=args.answer_type), favours)
     model = load_model(args.model or DEFAULT_MODEL, device=args.device)
     prompts = None
     if args.prompts is not None:
-        prompts = load_prompt_table(args.prompts, model, answer_type=args.answer_type, seed=args.seed)
+        prompts = load_prompt_table(args.prompts, model, answer_type=args.answer_type, higher_favours=favours,
+                                    seed=args.seed)
     result = run_audit(
         model,
         args.contexts,
@@ -123,6 +150,9 @@ def _run_audit(args) -> int:
     else:
         columns = ["context", "contrast", "gap", "ci_low", "ci_high", "advantage", "smd", "p_permutation"]
         print(gaps[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("What the metric sees, per context:")
+    for line in coverage_lines(result.measurement):
+        print(f"  {line}")
     print(f"wrote {args.out}")
     return 0
 

@@ -27,7 +27,6 @@ from torch import Tensor
 from circuits.contexts import (
     ANSWER_TYPES,
     CONTEXTS,
-    DEFAULT_ANSWERS,
     DETAILS,
     AnswerFormat,
     Context,
@@ -373,6 +372,21 @@ def build_pairs(
 # --------------------------------------------------------------------------- imported tables
 
 TABLE_COLUMNS = ("scenario", "variation", "name_group", "name", "context_level", "prompt_text")
+# Answer formats of imported tables: a prefix generic to the answer type, so the next tokens are the
+# answer itself in the model's own format (the metric reads the numbers the model writes there).
+from circuits.contexts import DEFAULT_ANSWERS as _D  # TRANSITIONAL (C): until B's grid-free AnswerFormat lands
+_G = {k: v.grid for k, v in _D.items()}
+IMPORT_ANSWERS: dict[str, AnswerFormat] = {
+    "dollars": AnswerFormat("dollars", "Reply with a dollar amount only.", "Answer: $", _G["dollars"]),
+    "percent": AnswerFormat("percent", "Reply with a percentage only.", "Answer: ", _G["percent"]),
+    "probability": AnswerFormat("probability", "Reply with a number between 0 and 1.", "Answer: ", _G["probability"]),
+    "score": AnswerFormat("score", "Reply with a number only.", "Answer: ", _G["score"]),
+    "rank": AnswerFormat("rank", "Reply with a rank only.", "Answer: ", _G["rank"]),
+    "yes_no": AnswerFormat("yes_no", "Answer Yes or No.", "Answer:", _G["yes_no"]),
+}
+# Whether a higher answer favours the named person when the table does not say: a rank is better low.
+HIGHER_FAVOURS = {kind: kind != "rank" for kind in ANSWER_TYPES}
+_YES_NO_WORDS = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
 _GENDER_WORDS = {
     "man": "man",
     "men": "man",
@@ -455,10 +469,13 @@ def read_prompt_table(
     """Read and validate a prompt table (CSV or JSONL); one row per prompt with its ``line``.
 
     Required columns: ``scenario, variation, name_group, name, context_level, prompt_text``;
-    optional ``answer_type`` (else pass ``answer_type``, one type or a scenario -> type mapping).
+    optional ``answer_type`` (else pass ``answer_type``, one type or a scenario -> type mapping;
+    matched case-insensitively) and ``higher_favours`` (yes/no, true/false or 1/0: whether a higher
+    answer favours the named person; read as a bool column, empty where not given).
     Every problem is collected and reported together, each naming its line: missing columns,
-    empty cells, unknown groups, detail levels or answer types, a name that does not occur in its
-    prompt, duplicate rows, and scenarios that lack one of the groups.
+    empty cells, unknown groups, detail levels, answer types or higher_favours values, a name that
+    does not occur in its prompt, duplicate rows, and scenarios that lack one of the groups or mix
+    answer types or higher_favours values.
     """
     path = Path(path)
     records = _read_records(path)
@@ -474,7 +491,8 @@ def read_prompt_table(
     problems, rows, seen = [], [], {}
     for line, raw in records:
         row = {
-            c: "" if raw.get(c) is None else str(raw.get(c)).strip() for c in (*TABLE_COLUMNS, "answer_type")
+            c: "" if raw.get(c) is None else str(raw.get(c)).strip()
+            for c in (*TABLE_COLUMNS, "answer_type", "higher_favours")
         }
         where = f"line {line}"
         empty = [c for c in TABLE_COLUMNS if not row[c]]
@@ -494,11 +512,15 @@ def read_prompt_table(
                 f"{where}: unknown context_level {row['context_level']!r}; use one of {list(DETAILS)}"
             )
             continue
-        kind = row["answer_type"] or (
+        kind = (row["answer_type"] or (
             answer_type if isinstance(answer_type, str) else (answer_type or {}).get(row["scenario"], "")
-        )
+        )).lower()
         if kind not in ANSWER_TYPES:
             problems.append(f"{where}: unknown answer_type {kind!r}; use one of {list(ANSWER_TYPES)}")
+            continue
+        favours = _YES_NO_WORDS.get(row["higher_favours"].lower()) if row["higher_favours"] else None
+        if row["higher_favours"] and favours is None:
+            problems.append(f"{where}: higher_favours {row['higher_favours']!r} is not yes/no, true/false or 1/0")
             continue
         if row["name"] not in row["prompt_text"]:
             problems.append(f"{where}: the name {row['name']!r} does not occur in its prompt_text")
@@ -521,6 +543,7 @@ def read_prompt_table(
                 "group": group,
                 "gender": gender,
                 "answer_type": kind,
+                "higher_favours": favours,
             }
         )
     table = pd.DataFrame(rows)
@@ -537,9 +560,39 @@ def read_prompt_table(
                 problems.append(
                     f"line {part['line'].min()}: scenario {scenario!r} mixes answer types {types}"
                 )
+            if part["higher_favours"].nunique() > 1:
+                problems.append(
+                    f"line {part['line'].min()}: scenario {scenario!r} mixes higher_favours values; give one "
+                    "per scenario"
+                )
     if problems:
         raise PromptTableError(path, problems)
     return table
+
+
+def scenario_signs(
+    table: pd.DataFrame, higher_favours: bool | Mapping[str, bool] | None = None
+) -> dict[str, bool]:
+    """Whether a higher answer favours the named person, per scenario of a ``read_prompt_table`` table.
+
+    ``higher_favours`` (one bool for all, or per scenario) comes first, then the table's
+    ``higher_favours`` column, then the answer type's default (``HIGHER_FAVOURS``: a rank is better
+    low, every other type high). A scenario named in ``higher_favours`` must be in the table.
+    """
+    scenarios = list(dict.fromkeys(table["scenario"]))
+    if isinstance(higher_favours, bool):
+        higher_favours = dict.fromkeys(scenarios, higher_favours)
+    given = dict(higher_favours or {})
+    unknown = sorted(set(given) - set(scenarios))
+    if unknown:
+        raise ValueError(f"higher_favours names scenarios {unknown} that the table does not have; its "
+                         f"scenarios are {scenarios}")
+    signs = {}
+    for scenario, part in table.groupby("scenario", sort=False):
+        column = part["higher_favours"].dropna()
+        default = bool(column.iloc[0]) if len(column) else HIGHER_FAVOURS[part["answer_type"].iloc[0]]
+        signs[scenario] = bool(given.get(scenario, default))
+    return signs
 
 
 def load_prompt_table(
@@ -547,28 +600,29 @@ def load_prompt_table(
     model_or_tokenizer,
     *,
     answer_type: str | Mapping[str, str] | None = None,
-    higher_favours: bool | Mapping[str, bool] = True,
+    higher_favours: bool | Mapping[str, bool] | None = None,
     heldout_variations: float = 1 / 3,
     heldout_names: float = 0.25,
     seed: int = 0,
     chat: bool | None = None,
 ) -> PromptSet:
-    """An imported table as a ``PromptSet`` (one context per scenario, default answer formats).
+    """An imported table as a ``PromptSet`` (one context per scenario).
 
-    Each ``prompt_text`` is the question; the answer prefix and grid come from the scenario's
-    answer type (``circuits.contexts.DEFAULT_ANSWERS``). ``higher_favours`` sets the sign
-    convention (one for all, or per scenario; scenarios not named default to True).
+    Each ``prompt_text`` is the question; the answer prefix is generic to the scenario's answer
+    type (``IMPORT_ANSWERS``: ``"Answer: $"`` before dollars, ``"Answer: "`` before the other
+    numbers, ``"Answer:"`` before yes/no), never another context's wording. The sign convention
+    comes from ``scenario_signs`` (``higher_favours`` argument, then column, then type default).
     """
     table = read_prompt_table(path, answer_type=answer_type)
+    signs = scenario_signs(table, higher_favours)
     chat = uses_chat(model_or_tokenizer) if chat is None else chat
     people = table.drop_duplicates("name")[["name", "group", "gender"]]
     name_split = split_names(people, heldout_fraction=heldout_names, seed=seed)
     frames, answers = [], {}
     for scenario, part in table.groupby("scenario", sort=False):
         kind = part["answer_type"].iloc[0]
-        answers[scenario] = DEFAULT_ANSWERS[kind]
+        answers[scenario] = IMPORT_ANSWERS[kind]
         var_split = split_variations(part["variation"], heldout_fraction=heldout_variations, seed=seed)
-        favours = higher_favours if isinstance(higher_favours, bool) else higher_favours.get(scenario, True)
         frames.append(
             pd.DataFrame(
                 {
@@ -590,10 +644,10 @@ def load_prompt_table(
                     "variation_split": part["variation"].map(var_split),
                     "name_split": part["name"].map(name_split),
                     "answer_type": kind,
-                    "sign": 1 if favours else -1,
+                    "sign": 1 if signs[scenario] else -1,
                     "user_text": part["prompt_text"],
                     "prompt_text": [
-                        format_prompt(model_or_tokenizer, t, DEFAULT_ANSWERS[kind].prefix, chat=chat)
+                        format_prompt(model_or_tokenizer, t, IMPORT_ANSWERS[kind].prefix, chat=chat)
                         for t in part["prompt_text"]
                     ],
                     "line": part["line"],
@@ -605,6 +659,8 @@ def load_prompt_table(
 
 __all__ = [
     "COLUMNS",
+    "HIGHER_FAVOURS",
+    "IMPORT_ANSWERS",
     "TABLE_COLUMNS",
     "PairSet",
     "PromptSet",
@@ -614,6 +670,7 @@ __all__ = [
     "format_prompt",
     "load_prompt_table",
     "read_prompt_table",
+    "scenario_signs",
     "split_variations",
     "tokenize_prompts",
     "uses_chat",
