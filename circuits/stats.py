@@ -180,6 +180,71 @@ def _level_codes(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, int]:
     return codes, len(levels)
 
 
+def cluster_weights(
+    frame: pd.DataFrame,
+    clusters: Sequence[str],
+    *,
+    strata: Mapping[str, str | Sequence[str]] | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> np.ndarray:
+    """``[resample, row]`` multiplicities of a multi-way cluster bootstrap (see ``cluster_bootstrap``).
+
+    Per resample, the distinct levels of every factor in ``clusters`` are drawn with replacement,
+    independently per factor (within each stratum for a factor in ``strata``); a row's weight is the
+    product over factors of how often its level was drawn.
+    """
+    clusters = list(clusters)
+    strata = dict(strata or {})
+    if frame.empty:
+        raise ValueError("cluster bootstrap got an empty frame")
+    if not clusters:
+        raise ValueError("name at least one cluster column, e.g. clusters=['name', 'template']")
+    missing = [c for c in clusters + [s for v in strata.values() for s in ([v] if isinstance(v, str) else v)]
+               if c not in frame.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the frame; it has {list(frame.columns)}")
+    unknown = [f for f in strata if f not in clusters]
+    if unknown:
+        raise ValueError(f"strata given for {unknown}, which are not cluster columns {clusters}")
+    _check_resamples(n_resamples)
+
+    factors = []  # per factor: (level code of each row, number of levels, level codes per stratum)
+    for factor in clusters:
+        codes, n_levels = _level_codes(frame, factor)
+        if factor in strata:
+            by = [strata[factor]] if isinstance(strata[factor], str) else list(strata[factor])
+            per_level = frame.groupby(codes, sort=True)[by]
+            if (per_level.nunique(dropna=False) > 1).any(axis=None):
+                raise ValueError(f"{factor!r} is not nested in {by}: some of its levels appear in several strata")
+            stratum_codes = per_level.first().groupby(by, sort=True, dropna=False).ngroup().to_numpy()
+            pools = [np.flatnonzero(stratum_codes == s) for s in range(stratum_codes.max() + 1)]
+        else:
+            pools = [np.arange(n_levels)]
+        factors.append((codes, n_levels, pools))
+
+    rng = np.random.default_rng(seed)
+    weights = np.ones((n_resamples, len(frame)), dtype=np.int64)
+    for i in range(n_resamples):
+        for codes, n_levels, pools in factors:
+            drawn = np.concatenate([rng.choice(pool, size=len(pool), replace=True) for pool in pools])
+            weights[i] *= np.bincount(drawn, minlength=n_levels)[codes]
+    return weights
+
+
+def _percentile_interval(estimates: np.ndarray, confidence: float) -> tuple[float, float]:
+    finite = estimates[~np.isnan(estimates)]
+    if len(finite) == 0:
+        nan = _undefined("every cluster resample gave a NaN statistic")
+        return nan, nan
+    if len(finite) < len(estimates):
+        warnings.warn(f"{len(estimates) - len(finite)} of {len(estimates)} cluster resamples gave NaN and were "
+                      "left out", UndefinedStatisticWarning, stacklevel=3)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def cluster_bootstrap(
     frame: pd.DataFrame,
     statistic: Callable[[pd.DataFrame], float],
@@ -206,61 +271,95 @@ def cluster_bootstrap(
 
     Resamples where the statistic is NaN are left out (with a warning); the result is NaN if all are.
     """
-    clusters = list(clusters)
-    strata = dict(strata or {})
-    if frame.empty:
-        raise ValueError("cluster_bootstrap got an empty frame")
-    if not clusters:
-        raise ValueError("name at least one cluster column, e.g. clusters=['name', 'template']")
-    missing = [c for c in clusters + [s for v in strata.values() for s in ([v] if isinstance(v, str) else v)]
-               if c not in frame.columns]
-    if missing:
-        raise ValueError(f"columns {missing} are not in the frame; it has {list(frame.columns)}")
-    unknown = [f for f in strata if f not in clusters]
-    if unknown:
-        raise ValueError(f"strata given for {unknown}, which are not cluster columns {clusters}")
     _check_level(confidence)
-    _check_resamples(n_resamples)
-
-    factors = []  # per factor: (level code of each row, number of levels, level codes per stratum)
-    for factor in clusters:
-        codes, n_levels = _level_codes(frame, factor)
-        if factor in strata:
-            by = [strata[factor]] if isinstance(strata[factor], str) else list(strata[factor])
-            per_level = frame.groupby(codes, sort=True)[by]
-            if (per_level.nunique(dropna=False) > 1).any(axis=None):
-                raise ValueError(f"{factor!r} is not nested in {by}: some of its levels appear in several strata")
-            stratum_codes = per_level.first().groupby(by, sort=True, dropna=False).ngroup().to_numpy()
-            pools = [np.flatnonzero(stratum_codes == s) for s in range(stratum_codes.max() + 1)]
-        else:
-            pools = [np.arange(n_levels)]
-        factors.append((codes, n_levels, pools))
-
-    rng = np.random.default_rng(seed)
+    weights = cluster_weights(frame, clusters, strata=strata, n_resamples=n_resamples, seed=seed)
     rows = np.arange(len(frame))
-    estimates = np.empty(n_resamples)
-    for i in range(n_resamples):
-        weight = np.ones(len(frame), dtype=np.int64)
-        for codes, n_levels, pools in factors:
-            drawn = np.concatenate([rng.choice(pool, size=len(pool), replace=True) for pool in pools])
-            weight *= np.bincount(drawn, minlength=n_levels)[codes]
-        estimates[i] = statistic(frame.iloc[np.repeat(rows, weight)])
-    finite = estimates[~np.isnan(estimates)]
-    if len(finite) == 0:
-        nan = _undefined("every cluster resample gave a NaN statistic")
-        return nan, nan
-    if len(finite) < n_resamples:
-        warnings.warn(f"{n_resamples - len(finite)} of {n_resamples} cluster resamples gave NaN and were left out",
-                      UndefinedStatisticWarning, stacklevel=2)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(finite, [tail, 100 - tail])
-    return float(low), float(high)
+    estimates = np.array([statistic(frame.iloc[np.repeat(rows, w)]) for w in weights], dtype=float)
+    return _percentile_interval(estimates, confidence)
+
+
+def _weighted_gaps(weights: np.ndarray, values: np.ndarray, in_a: np.ndarray) -> np.ndarray:
+    """Per resample, weighted mean of ``values`` over group A rows minus over group B rows."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_a = (weights[:, in_a] @ values[in_a]) / weights[:, in_a].sum(1)
+        mean_b = (weights[:, ~in_a] @ values[~in_a]) / weights[:, ~in_a].sum(1)
+    return mean_a - mean_b
+
+
+POWER_Z = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.80))  # two-sided 5% test, 80% power
+
+
+def gap_change(
+    frame: pd.DataFrame,
+    before: str,
+    after: str,
+    *,
+    group: str = "group",
+    group_a: str = "White",
+    clusters: Sequence[str] = ("name", "variation"),
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, float | bool]:
+    """The change of a group gap, ``mean_A - mean_B`` of a per-prompt value, under an intervention.
+
+    ``frame`` has one row per prompt with the value ``before`` and ``after`` (the same prompts:
+    paired). One two-way cluster bootstrap over ``clusters`` (names drawn within their group) is
+    drawn once and both gaps are computed on every resample, so the intervals are paired:
+
+    - ``delta_gap`` = gap after - gap before, with ``delta_low``/``delta_high``;
+    - ``share_removed`` = -delta_gap / gap before (signed: 1 removes the gap, > 1 overshoots,
+      < 0 widens it), with ``share_low``/``share_high``;
+    - ``after_low``/``after_high``: the after-gap's interval; ``overshoot`` when the after-gap has the
+      opposite sign of the before-gap and its interval excludes zero;
+    - ``gap_sd``: the bootstrap SD of the before-gap, and ``mde`` = (z_0.975 + z_0.80) * gap_sd, the
+      smallest change of the gap a two-sided 5% test detects with 80% power (normal approximation,
+      taking the SD of a change to be that of the gap itself).
+    """
+    _check_level(confidence)
+    for column in (before, after, group):
+        if column not in frame.columns:
+            raise ValueError(f"column {column!r} is not in the frame; it has {list(frame.columns)}")
+    in_a = (frame[group] == group_a).to_numpy()
+    if in_a.all() or not in_a.any():
+        raise ValueError(f"gap_change needs prompts of group {group_a!r} and of another group in column {group!r}")
+    weights = cluster_weights(frame, clusters, strata={clusters[0]: group}, n_resamples=n_resamples, seed=seed)
+    values_before, values_after = frame[before].to_numpy(float), frame[after].to_numpy(float)
+    full = np.ones((1, len(frame)), dtype=np.int64)
+    gap_before = float(_weighted_gaps(full, values_before, in_a)[0])
+    gap_after = float(_weighted_gaps(full, values_after, in_a)[0])
+    boot_before = _weighted_gaps(weights, values_before, in_a)
+    boot_after = _weighted_gaps(weights, values_after, in_a)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = -(boot_after - boot_before) / boot_before
+    delta_low, delta_high = _percentile_interval(boot_after - boot_before, confidence)
+    share_low, share_high = _percentile_interval(share, confidence)
+    after_low, after_high = _percentile_interval(boot_after, confidence)
+    sign = np.sign(gap_before)
+    gap_sd = float(np.nanstd(boot_before, ddof=1))
+    return {
+        "gap_before": gap_before,
+        "gap_after": gap_after,
+        "delta_gap": gap_after - gap_before,
+        "delta_low": delta_low,
+        "delta_high": delta_high,
+        "share_removed": -(gap_after - gap_before) / gap_before if gap_before != 0 else float("nan"),
+        "share_low": share_low,
+        "share_high": share_high,
+        "after_low": after_low,
+        "after_high": after_high,
+        "overshoot": bool(sign != 0 and (sign * after_high < 0)),
+        "gap_sd": gap_sd,
+        "mde": POWER_Z * gap_sd,
+    }
 
 
 __all__ = [
     "UndefinedStatisticWarning",
     "bootstrap_ci",
     "cluster_bootstrap",
+    "cluster_weights",
+    "gap_change",
     "correlation",
     "mann_whitney",
     "permutation_pvalue",

@@ -176,3 +176,55 @@ def test_cluster_bootstrap_nan_resamples_and_errors():
         cluster_bootstrap(frame, np.mean, ["name"], strata={"template": "group"})
     with pytest.raises(ValueError, match="empty"):
         cluster_bootstrap(frame.iloc[:0], np.mean, ["name"])
+
+
+def _design(values_before, values_after, names, groups, variations):
+    return pd.DataFrame({"name": names, "group": groups, "variation": variations,
+                         "before": values_before, "after": values_after})
+
+
+def test_gap_change_interval_by_hand_on_two_names_per_group():
+    from circuits.stats import gap_change
+
+    # one template; White names w1, w2 lose 2 and 6 of their value, Black names nothing. A resample
+    # draws two White names with replacement: the change of the gap is -2, -4 or -6 (probabilities
+    # 1/4, 1/2, 1/4), so the 95% percentile interval is exactly [-6, -2].
+    names = ["w1", "w1", "w2", "w2", "b1", "b1", "b2", "b2"]
+    groups = ["White"] * 4 + ["Black"] * 4
+    before = np.array([10.0, 12.0, 11.0, 13.0, 5.0, 6.0, 4.0, 5.0])
+    after = before - np.array([2, 2, 6, 6, 0, 0, 0, 0])
+    got = gap_change(_design(before, after, names, groups, ["t"] * 8), "before", "after", n_resamples=2000)
+    gap_before = before[:4].mean() - before[4:].mean()
+    assert got["gap_before"] == pytest.approx(gap_before)
+    assert got["delta_gap"] == pytest.approx(-4.0)
+    assert (got["delta_low"], got["delta_high"]) == (pytest.approx(-6.0), pytest.approx(-2.0))
+    assert got["share_removed"] == pytest.approx(4.0 / gap_before)
+    assert got["share_low"] <= 4.0 / gap_before <= got["share_high"]
+    assert not got["overshoot"]
+    assert got["mde"] == pytest.approx(2.8016 * got["gap_sd"], rel=1e-3)
+
+
+def test_gap_change_matches_a_hand_written_paired_cluster_bootstrap_and_flags_overshoot():
+    from circuits.stats import gap_change
+
+    rng = np.random.default_rng(4)
+    names = [f"{g}{i}" for g in "wb" for i in range(4) for _ in range(3)]
+    groups = ["White" if n[0] == "w" else "Black" for n in names]
+    variations = [f"t{j}" for _ in range(8) for j in range(3)]
+    before = rng.normal(0, 1, 24) + np.where(np.array(groups) == "White", 5.0, 0.0)
+    after = before - np.where(np.array(groups) == "White", 9.0, 0.0) + rng.normal(0, 0.1, 24)
+    frame = _design(before, after, names, groups, variations)
+
+    def gap(f, column):
+        return f.loc[f.group == "White", column].mean() - f.loc[f.group == "Black", column].mean()
+
+    got = gap_change(frame, "before", "after", n_resamples=500, seed=3)
+    kwargs = dict(clusters=["name", "variation"], strata={"name": "group"}, n_resamples=500, seed=3)
+    delta = cluster_bootstrap(frame, lambda f: gap(f, "after") - gap(f, "before"), **kwargs)
+    share = cluster_bootstrap(frame, lambda f: -(gap(f, "after") - gap(f, "before")) / gap(f, "before"), **kwargs)
+    after_ci = cluster_bootstrap(frame, lambda f: gap(f, "after"), **kwargs)
+    assert (got["delta_low"], got["delta_high"]) == pytest.approx(delta)
+    assert (got["share_low"], got["share_high"]) == pytest.approx(share)
+    assert (got["after_low"], got["after_high"]) == pytest.approx(after_ci)
+    assert got["gap_before"] > 0 and after_ci[1] < 0 and got["overshoot"]  # the gap flipped beyond its interval
+    assert got["share_removed"] > 1
