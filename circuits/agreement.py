@@ -1,14 +1,30 @@
 """How well the deterministic metric agrees with sampled answers, per context.
 
-For the same prompts, the deterministic value (the expected answer over the context's grid,
-``circuits.bias.measure``) is set beside ``n_samples`` sampled replies (``circuits.sampling``), read
-after the answer prefix's last word (``read_reply``: chess's ``"0."`` + ``"35"`` is 0.35). Per
-context: both White-minus-Black gaps with name x variation cluster-bootstrap intervals, the
-sampled SMD and Mann-Whitney p-value (the papers' test), the invalid-answer share, and Spearman
-and Pearson correlations between each prompt's deterministic value and the mean of its valid
-samples. A grid check sets the share of replies that start with a grid candidate beside the mean
-grid mass, and their mean grid value beside the mean expected value: at temperature 1 both pairs
-estimate the same quantities. ``compare`` is the statistics alone, a pure function of the two tables.
+The metric (``circuits.bias.measure``) gives each prompt a distribution over answer values (its
+``distribution`` table: ``candidate_value`` and absolute ``mass`` per covered answer; the rest,
+``1 - grid_mass``, is the uncovered remainder). At temperature 1, ``n_samples`` sampled replies per
+prompt (``circuits.sampling``, read after the answer prefix's last word by ``read_reply``: chess's
+``"0."`` + ``"35"`` is 0.35) are draws from the same distribution, so the two must agree up to
+sampling error. ``value_tv`` compares them per context, pooled over its prompts (a mixture):
+
+- Bins: every value whose pooled metric mass is at least ``min_share`` (1%) is a bin of its own;
+  the other covered values form one ``rare`` bin; ``other`` holds the uncovered rest. A sampled
+  reply falls in its value's bin when that value is one of its own prompt's covered answers, and in
+  ``other`` otherwise (unparsed replies, refusals, numbers the metric does not cover): the same
+  event the metric's ``1 - grid_mass`` measures, so no reply is dropped.
+- ``tv``: the total-variation distance between the pooled sampled and metric bin distributions.
+- Noise reference: the same TV between the metric and ``n_noise`` simulated multinomial draws from
+  it, with each prompt's own sample count (seeded). ``tv_noise_p95`` is its 95th percentile and
+  ``tv_within_noise`` is ``tv <= tv_noise_p95``: a parametric-bootstrap goodness-of-fit test of
+  "the replies are draws from the metric's distribution" at the 5% level (``tv_p_value``: the
+  share of simulated TVs at least as large as the observed one).
+
+Beside it, per context: both White-minus-Black gaps with name x variation cluster-bootstrap
+intervals, the sampled SMD and Mann-Whitney p-value (the papers' test), the invalid-answer share,
+and Spearman and Pearson correlations between each prompt's deterministic value and the same
+summary of its valid samples (the mean; the mean of log10(1 + amount) where the context's summary
+is a log one; the median for a median summary). Sampled gaps use the samples on that same scale.
+``compare`` is the statistics alone, a pure function of the tables.
 """
 
 from __future__ import annotations
@@ -25,26 +41,29 @@ import pandas as pd
 from circuits.audit import run_settings
 from circuits.bias import CONTRASTS, group_gaps, measure
 from circuits.config import StudyConfig
-from circuits.contexts import AnswerGrid
 from circuits.prompts import PromptSet
 from circuits.sampling import AnswerType, parse_answer, sample_answers
 from circuits.stats import correlation, mann_whitney
 
 META = ("prompt_id", "context", "variation", "detail", "name", "group", "gender", "answer_type", "sign")
 GAP_COLUMNS = ("gap", "ci_low", "ci_high", "smd", "p_mann_whitney")
+OWN_BIN_SHARE = 0.01
 
 
 @dataclass(frozen=True, eq=False)
 class Agreement:
-    """Per-context agreement (``table``), per-prompt values (``prompts``) and every sample (``samples``)."""
+    """Per-context agreement (``table``), per-prompt values (``prompts``), every sample (``samples``)
+    and the pooled bin distributions behind the TV distance (``bins``)."""
 
     table: pd.DataFrame
     prompts: pd.DataFrame
     samples: pd.DataFrame
+    bins: pd.DataFrame
     settings: dict = field(default_factory=dict)
 
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per context: both gaps with intervals, correlations, invalid share, sign agreement."""
+        """One row per context: TV distance and its noise reference, both gaps with intervals,
+        correlations, invalid share, sign agreement."""
         return self.table.copy()
 
     def prompts_frame(self) -> pd.DataFrame:
@@ -52,23 +71,23 @@ class Agreement:
         return self.prompts.copy()
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write agreement.parquet, prompts.parquet, samples.parquet and settings.json."""
+        """Write agreement.parquet, prompts.parquet, samples.parquet, bins.parquet and settings.json."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.table.to_parquet(out / "agreement.parquet", index=False)
-        self.prompts.to_parquet(out / "prompts.parquet", index=False)
-        self.samples.to_parquet(out / "samples.parquet", index=False)
+        for name in ("agreement", "prompts", "samples", "bins"):
+            frame = self.table if name == "agreement" else getattr(self, name)
+            frame.to_parquet(out / f"{name}.parquet", index=False)
         (out / "settings.json").write_text(json.dumps(self.settings, indent=2, default=str))
         return out
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Agreement:
         out = Path(out_dir)
-        files = ("agreement.parquet", "prompts.parquet", "samples.parquet", "settings.json")
+        files = ("agreement.parquet", "prompts.parquet", "samples.parquet", "bins.parquet", "settings.json")
         missing = [n for n in files if not (out / n).exists()]
         if missing:
             raise FileNotFoundError(f"{out} is not a saved Agreement: {missing} missing")
-        return cls(*(pd.read_parquet(out / n) for n in files[:3]), json.loads((out / "settings.json").read_text()))
+        return cls(*(pd.read_parquet(out / n) for n in files[:4]), json.loads((out / "settings.json").read_text()))
 
 
 def read_reply(prefix: str, text: str, answer_type: AnswerType) -> float:
@@ -79,17 +98,87 @@ def read_reply(prefix: str, text: str, answer_type: AnswerType) -> float:
     return parse_answer(re.split(r"\s", prefix)[-1] + text, answer_type)
 
 
-def grid_value(text: str, grid: AnswerGrid) -> float:
-    """The value of the grid candidate a reply starts with (equals, for a terminated grid); else NaN."""
-    for candidate, value in zip(grid.texts, grid.values):
-        if text == candidate or (not grid.terminated and text.startswith(candidate)):
-            return value
-    return float("nan")
+def _key(values) -> np.ndarray:
+    """Values as comparable keys (a parsed reply and the metric's value of the same answer agree)."""
+    return np.round(np.asarray(values, dtype=float), 6)
+
+
+def value_tv(
+    distribution: pd.DataFrame, samples: pd.DataFrame, *, min_share: float = OWN_BIN_SHARE,
+    n_noise: int = 2000, seed: int = 0,
+) -> tuple[dict, pd.DataFrame]:
+    """The TV distance between one context's pooled metric distribution and its sampled replies, with
+    the sampling-noise reference (see the module docstring).
+
+    ``distribution``: ``prompt_id, candidate_value, mass`` (absolute probability) per covered answer;
+    ``samples``: ``prompt_id, value`` (the parsed reply; NaN = unparsed) per reply. Returns the
+    statistics and the pooled bin table (``bin, metric, sampled``).
+    """
+    ids = list(dict.fromkeys(samples["prompt_id"]))
+    dist = distribution[distribution["prompt_id"].isin(ids)].assign(key=lambda f: _key(f["candidate_value"]))
+    if set(ids) - set(dist["prompt_id"]):
+        raise ValueError(f"{len(set(ids) - set(dist['prompt_id']))} sampled prompts have no metric distribution")
+    pooled = dist.groupby("key")["mass"].sum() / len(ids)
+    own = pooled.index[pooled >= min_share].sort_values()
+    labels = [f"{v:g}" for v in own] + ["rare", "other"]
+    column = dict(zip(own, range(len(own))))
+    row_of = {p: i for i, p in enumerate(ids)}
+    metric = np.zeros((len(ids), len(labels)))
+    np.add.at(metric, (dist["prompt_id"].map(row_of).to_numpy(), dist["key"].map(column).fillna(len(own)).astype(int)),
+              dist["mass"].to_numpy())
+    metric[:, -1] = np.clip(1 - metric[:, :-1].sum(1), 0, None)
+    metric /= metric.sum(1, keepdims=True)
+    covered = set(zip(dist["prompt_id"], dist["key"]))
+    keys = _key(samples["value"])
+    bin_of = [column.get(k, len(own)) if (p, k) in covered else len(labels) - 1
+              for p, k in zip(samples["prompt_id"], keys)]
+    counts = np.zeros_like(metric)
+    np.add.at(counts, (samples["prompt_id"].map(row_of).to_numpy(), np.array(bin_of, dtype=int)), 1)
+    n = counts.sum(1)
+    expected = (metric * n[:, None]).sum(0) / n.sum()
+    observed = counts.sum(0) / n.sum()
+    tv = 0.5 * float(np.abs(observed - expected).sum())
+    draws = np.random.default_rng(seed).multinomial(n.astype(int), metric, size=(n_noise, len(ids)))
+    noise = 0.5 * np.abs(draws.sum(1) / n.sum() - expected).sum(-1)
+    p95 = float(np.quantile(noise, 0.95))
+    stats = {
+        "tv": tv, "tv_noise_p95": p95, "tv_within_noise": bool(tv <= p95),
+        "tv_p_value": float((1 + (noise >= tv).sum()) / (1 + n_noise)), "n_bins": len(labels),
+        "metric_uncovered": float(expected[-1]), "sampled_uncovered": float(observed[-1]),
+    }
+    return stats, pd.DataFrame({"bin": labels, "metric": expected, "sampled": observed})
+
+
+def sample_scale(summary: str):
+    """The per-sample transform and per-prompt aggregate that match a metric summary's name: the mean
+    of log10(1 + amount) for a log summary, the median for a median one, else the mean."""
+    transform = (lambda v: np.log10(1 + np.clip(v, 0, None))) if "log" in summary else (lambda v: v)
+    return transform, ("median" if "median" in summary else "mean")
+
+
+def _summaries(prompts: pd.DataFrame) -> pd.Series:
+    """Each prompt's summary name (``prompts["summary"]``; ``"mean"`` where absent), by prompt_id."""
+    names = prompts["summary"] if "summary" in prompts else pd.Series("mean", index=prompts.index)
+    return pd.Series(names.fillna("mean").to_numpy(), index=prompts["prompt_id"].to_numpy())
+
+
+def scaled_samples(prompts: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    """``samples`` with ``scaled``: each value on its prompt's summary scale (``sample_scale``)."""
+    names = samples["prompt_id"].map(_summaries(prompts)).fillna("mean")
+    scaled = np.full(len(samples), np.nan)
+    for name in names.unique():
+        rows = (names == name).to_numpy()
+        scaled[rows] = sample_scale(name)[0](samples.loc[rows, "value"].to_numpy(dtype=float))
+    return samples.assign(scaled=scaled)
 
 
 def per_prompt(prompts: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
-    """``prompts`` (with ``expected``) joined with each prompt's mean of valid samples and counts."""
-    counts = samples.groupby("prompt_id")["value"].agg(sampled_mean="mean", n_valid="count", n_samples="size")
+    """``prompts`` (with ``expected``) joined with ``sampled_mean``, the prompt's summary of its valid
+    ``scaled`` samples (see ``scaled_samples``), and its counts ``n_valid``, ``n_samples``."""
+    counts = samples.groupby("prompt_id")["scaled"].agg(["mean", "median", "count", "size"])
+    median = counts.index.map(_summaries(prompts)).map(lambda s: sample_scale(s)[1] == "median")
+    sampled = counts["median"].where(np.asarray(median, dtype=bool), counts["mean"])
+    counts = pd.DataFrame({"sampled_mean": sampled, "n_valid": counts["count"], "n_samples": counts["size"]})
     return prompts.join(counts, on="prompt_id")
 
 
@@ -102,39 +191,48 @@ def _race_gaps(frame: pd.DataFrame, prefix: str, **kw) -> pd.DataFrame:
 
 
 def compare(
-    prompts: pd.DataFrame, samples: pd.DataFrame, *, n_resamples: int = 1000, confidence: float = 0.95,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """Per context, the deterministic and sampled gaps (White minus Black) and their agreement.
+    prompts: pd.DataFrame, samples: pd.DataFrame, distribution: pd.DataFrame, *, n_resamples: int = 1000,
+    confidence: float = 0.95, n_noise: int = 2000, min_share: float = OWN_BIN_SHARE, seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per context, the TV agreement of the value distributions and both gaps (White minus Black).
 
     ``prompts``: one row per prompt with the ``META`` columns, ``expected`` (the deterministic
-    value) and ``grid_mass``. ``samples``: one row per sample with ``prompt_id``, ``value`` (NaN =
-    invalid reply) and ``grid_value`` (NaN = off the grid). The sampled gap, its interval, SMD,
-    ``sampled_auc`` (Mann-Whitney U / (n_White n_Black): the chance a White-name sample exceeds a
-    Black-name one) and ``median_sampled`` use every valid sample; correlations, means and
-    ``scale_ratio`` (mean sampled / mean expected) pair each prompt's ``expected`` with the mean of
-    its valid samples (prompts without one are left out).
+    value), ``grid_mass`` and optionally ``summary`` (the name of the metric's summary; default
+    mean). ``samples``: one row per sample with ``prompt_id`` and ``value`` (NaN = invalid reply).
+    ``distribution``: the metric's ``prompt_id, candidate_value, mass`` (see ``value_tv``). The
+    sampled gap, its interval, SMD, ``sampled_auc`` (Mann-Whitney U / (n_White n_Black): the chance
+    a White-name sample exceeds a Black-name one) and ``median_sampled`` use every valid sample on
+    the summary's scale; correlations and means pair each prompt's ``expected`` with the same
+    summary of its valid samples (prompts without one are left out). Returns the per-context table
+    and the pooled bins of every context.
     """
+    samples = scaled_samples(prompts, samples)
     table = per_prompt(prompts, samples)
     kw = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
-    every = samples[["prompt_id", "value", "grid_value"]].merge(prompts[list(META)], on="prompt_id")
-    valid = every.dropna(subset=["value"]).drop(columns="grid_value")
+    every = samples[["prompt_id", "value", "scaled"]].merge(prompts[list(META)], on="prompt_id")
+    valid = every.dropna(subset=["scaled"]).drop(columns="value").rename(columns={"scaled": "value"})
     gaps = _race_gaps(table.rename(columns={"expected": "value"}), "det_", **kw).join(
         _race_gaps(valid, "sampled_", **kw), how="outer")
     column, a, b = CONTRASTS["race"]
-    rows = []
+    rows, bins = [], []
     for context, cell in table.groupby("context", sort=False):
         pairs = cell.dropna(subset=["sampled_mean"])
         drawn = every[every["context"] == context]
-        side_a, side_b = (drawn.loc[drawn[column] == g, "value"].dropna() for g in (a, b))
+        side_a, side_b = (drawn.loc[drawn[column] == g, "scaled"].dropna() for g in (a, b))
         u, _ = mann_whitney(side_a, side_b)
         rho, p_rho = correlation(pairs["expected"], pairs["sampled_mean"], "spearman")
         r, p_r = correlation(pairs["expected"], pairs["sampled_mean"], "pearson")
+        tv, binned = value_tv(distribution, drawn[["prompt_id", "value"]], min_share=min_share, n_noise=n_noise,
+                              seed=seed)
+        bins.append(binned.assign(context=context))
         rows.append({
             "context": context,
             "answer_type": cell["answer_type"].iloc[0],
+            "summary": cell["summary"].iloc[0] if "summary" in cell else "mean",
             "n_prompts": len(cell),
             "samples_per_prompt": int(cell["n_samples"].max()),
+            **tv,
+            "mean_grid_mass": float(cell["grid_mass"].mean()),
             "invalid_share": float(1 - cell["n_valid"].sum() / cell["n_samples"].sum()),
             "spearman_rho": rho,
             "spearman_p": p_rho,
@@ -143,18 +241,14 @@ def compare(
             "n_correlated": len(pairs),
             "mean_expected": float(pairs["expected"].mean()),
             "mean_sampled": float(pairs["sampled_mean"].mean()),
-            "median_sampled": float(drawn["value"].median()),
+            "median_sampled": float(drawn["scaled"].median()),
             "mean_abs_difference": float((pairs["expected"] - pairs["sampled_mean"]).abs().mean()),
             "sampled_auc": u / max(len(side_a) * len(side_b), 1),
-            "mean_grid_mass": float(cell["grid_mass"].mean()),
-            "grid_share_sampled": float(drawn["grid_value"].notna().mean()),
-            "grid_mean_sampled": float(drawn["grid_value"].mean()),
         })
     out = pd.DataFrame(rows).join(gaps, on="context")
-    out["scale_ratio"] = out["mean_sampled"] / out["mean_expected"]
     det, sampled = np.sign(out["det_gap"]), np.sign(out["sampled_gap"])
     out["sign_agrees"] = (det == sampled).astype("boolean").mask(det.isna() | sampled.isna())
-    return out
+    return out, pd.concat(bins, ignore_index=True)[["context", "bin", "metric", "sampled"]]
 
 
 def cap_prompts(prompts: PromptSet, max_prompts: int, *, seed: int = 0) -> PromptSet:
@@ -184,6 +278,7 @@ def run_agreement(
     batch_size: int = 16,
     n_resamples: int = 1000,
     confidence: float = 0.95,
+    n_noise: int = 2000,
     seed: int = 0,
     progress: bool = True,
     out_dir: str | Path | None = None,
@@ -193,8 +288,8 @@ def run_agreement(
     Prompts default to the study's selection (``circuits.study.study_prompts``) of ``contexts``
     (default: the study's three), capped at ``max_prompts`` per context (``cap_prompts``); or pass a
     ready ``prompts`` set. Each context is sampled on its own, seeded per (prompt index in the
-    context, sample), so its rows do not depend on the other contexts chosen. ``batch_size``
-    counts rows per forward pass.
+    context, sample batch), so its rows do not depend on the other contexts chosen. ``batch_size``
+    counts rows per forward pass; ``n_noise`` simulated draws make the TV noise reference.
     """
     from circuits.study import study_prompts
 
@@ -209,7 +304,11 @@ def run_agreement(
                                 names_per_cell=names_per_cell, seed=seed)
     if max_prompts is not None:
         prompts = cap_prompts(prompts, max_prompts, seed=seed)
-    measured = measure(model, prompts, batch_size=batch_size, progress=progress).values
+    measurement = measure(model, prompts, batch_size=batch_size, progress=progress)
+    measured, distribution = measurement.values, measurement.distribution
+    if "mass" not in distribution:  # a grid metric's distribution is renormalized over its grid
+        grid_mass = measured.set_index("prompt_id")["grid_mass"]
+        distribution = distribution.assign(mass=distribution["probability"] * distribution["prompt_id"].map(grid_mass))
     parts = []
     for context in prompts.contexts:
         rows = prompts.filter(context=context)
@@ -223,19 +322,24 @@ def run_agreement(
             "sample": drawn["sample"],
             "text": drawn["text"],
             "value": [read_reply(answer.prefix, text, kind) for text in drawn["text"]],
-            "grid_value": [grid_value(text, answer.grid) for text in drawn["text"]],
         }))
     samples = pd.concat(parts, ignore_index=True)
+    summary = measurement.settings.get("summary", {})
     per = measured[[*META, "value", "grid_mass"]].rename(columns={"value": "expected"})
-    table = compare(per, samples, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    per["summary"] = per["context"].map(summary if isinstance(summary, dict) else {}).fillna("mean")
+    table, bins = compare(per, samples, distribution[["prompt_id", "candidate_value", "mass"]],
+                          n_resamples=n_resamples, confidence=confidence, n_noise=n_noise, seed=seed)
     settings = run_settings(model, prompts, variations=variations, names_per_cell=names_per_cell,
                             max_prompts=max_prompts, n_samples=n_samples, temperature=temperature,
                             max_new_tokens=max_new_tokens, n_resamples=n_resamples, confidence=confidence,
-                            seed=seed)
-    result = Agreement(table, per_prompt(per, samples), samples, settings)
+                            n_noise=n_noise, seed=seed)
+    result = Agreement(table, per_prompt(per, scaled_samples(per, samples)), samples, bins, settings)
     if out_dir is not None:
         result.save(out_dir)
     return result
 
 
-__all__ = ["Agreement", "cap_prompts", "compare", "grid_value", "per_prompt", "read_reply", "run_agreement"]
+__all__ = [
+    "Agreement", "cap_prompts", "compare", "per_prompt", "read_reply", "run_agreement", "sample_scale",
+    "scaled_samples", "value_tv",
+]

@@ -166,18 +166,22 @@ def _add_agreement(subparsers) -> None:
         help="compare the deterministic metric with sampled answers, per context",
         description=(
             "Check the deterministic metric against the papers' sampled one on the same prompts. Every "
-            "prompt gets its expected answer over the context's candidate grid and --samples sampled replies "
+            "prompt gets the metric's distribution over answer values and --samples sampled replies "
             "at --temperature, parsed as numbers (yes = 1, no = 0; unparsable replies count as invalid). "
-            "Per context it reports both White-minus-Black gaps with name x variation cluster-bootstrap "
+            "Per context it reports the total-variation distance between the metric's value distribution "
+            "and the sampled replies' (pooled over prompts; values under 1% of the mass share a bin, replies "
+            "the metric does not cover share an 'other' bin with its uncovered mass) beside its sampling-noise "
+            "reference (the 95th percentile of the same distance for simulated draws from the metric: "
+            "within noise when below), both White-minus-Black gaps with name x variation cluster-bootstrap "
             "intervals, the sampled SMD and Mann-Whitney p-value, the invalid-answer share, Spearman and "
             "Pearson correlations between each prompt's expected answer and the mean of its valid samples, "
-            "whether the two gaps have the same sign, and the ratio of the mean sampled to the mean expected "
-            "answer. Prompts are the study's "
+            "and whether the two gaps have the same sign. Prompts are the study's "
             "selection (--variations per context, --names-per-cell per name split). Writes agreement.parquet "
-            "(per context), prompts.parquet (per prompt), samples.parquet (every reply) and settings.json."
+            "(per context), prompts.parquet (per prompt), samples.parquet (every reply), bins.parquet (the "
+            "pooled bins) and settings.json."
         ),
-        epilog=f"Contexts: {', '.join(CONTEXTS)}. Sampling runs one full forward per new token: on a CPU, "
-        "bound the cost with --max-prompts, --samples and --max-new-tokens.",
+        epilog=f"Contexts: {', '.join(CONTEXTS)}. Sampling uses the model's KV cache (one prefill per prompt); "
+        "on a CPU, bound the cost with --max-prompts, --samples and --max-new-tokens.",
     )
     parser.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--contexts", nargs="+", metavar="NAME", default=list(StudyConfig.contexts),
@@ -228,9 +232,9 @@ def _run_agreement(args) -> int:
         progress=not args.no_progress,
         out_dir=args.out,
     )
-    columns = ["context", "n_prompts", "det_gap", "det_ci_low", "det_ci_high", "sampled_gap", "sampled_ci_low",
-               "sampled_ci_high", "sampled_p_mann_whitney", "invalid_share", "spearman_rho", "pearson_r",
-               "sign_agrees"]
+    columns = ["context", "n_prompts", "mean_grid_mass", "tv", "tv_noise_p95", "tv_within_noise", "det_gap",
+               "det_ci_low", "det_ci_high", "sampled_gap", "sampled_smd", "sampled_p_mann_whitney", "invalid_share",
+               "spearman_rho", "sign_agrees"]
     print(result.to_dataframe()[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {args.out}")
     return 0

@@ -3,9 +3,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from circuits.agreement import Agreement, cap_prompts, compare, grid_value, read_reply, run_agreement
+from circuits.agreement import Agreement, cap_prompts, compare, read_reply, run_agreement, value_tv
 from circuits.cli import build_parser, main
-from circuits.contexts import AnswerGrid
 from circuits.prompts import build_prompts
 from circuits.stats import UndefinedStatisticWarning, correlation
 from interp.testing import tiny_model_dir
@@ -18,25 +17,29 @@ def agreement(tiny_model):
     return run_agreement(tiny_model, ["chess", "lending_approval"], **SETTINGS)
 
 
-def _constructed(expected, sampled, groups):
-    """Per-prompt and per-sample tables of one context from known values (rows of ``sampled``); a
-    sample is on the grid when its value is a multiple of 10, and every grid mass is 0.25."""
+def _constructed(expected, sampled, groups, summary="mean"):
+    """Per-prompt, per-sample and distribution tables of one context from known values (rows of
+    ``sampled``); every prompt's metric covers 0.25 of its mass, spread over the values 10 ... 60."""
     prompts = pd.DataFrame({
         "prompt_id": [f"p{i}" for i in range(len(expected))], "context": "c", "variation": "v", "detail": "low",
         "name": [f"{g}{i}" for i, g in enumerate(groups)], "group": groups, "gender": "man",
-        "answer_type": "dollars", "sign": 1, "expected": expected, "grid_mass": 0.25,
+        "answer_type": "dollars", "sign": 1, "expected": expected, "grid_mass": 0.25, "summary": summary,
     })
-    samples = pd.DataFrame([{"prompt_id": f"p{i}", "sample": s, "value": v, "grid_value": v if v % 10 == 0 else np.nan}
+    samples = pd.DataFrame([{"prompt_id": f"p{i}", "sample": s, "value": v}
                             for i, row in enumerate(sampled) for s, v in enumerate(row)])
-    return prompts, samples
+    values = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    distribution = pd.DataFrame([{"prompt_id": p, "candidate_value": v, "mass": 0.25 / len(values)}
+                                 for p in prompts["prompt_id"] for v in values])
+    return prompts, samples, distribution
 
 
 def test_compare_on_known_values():
     expected = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
     sampled = [[12, np.nan], [18, 22], [np.nan, np.nan], [45, 35], [70, 50], [58, np.nan]]
     groups = ["White", "Black", "White", "Black", "White", "Black"]
-    prompts, samples = _constructed(expected, sampled, groups)
-    row = compare(prompts, samples, n_resamples=50).iloc[0]
+    prompts, samples, distribution = _constructed(expected, sampled, groups)
+    table, bins = compare(prompts, samples, distribution, n_resamples=50, n_noise=200)
+    row = table.iloc[0]
     means = np.array([12, 20, 40, 60, 58])  # prompt p2 has no valid sample and drops out
     paired = np.array([10, 20, 40, 50, 60])
     assert row["invalid_share"] == pytest.approx(4 / 12)
@@ -44,26 +47,61 @@ def test_compare_on_known_values():
     assert row["spearman_rho"] == pytest.approx(stats.spearmanr(paired, means).statistic)
     assert row["pearson_r"] == pytest.approx(stats.pearsonr(paired, means).statistic)
     assert row["mean_abs_difference"] == pytest.approx(np.abs(paired - means).mean())
-    assert row["scale_ratio"] == pytest.approx(means.mean() / paired.mean())
     assert row["median_sampled"] == 40  # of every valid sample
     assert row["det_gap"] == pytest.approx(30 - 40)
     assert row["sampled_gap"] == pytest.approx(np.mean([12, 70, 50]) - np.mean([18, 22, 45, 35, 58]))
     white, black = [12, 70, 50], [18, 22, 45, 35, 58]
     assert row["sampled_p_mann_whitney"] == pytest.approx(stats.mannwhitneyu(white, black).pvalue)
     assert row["sampled_auc"] == pytest.approx(stats.mannwhitneyu(white, black).statistic / 15)
-    assert row["grid_share_sampled"] == pytest.approx(2 / 12) and row["grid_mean_sampled"] == 60  # 70 and 50
+    # 50 is the only reply on a covered value: 1 of 12 replies; the metric covers 0.25 (1/24 per value)
+    assert row["sampled_uncovered"] == pytest.approx(11 / 12) and row["metric_uncovered"] == pytest.approx(0.75)
+    assert row["tv"] == pytest.approx(0.5 * (5 / 24 + abs(1 / 12 - 1 / 24) + (11 / 12 - 0.75)))
+    assert row["n_bins"] == 8 and bins["bin"].tolist() == ["10", "20", "30", "40", "50", "60", "rare", "other"]
+    assert bins["metric"].sum() == pytest.approx(1) and bins["sampled"].sum() == pytest.approx(1)
     assert row["mean_grid_mass"] == 0.25
     assert row["det_ci_low"] <= row["det_gap"] <= row["det_ci_high"]
     assert not row["sign_agrees"]
 
 
+def test_log_summaries_compare_samples_on_the_log_scale():
+    prompts, samples, distribution = _constructed([1.0, 2.0, 3.0, 1.5], [[9, 99], [99, 999], [999, 9999], [9, 9]],
+                                                  ["White", "Black", "White", "Black"], summary="log10")
+    table, _ = compare(prompts, samples, distribution, n_resamples=20, n_noise=50)
+    assert table["mean_sampled"].iloc[0] == pytest.approx(np.mean([1.5, 2.5, 3.5, 1.0]))
+    assert table["sampled_gap"].iloc[0] == pytest.approx(np.mean([1, 2, 3, 4]) - np.mean([2, 3, 1, 1]))
+
+
+def test_tv_is_within_noise_for_draws_from_the_metric_and_not_for_others():
+    """Replies drawn from the metric's own distribution pass the noise test (at about its 5% level);
+    replies drawn from a shifted one fail it; rare values share a bin; unparsed replies are 'other'."""
+    rng = np.random.default_rng(0)
+    values = np.array([100.0, 200.0, 500.0, 1000.0, 1e6])
+    masses = np.array([[0.3, 0.3, 0.2, 0.1, 0.005], [0.1, 0.2, 0.3, 0.3, 0.005]])  # 0.095 uncovered each
+    distribution = pd.DataFrame([{"prompt_id": f"p{i}", "candidate_value": v, "mass": m}
+                                 for i in range(2) for v, m in zip(values, masses[i])])
+
+    def replies(probs, n=300):
+        outcomes = np.append(values, np.nan)
+        return pd.DataFrame([{"prompt_id": f"p{i}", "value": v} for i in range(2)
+                             for v in rng.choice(outcomes, size=n, p=np.append(probs[i], 1 - probs[i].sum()))])
+
+    passed = [value_tv(distribution, replies(masses), n_noise=500, seed=s)[0]["tv_within_noise"] for s in range(20)]
+    assert sum(passed) >= 16
+    shifted = masses + np.array([-0.1, 0, 0, 0.1, 0])  # a tenth of the mass moved from 100 to 1000
+    stats_, bins = value_tv(distribution, replies(shifted), n_noise=500)
+    assert not stats_["tv_within_noise"] and stats_["tv_p_value"] < 0.01
+    assert bins["bin"].tolist() == ["100", "200", "500", "1000", "rare", "other"]
+    assert bins.set_index("bin").loc["rare", "metric"] == pytest.approx(0.005)
+    assert bins.set_index("bin").loc["other", "metric"] == pytest.approx(0.095)
+
+
 def test_sign_agreement_and_missing_sampled_gap():
     groups = ["White", "White", "Black", "Black"]
-    prompts, samples = _constructed([5.0, 6.0, 1.0, 2.0], [[9, 8], [7, 9], [1, 2], [3, 1]], groups)
-    assert bool(compare(prompts, samples, n_resamples=20)["sign_agrees"].iloc[0])
-    prompts, samples = _constructed([5.0, 6.0, 1.0, 2.0], [[9, 8], [7, 9], [np.nan] * 2, [np.nan] * 2], groups)
+    prompts, samples, dist = _constructed([5.0, 6.0, 1.0, 2.0], [[9, 8], [7, 9], [1, 2], [3, 1]], groups)
+    assert bool(compare(prompts, samples, dist, n_resamples=20, n_noise=50)[0]["sign_agrees"].iloc[0])
+    prompts, samples, dist = _constructed([5.0, 6.0, 1.0, 2.0], [[9, 8], [7, 9], [np.nan] * 2, [np.nan] * 2], groups)
     with pytest.warns(UserWarning, match="no race gap"):
-        row = compare(prompts, samples, n_resamples=20).iloc[0]
+        row = compare(prompts, samples, dist, n_resamples=20, n_noise=50)[0].iloc[0]
     assert np.isnan(row["sampled_gap"]) and pd.isna(row["sign_agrees"]) and row["invalid_share"] == 0.5
 
 
@@ -89,14 +127,6 @@ def test_read_reply_reads_after_the_prefix(prefix, text, answer_type, value):
     np.testing.assert_equal(read_reply(prefix, text, answer_type), value)
 
 
-def test_grid_value_reads_the_candidate_a_reply_starts_with():
-    grid = AnswerGrid.numbers((5000, 10000))
-    assert [grid_value(t, grid) for t in ("5,000", "10,000 dollars")] == [5000, 10000]
-    assert np.isnan(grid_value("50,000", grid)) and np.isnan(grid_value(" 5,000", grid))
-    ranks = AnswerGrid.numbers((1, 10), terminated=True)
-    assert grid_value("10", ranks) == 10 and np.isnan(grid_value("100", ranks))
-
-
 def test_cap_prompts_balances_cells_and_names(tiny_model):
     prompts = build_prompts(tiny_model, ["chess", "sports"], details=["low"])
     capped = cap_prompts(prompts, 8, seed=3)
@@ -118,6 +148,10 @@ def test_frames_are_well_formed(agreement):
         values = agreement.samples.loc[agreement.samples["prompt_id"].str.startswith(context + "|"), "value"]
         assert row["invalid_share"] == pytest.approx(values.isna().mean())
     assert np.isfinite(table["det_gap"]).all()
+    assert table["tv"].between(0, 1).all() and table["tv_noise_p95"].between(0, 1).all()
+    assert (table["tv_within_noise"] == (table["tv"] <= table["tv_noise_p95"])).all()
+    assert set(agreement.bins["context"]) == set(table["context"])
+    assert np.allclose(agreement.bins.groupby("context")[["metric", "sampled"]].sum(), 1)
     assert table["det_ci_low"].le(table["det_gap"]).all() and table["det_gap"].le(table["det_ci_high"]).all()
 
 
@@ -125,6 +159,7 @@ def test_save_and_load_round_trip(agreement, tmp_path):
     loaded = Agreement.load(agreement.save(tmp_path / "a"))
     pd.testing.assert_frame_equal(loaded.to_dataframe(), agreement.to_dataframe())
     pd.testing.assert_frame_equal(loaded.samples, agreement.samples)
+    pd.testing.assert_frame_equal(loaded.bins, agreement.bins)
     assert loaded.settings == agreement.settings
     with pytest.raises(FileNotFoundError, match="not a saved Agreement"):
         Agreement.load(tmp_path / "missing")
@@ -160,3 +195,5 @@ def test_cli_help_explains_agreement(capsys):
         build_parser().parse_args(["agreement", "--help"])
     text = capsys.readouterr().out
     assert "Spearman" in text and "--max-prompts" in text and "lending_amount" in text
+    flat = " ".join(text.replace("-\n", "-").split())
+    assert "total-variation distance" in flat and "within noise" in flat
