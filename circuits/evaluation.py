@@ -1,10 +1,14 @@
 """Bias and utility of a model with a component set ablated, across evaluation sets.
 
-Bias on an evaluation set is the mean paired difference of the context's deterministic metric
-(expected answer over its grid) between the two rows of each counterfactual pair, A minus B,
-in the context's units; its reduction is ``1 - |gap with ablation| / |gap without|``. Utility is
-the KL divergence from the unablated model on the neutral text shipped with the package, and
-that text's perplexity.
+Bias on an evaluation set is the gap of the context's metric over all its prompts: mean over
+group A prompts minus mean over group B prompts, in the context's units. The endpoint of an
+ablation is the paired change of that gap, ``delta_gap`` = gap after - gap before on the same
+prompts, with a two-way cluster bootstrap interval over names x templates, the signed share of the
+gap removed, and an overshoot flag (``circuits.stats.gap_change``); the old ratio
+``1 - |gap after| / |gap before|`` stays as a secondary column. Utility is the KL divergence from
+the unablated model on neutral text shipped with the package, and that text's perplexity; the
+texts are split in two halves, one to choose components with (FASP's per-head utility) and one to
+report utility on, so no text is both.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -21,7 +26,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.prompts import PairSet
+from circuits.prompts import PairSet, PromptSet, tokenize_prompts
+from circuits.stats import gap_change
 from interp.ablation import ablated
 from interp.batching import TokenBatch, tokenize
 from interp.components import ComponentSet
@@ -30,10 +36,20 @@ from interp.memory import Backoff
 from interp.metrics import Metric, run_metric
 
 
-def neutral_texts() -> list[str]:
-    """The neutral sentences shipped with the package (our own text), one per line."""
+def neutral_texts(part: str | None = None) -> list[str]:
+    """The neutral sentences shipped with the package (our own text), one per line.
+
+    ``part="select"`` is the first half (for choosing components, e.g. FASP's per-head utility),
+    ``part="report"`` the second half (KL and perplexity reported for a pruned model); None, all.
+    """
     text = (Path(__file__).parent / "data" / "neutral.txt").read_text()
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if part is None:
+        return lines
+    if part not in ("select", "report"):
+        raise ValueError(f"part must be 'select', 'report' or None, got {part!r}")
+    half = len(lines) // 2
+    return lines[:half] if part == "select" else lines[half:]
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,7 +61,8 @@ class UtilityProbe:
 
     @classmethod
     def build(cls, model, texts: Sequence[str] | None = None) -> "UtilityProbe":
-        batch = tokenize(model, list(texts or neutral_texts()))
+        """A probe on ``texts`` (default: the reporting half of the neutral text)."""
+        batch = tokenize(model, list(texts or neutral_texts("report")))
         with torch.no_grad():
             reference = model(batch.tokens).float().log_softmax(-1)
         return cls(batch, reference)
@@ -67,13 +84,81 @@ class UtilityProbe:
         return {"kl": float(kl), "perplexity": float(ppl)}
 
 
+PROMPT_COLUMNS = ("prompt_id", "name", "group", "template")
+
+
 @dataclass(frozen=True, eq=False)
 class EvalSet:
-    """Counterfactual pairs of one context and the metric that measures them."""
+    """The prompts of one evaluation split and the metric that measures them.
+
+    ``prompts`` (a batch) with ``frame`` (one row per prompt: ``prompt_id``, ``name``, ``group``,
+    ``template``) are what is evaluated; ``pairs`` are optional counterfactual pairs for pair-based
+    scoring. A set of pairs alone evaluates their A rows and B rows as its prompts.
+    """
 
     name: str
-    pairs: PairSet
+    pairs: PairSet | None
     metric: Metric
+    prompts: TokenBatch | None = None
+    frame: pd.DataFrame | None = None
+    group_a: str = "White"
+
+    @classmethod
+    def from_prompts(cls, model, name: str, prompts: PromptSet, metric: Metric, *,
+                     pairs: PairSet | None = None, group_a: str = "White") -> "EvalSet":
+        """Every prompt of ``prompts``; a template is a (variation, detail) cell."""
+        batch, _ = tokenize_prompts(model, prompts)
+        frame = prompts.frame.assign(template=prompts.frame["variation"] + "|" + prompts.frame["detail"])
+        return cls(name, pairs, metric, batch, frame.reset_index(drop=True), group_a)
+
+    def rows(self) -> tuple[TokenBatch, pd.DataFrame]:
+        """The prompts evaluated and their table (``PROMPT_COLUMNS`` at least)."""
+        if self.prompts is not None:
+            return self.prompts, self.frame
+        if self.pairs is None:
+            raise ValueError(f"evaluation set {self.name!r} holds neither prompts nor pairs")
+        pairs, n = self.pairs, len(self.pairs)
+        clean, corrupt = pairs.clean, pairs.corrupt
+        batch = TokenBatch(torch.cat([clean.tokens, corrupt.tokens]), torch.cat([clean.attention_mask,
+                           corrupt.attention_mask]), torch.cat([clean.answer_pos, corrupt.answer_pos]))
+        table = pairs.frame
+        frame = pd.DataFrame({"group": [pairs.clean_group] * n + [pairs.corrupt_group] * n})
+        if {"name_a", "name_b", "variation", "detail"} <= set(table.columns):
+            frame["name"] = list(table["name_a"]) + list(table["name_b"])
+            frame["prompt_id"] = list(table["prompt_id_a"]) + list(table["prompt_id_b"])
+            frame["template"] = list(table["variation"] + "|" + table["detail"]) * 2
+        else:  # a bare pair table: every row its own name, one template
+            frame["name"] = [f"a{i}" for i in range(n)] + [f"b{i}" for i in range(n)]
+            frame["prompt_id"] = frame["name"]
+            frame["template"] = "all"
+        return batch, frame
+
+
+def _sharded_values(model, metric: Metric, batch: TokenBatch, backoff: Backoff) -> Tensor:
+    """``run_metric`` over ``batch`` in microbatches; under torch.distributed each rank runs a block."""
+    n = len(batch)
+    shard = current_shard()
+    local = shard.indices(n)
+    first = int(local[0]) if len(local) else 0
+    device = torch.device(model.cfg.device) if shard.world_size > 1 else torch.device("cpu")
+    out = torch.zeros(len(local), dtype=torch.float32, device=device)
+
+    def run(part: slice) -> None:
+        rows = slice(first + part.start, first + part.stop)
+        out[part] = run_metric(model, metric, batch.select(rows)).float().to(device)
+
+    with torch.no_grad():
+        for _ in backoff.batches(len(local), run):
+            pass
+    if shard.world_size > 1:
+        out = all_gather_rows(out, n)
+    return out.cpu()
+
+
+def prompt_values(model, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None) -> Tensor:
+    """The metric on every prompt of ``eval_set.rows()``, for the model as it runs now."""
+    batch, _ = eval_set.rows()
+    return _sharded_values(model, eval_set.metric, batch, backoff or Backoff(batch_size, what="evaluation batch"))
 
 
 def paired_values(
@@ -81,33 +166,17 @@ def paired_values(
 ) -> tuple[Tensor, Tensor]:
     """Metric on the A rows and on the B rows of every pair, for the model as it runs now.
 
-    Pairs run in microbatches of ``batch_size``, halved and retried on out-of-memory (said once);
+    Rows run in microbatches of ``batch_size``, halved and retried on out-of-memory (said once);
     pass a ``Backoff`` to share the batch size (and the one report) across calls.
     Launched with ``torchrun`` (an initialized process group of world size > 1), each rank runs a
-    contiguous block of the pairs and every rank returns the values of all of them.
+    contiguous block of the rows and every rank returns the values of all of them.
     """
-    metric, pairs = eval_set.metric, eval_set.pairs
-    n = len(pairs)
-    shard = current_shard()
-    local = shard.indices(n)
-    first = int(local[0]) if len(local) else 0
-    device = torch.device(model.cfg.device) if shard.world_size > 1 else torch.device("cpu")
-    out_a = torch.zeros(len(local), dtype=torch.float32, device=device)
-    out_b = torch.zeros(len(local), dtype=torch.float32, device=device)
-
-    def run(part: slice) -> None:
-        rows = slice(first + part.start, first + part.stop)
-        a = run_metric(model, metric, pairs.clean.select(rows))  # both computed before either is kept
-        b = run_metric(model, metric, pairs.corrupt.select(rows))
-        out_a[part], out_b[part] = a.float().to(device), b.float().to(device)
-
-    backoff = backoff or Backoff(batch_size, what="evaluation batch")
-    with torch.no_grad():
-        for _ in backoff.batches(len(local), run):
-            pass
-    if shard.world_size > 1:  # a rank's block into the full rows (the collective wants the model's device)
-        out_a, out_b = all_gather_rows(out_a, n), all_gather_rows(out_b, n)
-    return out_a.cpu(), out_b.cpu()
+    if eval_set.pairs is None:
+        raise ValueError(f"evaluation set {eval_set.name!r} has no pairs; use prompt_values")
+    pairs_only = EvalSet(eval_set.name, eval_set.pairs, eval_set.metric)
+    values = prompt_values(model, pairs_only, batch_size=batch_size, backoff=backoff)
+    n = len(eval_set.pairs)
+    return values[:n], values[n:]
 
 
 @dataclass(frozen=True)
@@ -144,18 +213,23 @@ def evaluate(
     plan: Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 16,
     seed: int = 0,
+    n_bootstrap: int = 1000,
     progress: bool = True,
 ) -> Evaluation:
-    """Ablate each component set in turn and measure evaluation sets plus utility.
+    """Ablate each component set in turn and measure every prompt of the evaluation sets, plus utility.
 
-    ``reduction`` (1 - |gap| / |unablated gap|) comes with a 95% percentile interval from a paired
-    bootstrap over the evaluation set's pairs (``reduction_low``/``reduction_high``; seeded by ``seed``).
+    Per (set, evaluation set): ``gap`` (after), ``baseline_gap``, and from ``circuits.stats.gap_change``
+    (a two-way cluster bootstrap over names x templates, names drawn within their group, the same
+    ``n_bootstrap`` resamples, seeded by ``seed``, for before and after) ``delta_gap`` with
+    ``delta_low``/``delta_high``, ``share_removed`` with ``share_low``/``share_high``, the after-gap's
+    ``after_low``/``after_high``, ``overshoot``, and the evaluation set's ``gap_sd`` and ``mde`` (minimum
+    detectable delta at 80% power). ``reduction`` = 1 - |gap| / |baseline gap| is kept as a secondary
+    column, with its percentile interval over the same resamples.
 
-    The empty set (the unablated model) is measured once on every evaluation set as the
-    baseline, under the label ``"none"``; reductions are relative to it. ``plan`` maps a set's
-    label to the names of the evaluation sets it is measured on (default: all). Under
-    ``torch.distributed`` the pairs of each evaluation set are sharded across ranks (see
-    ``paired_values``) and every rank returns the same table; utility is measured on every rank.
+    The empty set (the unablated model) is measured once on every evaluation set as the baseline,
+    under the label ``"none"``. ``plan`` maps a set's label to the names of the evaluation sets it
+    is measured on (default: all). Under ``torch.distributed`` the prompts of each evaluation set are
+    sharded across ranks and every rank returns the same table; utility is measured on every rank.
     """
     if "none" in sets:
         raise ValueError("'none' is reserved for the unablated baseline; rename that component set")
@@ -169,7 +243,7 @@ def evaluate(
     probe = probe or UtilityProbe.build(model)
     rows = []
     labelled = {"none": ComponentSet(), **sets}
-    baseline: dict[str, Tensor] = {}  # per-pair differences of the unablated model
+    baseline: dict[str, Tensor] = {}  # per-prompt values of the unablated model
     backoff = Backoff(batch_size, what="evaluation batch")  # a size that ran out of memory is not retried
     for label, components in tqdm(labelled.items(), desc="evaluate", disable=not progress):
         with ablated(model, components, how, means=means):
@@ -177,60 +251,77 @@ def evaluate(
             for es in eval_sets:
                 if label != "none" and plan is not None and label in plan and es.name not in plan[label]:
                     continue
-                a, b = paired_values(model, es, backoff=backoff)
-                diff = a - b
-                gap = float(diff.mean())
-                base_diff = baseline.setdefault(es.name, diff)
-                base = float(base_diff.mean())
-                low, high = _reduction_interval(diff, base_diff, seed=seed) if label != "none" else (0.0, 0.0)
-                rows.append(
-                    {
-                        "set": label,
-                        "n_components": len(components),
-                        "eval": es.name,
-                        "gap": gap,
-                        "gap_se": float(diff.std() / max(1, len(diff)) ** 0.5) if len(diff) > 1 else float("nan"),
-                        "baseline_gap": base,
-                        "reduction": 1 - abs(gap) / abs(base) if base != 0 else float("nan"),
-                        "reduction_low": low,
-                        "reduction_high": high,
-                        "mean_a": float(a.mean()),
-                        "mean_b": float(b.mean()),
-                        "n_pairs": len(diff),
-                        **utility,
-                    }
-                )
-    settings = {"how": how, "sets": {k: len(v) for k, v in sets.items()}, "eval_sets": [e.name for e in eval_sets]}
+                values = prompt_values(model, es, backoff=backoff)
+                base = baseline.setdefault(es.name, values)
+                rows.append({"set": label, "n_components": len(components), "eval": es.name,
+                             **_endpoints(es, base, values, seed=seed, n_bootstrap=n_bootstrap), **utility})
+    settings = {"how": how, "sets": {k: len(v) for k, v in sets.items()}, "eval_sets": [e.name for e in eval_sets],
+                "n_bootstrap": n_bootstrap, "seed": seed}
     return Evaluation(pd.DataFrame(rows), settings)
 
 
-def _reduction_interval(diff: Tensor, base_diff: Tensor, *, seed: int) -> tuple[float, float]:
-    """Paired-bootstrap 95% interval of 1 - |mean(diff)| / |mean(base_diff)| over the pairs."""
-    from circuits.stats import bootstrap_ci
-
-    def reduction(d, b):
-        return 1 - abs(d.mean()) / abs(b.mean())
-
-    with warnings.catch_warnings():  # too few pairs (or a zero unablated gap) gives NaN, shown as such
+def _endpoints(eval_set: EvalSet, before: Tensor, after: Tensor, *, seed: int, n_bootstrap: int) -> dict:
+    """The gap endpoints of one evaluation set before and after an ablation (see ``evaluate``)."""
+    _, frame = eval_set.rows()
+    table = frame[list(PROMPT_COLUMNS)].assign(before=before.numpy(), after=after.numpy())
+    with warnings.catch_warnings():  # a degenerate resample (zero gap) is NaN, shown as such
         warnings.simplefilter("ignore", RuntimeWarning)
-        return bootstrap_ci((diff.cpu().numpy(), base_diff.cpu().numpy()), reduction, paired=True,
-                            n_resamples=1000, seed=seed)
+        change = gap_change(table, "before", "after", group_a=eval_set.group_a, clusters=("name", "template"),
+                            n_resamples=n_bootstrap, seed=seed)
+    in_a = table["group"] == eval_set.group_a
+    base, gap = change.pop("gap_before"), change.pop("gap_after")
+    ratio = change.pop("reduction_resamples")
+    low, high = (float(v) for v in np.nanpercentile(ratio, [2.5, 97.5])) if np.isfinite(ratio).any() else (np.nan,) * 2
+    return {
+        "gap": gap,
+        "baseline_gap": base,
+        **change,
+        "reduction": 1 - abs(gap) / abs(base) if base != 0 else float("nan"),
+        "reduction_low": low,
+        "reduction_high": high,
+        "mean_a": float(table.loc[in_a, "after"].mean()),
+        "mean_b": float(table.loc[~in_a, "after"].mean()),
+        "n_prompts": len(table),
+        "n_names": int(table["name"].nunique()),
+        "n_templates": int(table["template"].nunique()),
+    }
 
 
-def head_utility(model, probe: UtilityProbe, *, n_texts: int = 10, progress: bool = True) -> Float[Tensor, "layer head"]:
-    """KL from the unablated model on neutral text when each head alone is zero-ablated (FASP's utility)."""
+def head_utility(
+    model, probe: UtilityProbe, *, n_texts: int | None = None, measure: str = "perplexity", progress: bool = True
+) -> Float[Tensor, "layer head"]:
+    """FASP's z_ppl: the damage to ``probe``'s texts when each head alone is zero-ablated.
+
+    ``measure="perplexity"`` (as published): perplexity of the texts without the head minus with it;
+    ``"kl"``: mean per-token KL from the unablated model. Build ``probe`` on texts disjoint from those
+    utility is reported on (``UtilityProbe.build(model, neutral_texts("select"))``).
+    """
     from interp.components import ComponentShape, Head
     from interp.sweeps import ablation_sweep
 
-    probe = probe.subset(n_texts)
+    if measure not in ("perplexity", "kl"):
+        raise ValueError(f"measure must be 'perplexity' or 'kl', got {measure!r}")
+    probe = probe if n_texts is None else probe.subset(n_texts)
     shape = ComponentShape.of(model)
     mask = probe.batch.attention_mask.float()
+    tokens = probe.batch.tokens
 
     def kl(logits, prompts):
         per_pos = F.kl_div(logits.float().log_softmax(-1), probe.reference[prompts], log_target=True,
                            reduction="none").sum(-1)
         return (per_pos * mask[prompts]).sum(-1) / mask[prompts].sum(-1)
 
+    def nll(logits, prompts):  # summed next-token negative log-likelihood of each text
+        logp = logits[:, :-1].float().log_softmax(-1)
+        token_nll = -logp.gather(-1, tokens[prompts, 1:, None].to(logp.device)).squeeze(-1)
+        return (token_nll * mask[prompts, 1:].to(logp.device)).sum(-1)
+
     heads = [Head(layer, head) for layer in range(shape.n_layers) for head in range(shape.n_heads)]
-    values = ablation_sweep(model, probe.batch, heads, kl, progress=progress, desc="head utility")
-    return values.mean(-1).reshape(shape.n_layers, shape.n_heads)
+    values = ablation_sweep(model, probe.batch, heads, kl if measure == "kl" else nll, progress=progress,
+                            desc="head utility")
+    if measure == "kl":
+        return values.mean(-1).reshape(shape.n_layers, shape.n_heads)
+    n_tokens = mask[:, 1:].sum()
+    perplexity = torch.exp(values.sum(-1) / n_tokens)
+    unablated = torch.tensor(probe.measure(model)["perplexity"])
+    return (perplexity - unablated).reshape(shape.n_layers, shape.n_heads)

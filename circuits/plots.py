@@ -280,13 +280,17 @@ def top_components(df: pd.DataFrame, k: int = 20) -> Figure:
 def bias_vs_sparsity(df: pd.DataFrame) -> Figure:
     """Bias after pruning ``k`` components, one line per strategy, one panel per evaluation context.
 
-    Columns: ``strategy, k, eval_context, bias`` and optionally ``bias_lo, bias_hi`` (drawn as bands).
-    Rows with ``strategy == "none"`` give the unpruned bias, drawn as a dashed line. The k axis is
-    logarithmic when k spans more than a factor of 20.
+    Columns: ``strategy, k, eval_context, bias`` and optionally ``bias_lo, bias_hi`` (the strategy's
+    interval, drawn as a band) and ``null_lo, null_hi`` (the same for random sets of the same kind
+    and size, drawn as a hatched band edged with dotted lines). Rows with ``strategy == "none"`` give
+    the unpruned bias, drawn as a dashed line. The k axis is logarithmic when k spans more than a
+    factor of 20.
     """
     figure = "bias_vs_sparsity"
-    _require(df, figure, ["strategy", "k", "eval_context", "bias"], ["bias_lo", "bias_hi"], numeric=["k", "bias"])
+    _require(df, figure, ["strategy", "k", "eval_context", "bias"], ["bias_lo", "bias_hi", "null_lo", "null_hi"],
+             numeric=["k", "bias"])
     band = _paired(df, figure, "bias_lo", "bias_hi")
+    null = _paired(df, figure, "null_lo", "null_hi")
     unpruned = df[df["strategy"] == "none"]
     pruned = df[df["strategy"] != "none"]
     if pruned.empty:
@@ -304,6 +308,11 @@ def bias_vs_sparsity(df: pd.DataFrame) -> Figure:
             ax.plot(line["k"], line["bias"], marker="o", markersize=4, color=colours[strategy], label=strategy)
             if band:
                 ax.fill_between(line["k"], line["bias_lo"], line["bias_hi"], color=colours[strategy], alpha=0.2, lw=0)
+            if null and line["null_lo"].notna().any():
+                ax.fill_between(line["k"], line["null_lo"], line["null_hi"], facecolor="none", hatch="///",
+                                edgecolor=colours[strategy], alpha=0.35, lw=0, label=f"{strategy} null")
+                for edge in ("null_lo", "null_hi"):
+                    ax.plot(line["k"], line[edge], color=colours[strategy], linestyle=":", linewidth=0.8)
         baseline = unpruned.loc[unpruned["eval_context"] == context, "bias"]
         if len(baseline):
             ax.axhline(baseline.mean(), color="0.25", linestyle="--", linewidth=1.2, label="unpruned")
@@ -313,6 +322,8 @@ def bias_vs_sparsity(df: pd.DataFrame) -> Figure:
     handles = [Line2D([], [], color=colours[s], marker="o", markersize=4, label=s) for s in strategies]
     if len(unpruned):
         handles.append(Line2D([], [], color="0.25", linestyle="--", label="unpruned"))
+    if null:
+        handles.append(Line2D([], [], color="0.4", linestyle=":", label="random sets (null)"))
     fig.legend(handles=handles, loc="outside right upper", title="strategy", fontsize=8)
     fig.suptitle("Bias vs number of pruned components")
     return fig

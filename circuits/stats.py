@@ -314,7 +314,8 @@ def gap_change(
       opposite sign of the before-gap and its interval excludes zero;
     - ``gap_sd``: the bootstrap SD of the before-gap, and ``mde`` = (z_0.975 + z_0.80) * gap_sd, the
       smallest change of the gap a two-sided 5% test detects with 80% power (normal approximation,
-      taking the SD of a change to be that of the gap itself).
+      taking the SD of a change to be that of the gap itself);
+    - ``reduction_resamples``: the old ratio ``1 - |after| / |before|`` on every resample.
     """
     _check_level(confidence)
     for column in (before, after, group):
@@ -351,6 +352,7 @@ def gap_change(
         "overshoot": bool(sign != 0 and (sign * after_high < 0)),
         "gap_sd": gap_sd,
         "mde": POWER_Z * gap_sd,
+        "reduction_resamples": 1 - np.abs(boot_after) / np.abs(boot_before),
     }
 
 

@@ -53,17 +53,26 @@ def _attribution_section(scores: dict) -> Section:
 def _pruning_sections(gen: Generalization) -> list[Section]:
     frame = gen.frame
     own = frame[(frame["level"] == "L1") | ((frame["strategy"] == "none") & (frame["split"] == "heldout"))]
-    own = own.assign(bias=own["gap"].abs(), eval_context=own["eval_context"])
-    curves = own[["strategy", "k", "eval_context", "bias"]]
+    curves = own.assign(bias=own["gap"], bias_lo=own["after_low"], bias_hi=own["after_high"])
+    if "null_low" in own:
+        curves = curves.assign(null_lo=own["baseline_gap"] + own["null_low"],
+                               null_hi=own["baseline_gap"] + own["null_high"])
+    curves = curves[[c for c in ("strategy", "k", "eval_context", "bias", "bias_lo", "bias_hi", "null_lo", "null_hi")
+                     if c in curves]]
+    columns = ["strategy", "k", "eval_context", "baseline_gap", "gap", "delta_gap", "delta_low", "delta_high",
+               "share_removed", "share_low", "share_high", "overshoot", "null_low", "null_high", "outside_null",
+               "reduction", "mde", "n_prompts", "n_names", "kl", "perplexity", "n_components"]
     sections = [Section(
         "Bias vs sparsity",
-        "Absolute gap on each context's held-out variations (L1) after ablating the top-k components "
-        "found on its training split, per strategy; the dashed line is the unablated model. Reductions "
-        "carry 95% intervals from a paired bootstrap over the held-out pairs.",
-        tables=[("Held-out (L1) results", own[["strategy", "k", "eval_context", "gap", "baseline_gap", "reduction",
-                                                *[c for c in ("reduction_low", "reduction_high") if c in own],
-                                                "n_pairs", "kl", "perplexity", "n_components"]].round(4))],
-        figures=[("bias_vs_sparsity", "Bias vs number of ablated components", plots.bias_vs_sparsity(curves))],
+        "Gap (group A minus group B) on each context's held-out templates and names (L1) after ablating the "
+        "components found on its training split, per strategy, with its 95% two-way cluster bootstrap interval "
+        "over names x templates; the hatched band is the same for random sets of the same kind and size (the "
+        "null), the dashed line the unablated model. delta_gap = gap after - gap before (paired), share_removed "
+        "= -delta_gap / gap before; overshoot marks a gap that changed sign beyond its interval; a strategy "
+        "works only outside its null band. reduction (1 - |after| / |before|) is kept as a secondary column; "
+        "mde is the smallest change of the gap detectable at 80% power.",
+        tables=[("Held-out (L1) results", own[[c for c in columns if c in own]].round(4))],
+        figures=[("bias_vs_sparsity", "Gap vs number of ablated components", plots.bias_vs_sparsity(curves))],
     )]
     matrix = gen.matrix()
     largest = matrix.groupby("strategy")["k"].transform("max")

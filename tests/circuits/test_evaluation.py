@@ -50,23 +50,40 @@ def test_evaluate_survives_simulated_out_of_memory(tiny_model, monkeypatch):
     assert_evaluations_close(shrunk.frame, reference.frame)
 
 
-def test_reduction_intervals_are_a_paired_bootstrap_over_pairs(tiny_model):
-    from scipy import stats
+def test_delta_gap_endpoints_are_the_paired_cluster_bootstrap_of_the_prompt_values(tiny_model):
+    import pandas as pd
+
+    from circuits.stats import gap_change
 
     eval_set, sets, probe = eval_inputs(tiny_model)
-    result = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, seed=3, progress=False)
+    result = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, seed=3,
+                                 n_bootstrap=400, progress=False)
     frame = result.to_dataframe().set_index("set")
-    assert (frame.loc["none", ["reduction_low", "reduction_high"]] == 0).all()
-    base_a, base_b = evaluation.paired_values(tiny_model, eval_set)
-    with evaluation.ablated(tiny_model, sets["heads"], "zero"):
-        a, b = evaluation.paired_values(tiny_model, eval_set)
-    diff, base = (a - b).numpy(), (base_a - base_b).numpy()
-    expected = stats.bootstrap((diff, base), lambda d, c: 1 - abs(d.mean()) / abs(c.mean()), paired=True,
-                               vectorized=False, n_resamples=1000, method="percentile",
-                               rng=np.random.default_rng(3)).confidence_interval
+    assert (frame.loc["none", ["delta_gap", "delta_low", "delta_high", "reduction"]] == 0).all(axis=None)
+    batch, table = eval_set.rows()
+    assert len(batch) == 2 * len(eval_set.pairs) == frame.loc["heads", "n_prompts"]
+    with torch.no_grad():
+        before = evaluation.run_metric(tiny_model, eval_set.metric, batch)
+        with evaluation.ablated(tiny_model, sets["heads"], "zero"):
+            after = evaluation.run_metric(tiny_model, eval_set.metric, batch)
+    hand = pd.DataFrame({"name": table["name"], "group": table["group"], "template": table["template"],
+                         "before": before.numpy(), "after": after.numpy()})
+    expected = gap_change(hand, "before", "after", clusters=("name", "template"), n_resamples=400, seed=3)
     row = frame.loc["heads"]
-    assert row["reduction_low"] < row["reduction_high"]
-    assert row["reduction_low"] == pytest.approx(expected.low, rel=1e-4, abs=1e-6)
-    assert row["reduction_high"] == pytest.approx(expected.high, rel=1e-4, abs=1e-6)
-    again = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, seed=3, progress=False)
-    assert again.to_dataframe()["reduction_low"].equals(result.to_dataframe()["reduction_low"])
+    n = len(eval_set.pairs)
+    gap_after = float(after[:n].mean() - after[n:].mean())
+    assert row["gap"] == pytest.approx(gap_after, rel=1e-4, abs=1e-5)
+    assert row["delta_gap"] == pytest.approx(gap_after - float(before[:n].mean() - before[n:].mean()), abs=1e-4)
+    for column in ("delta_low", "delta_high", "share_removed", "share_low", "share_high", "mde"):
+        assert row[column] == pytest.approx(expected[column], rel=1e-3, abs=1e-5)
+    assert row["delta_low"] < row["delta_gap"] < row["delta_high"]
+    assert row["overshoot"] == expected["overshoot"] and row["n_names"] == 2 * n
+    again = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, seed=3,
+                                n_bootstrap=400, progress=False)
+    assert again.to_dataframe()["delta_low"].equals(result.to_dataframe()["delta_low"])
+
+
+def test_utility_texts_for_selection_and_for_reporting_are_disjoint():
+    select, report = evaluation.neutral_texts("select"), evaluation.neutral_texts("report")
+    assert select and report and not set(select) & set(report)
+    assert sorted(select + report) == sorted(evaluation.neutral_texts())

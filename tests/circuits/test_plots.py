@@ -181,6 +181,20 @@ def test_bias_vs_sparsity_lines_bands_baseline_and_log_axis():
         plots.bias_vs_sparsity(sparsity_frame().drop(columns="bias_hi"))
 
 
+def test_bias_vs_sparsity_draws_the_null_band_per_strategy():
+    frame = sparsity_frame()
+    pruned = frame["strategy"] != "none"
+    frame.loc[pruned, "null_lo"], frame.loc[pruned, "null_hi"] = 0.45, 0.55
+    fig = plots.bias_vs_sparsity(frame)
+    for ax in fig.axes:
+        hatched = [c for c in ax.collections if isinstance(c, PolyCollection) and c.get_hatch()]
+        assert len(hatched) == len(STRATEGIES)
+        assert sum(line.get_linestyle() == ":" for line in ax.get_lines()) == 2 * len(STRATEGIES)
+    assert "random sets (null)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    with pytest.raises(ValueError, match="go together"):
+        plots.bias_vs_sparsity(frame.drop(columns="null_lo"))
+
+
 def test_generalization_matrix_annotated_fractions_with_aligned_diagonal():
     fig = plots.generalization_matrix(generalization_frame())
     assert len(fig.axes) == len(STRATEGIES) + 1  # one heatmap per strategy + shared colorbar

@@ -148,7 +148,7 @@ def test_two_process_gloo_evaluation_equals_single_process(tiny_model, two_proce
         torch.testing.assert_close(paired["a"], a, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(paired["b"], b, rtol=1e-4, atol=1e-5)
         parallel = Evaluation.load(out / "evaluation").frame
-        assert parallel["set"].tolist() == ["none", "heads", "neuron"] and (parallel["n_pairs"] == 10).all()
+        assert parallel["set"].tolist() == ["none", "heads", "neuron"] and (parallel["n_prompts"] == 20).all()
         assert_evaluations_close(parallel, frame)
 
 

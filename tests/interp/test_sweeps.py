@@ -57,17 +57,20 @@ def test_sweep_rejects_empty_variants(tiny_model, batch):
         ablation_sweep(tiny_model, batch, [ComponentSet()], _final_logprob(batch))
 
 
-def test_head_utility_is_the_per_head_kl(tiny_model):
+@pytest.mark.parametrize("measure", ["kl", "perplexity"])
+def test_head_utility_is_the_per_head_kl_or_perplexity_increase(tiny_model, measure):
     from circuits.evaluation import UtilityProbe, head_utility
 
     probe = UtilityProbe.build(tiny_model, TEXTS)
-    got = head_utility(tiny_model, probe, n_texts=3, progress=False)
+    got = head_utility(tiny_model, probe, n_texts=3, measure=measure, progress=False)
     assert got.shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
+    unablated = probe.measure(tiny_model)
     for layer, head in [(0, 0), (2, 3)]:
         with ablated(tiny_model, [Head(layer, head)], "zero"):
-            expected = probe.measure(tiny_model)["kl"]
-        assert got[layer, head] == pytest.approx(expected, rel=1e-3, abs=1e-6)
-    assert (got >= -1e-6).all() and got.max() > 0
+            expected = probe.measure(tiny_model)[measure] - (unablated[measure] if measure == "perplexity" else 0)
+        assert got[layer, head] == pytest.approx(expected, rel=1e-3, abs=1e-5)
+    if measure == "kl":
+        assert (got >= -1e-6).all() and got.max() > 0
 
 
 @pytest.mark.parametrize("per_position", [False, True])
