@@ -1,13 +1,18 @@
 """Component scores for a context: which neurons and heads carry its bias.
 
-The main score is attribution patching (AtP) of the context's deterministic metric over its
-counterfactual pairs: for each component, the estimated drop in ``metric(A) - metric(B)`` when
-that component's activation on A is replaced by its value on B. Scores are *oriented*
-(multiplied by the sign of the measured gap, so positive means "carries the gap as measured")
-and *scaled* by the width of the context's answer grid, so contexts with different units
-compare. Top candidates can be refined by exact patching. The papers' scores are baselines:
-Wanda-style per-group activation-weighted norms with set difference, attention paid to the
-name, weight magnitude and random.
+The main score is pair-free (``score_prompts``): on every prompt of the training split, the
+first-order estimate of the ablation the study applies (zero or mean), grad(gap) . (ablated value -
+activation), where the gap is mean over group A prompts minus mean over group B prompts of the
+context's metric (``interp.attribution.ablation_attribution`` with weights +1/n_A and -1/n_B).
+The top ``refine_top`` candidates of each kind, plus ``n_random`` drawn at random, are re-scored by
+exact batched ablation of each alone (``interp.sweeps.ablation_sweep``); the Spearman correlation
+of estimate and exact is recorded, and the exact scores replace the estimates they cover, so the
+selection of a top-k with k <= ``refine_top`` ranks exact effects. Counterfactual pair AtP
+(``score_context``) remains as an option. Scores are *oriented* (multiplied by the sign of the
+measured gap, so positive means "ablating it shrinks the gap as measured") and *scaled* by the
+width of the context's answer grid, so contexts with different units compare. The papers' scores
+are baselines: Wanda-style per-group activation-weighted norms with set difference, attention paid
+to the name, weight magnitude and random.
 """
 from __future__ import annotations
 
@@ -20,12 +25,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuits.evaluation import EvalSet
+from circuits.evaluation import EvalSet, prompt_values
 from circuits.pruning import wanda_set_difference, weight_magnitude_scores
+from circuits.stats import correlation
 from interp.activations import activation_norms, attention_to_positions
-from interp.attribution import AttributionResult, attribute
-from interp.components import ComponentSet, ComponentShape, hook_name
+from interp.attribution import AblationAttribution, AttributionResult, ablation_attribution, attribute
+from interp.components import ComponentSet, ComponentShape, Head, hook_name
 from interp.patching import patch_sweep
+from interp.sweeps import ablation_sweep
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,7 @@ class ContextScores:
 
     context: str
     scores: dict[str, Float[Tensor, "layer index"]]
-    attribution: AttributionResult
+    attribution: AttributionResult | AblationAttribution
     orientation: float
     scale: float
     refined: pd.DataFrame | None = None
@@ -42,11 +49,18 @@ class ContextScores:
 
     @property
     def gap(self) -> float:
+        if isinstance(self.attribution, AblationAttribution):
+            return float(self.attribution.weights @ self.attribution.metric)
         return float((self.attribution.metric_clean - self.attribution.metric_corrupt).mean())
 
     def per_prompt(self) -> dict[str, Float[Tensor, "prompt layer index"]]:
+        """Oriented, scaled per-prompt contributions whose mean over prompts is the (unrefined) score."""
         if self.attribution.per_prompt is None:
             raise ValueError("no per-prompt scores; score with per_prompt=True")
+        if isinstance(self.attribution, AblationAttribution):  # -(n w_i) e_i: the gap's change, per prompt
+            w = -self.attribution.n_prompts * self.attribution.weights
+            return {k: w[:, None, None] * v * self.orientation / self.scale
+                    for k, v in self.attribution.per_prompt.items()}
         return {k: v * self.orientation / self.scale for k, v in self.attribution.per_prompt.items()}
 
     def top(self, k: int, kind: str | None = None) -> ComponentSet:
@@ -74,18 +88,124 @@ class ContextScores:
     def load(cls, out_dir: str | Path) -> "ContextScores":
         out = Path(out_dir)
         meta = json.loads((out / "scores.json").read_text())
-        attribution = AttributionResult.load(out / "attribution")
+        pair_free = (out / "attribution" / "prompts.parquet").exists()
+        attribution = (AblationAttribution if pair_free else AttributionResult).load(out / "attribution")
         refined = pd.read_parquet(out / "refined.parquet") if (out / "refined.parquet").exists() else None
         context, orientation, scale = meta.pop("context"), meta.pop("orientation"), meta.pop("scale")
         return _oriented(context, attribution, orientation, scale, refined, meta)
 
 
 def _oriented(context, attribution, orientation, scale, refined, settings) -> ContextScores:
-    scores = {k: v * orientation / scale for k, v in attribution.scores.items()}
+    sign = -1.0 if isinstance(attribution, AblationAttribution) else 1.0  # estimates of the change: flip
+    scores = {k: sign * v * orientation / scale for k, v in attribution.scores.items()}
     if refined is not None:
         for row in refined.itertuples(index=False):
-            scores[row.kind][row.layer, row.index] = row.exact * orientation / scale
+            scores[row.kind][row.layer, row.index] = sign * row.exact * orientation / scale
     return ContextScores(context, scores, attribution, orientation, scale, refined, settings)
+
+
+def group_weights(frame: pd.DataFrame, group_a: str = "White") -> Float[Tensor, "prompt"]:
+    """+1/n_A for group A prompts and -1/n_B for the others: ``weights @ values`` is the gap."""
+    in_a = torch.tensor((frame["group"] == group_a).to_numpy())
+    n_a, n_b = int(in_a.sum()), int((~in_a).sum())
+    if not n_a or not n_b:
+        raise ValueError(f"a gap needs prompts of group {group_a!r} and of another group; got {n_a} and {n_b}")
+    return torch.where(in_a, 1.0 / n_a, -1.0 / n_b)
+
+
+def exact_gap_changes(
+    model, eval_set: EvalSet, variants, *, means=None, prompts_per_pass: int = 32, rows_per_forward: int = 64,
+    batch_size: int = 16, progress: bool = False, desc: str = "exact ablation",
+) -> Float[Tensor, "variant"]:
+    """Gap with each variant (component or set) ablated alone minus the gap without: exact, batched.
+
+    Zero ablation, or mean ablation with ``means``. The metric must expand each prompt to one row
+    (single-token or packed candidates).
+    """
+    batch, frame = eval_set.rows()
+    weights = group_weights(frame, eval_set.group_a)
+    expanded = eval_set.metric.expand(batch.to(model.cfg.device))
+    if len(expanded) != len(batch):
+        raise ValueError("exact_gap_changes needs a metric that runs each prompt as one row (packed candidates)")
+    base = prompt_values(model, eval_set, batch_size=batch_size)
+
+    def score(logits, rows):
+        return eval_set.metric(logits, expanded.take(rows))
+
+    values = ablation_sweep(model, expanded, list(variants), score, means=means, prompts_per_pass=prompts_per_pass,
+                            rows_per_forward=rows_per_forward, progress=progress, desc=desc)
+    return (values - base[None, :]) @ weights
+
+
+def _refinement_sample(result: AblationAttribution, shape: ComponentShape, top: int, n_random: int, seed: int):
+    """Per kind: the ``top`` largest |estimate| components, then ``n_random`` of the rest drawn uniformly."""
+    chosen, from_top = [], []
+    generator = torch.Generator().manual_seed(seed)
+    for kind in result.scores:
+        best = list(result.top(min(top, shape.count(kind)), kind=kind))
+        rest = [c for c in ComponentSet.all(shape, kind) if c not in set(best)]
+        drawn = torch.randperm(len(rest), generator=generator)[: min(n_random, len(rest))].sort().values
+        chosen += best + [rest[i] for i in drawn.tolist()]
+        from_top += [True] * len(best) + [False] * len(drawn)
+    return chosen, from_top
+
+
+def score_prompts(
+    model,
+    eval_set: EvalSet,
+    *,
+    how: str = "zero",
+    means=None,
+    refine_top: int = 200,
+    n_random: int = 50,
+    per_prompt: bool = True,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> ContextScores:
+    """Pair-free scores of every neuron and head on every prompt of ``eval_set`` (see the module docstring).
+
+    ``refine_top`` (0: none) components of each kind by |estimate|, plus ``n_random`` of the rest,
+    are re-scored by exact ablation; ``settings["spearman"]`` holds, per kind, the rank correlation of
+    estimate and exact over that sample (top and random together).
+    """
+    if how not in ("zero", "mean"):
+        raise ValueError(f"pair-free scores estimate zero or mean ablation, got how={how!r}")
+    batch, frame = eval_set.rows()
+    weights = group_weights(frame, eval_set.group_a)
+    result = ablation_attribution(model, batch, eval_set.metric, weights=weights, how=how, means=means,
+                                  batch_size=batch_size, per_prompt=per_prompt, progress=progress)
+    gap = float(weights @ result.metric)
+    orientation = 1.0 if gap >= 0 else -1.0
+    refined, spearman = None, {}
+    if refine_top > 0:
+        shape = ComponentShape.of(model)
+        sample, from_top = _refinement_sample(result, shape, refine_top, n_random, seed)
+        exact = exact_gap_changes(model, eval_set, sample, means=means if how == "mean" else None,
+                                  batch_size=batch_size, progress=progress)
+        refined = pd.DataFrame({"kind": [c.kind for c in sample], "layer": [c.layer for c in sample],
+                                "index": [c.index for c in sample], "estimate": result.score_of(sample).numpy(),
+                                "exact": exact.numpy(), "selection": ["top" if t else "random" for t in from_top]})
+        for kind, rows in refined.groupby("kind"):
+            spearman[kind] = correlation(rows["estimate"], rows["exact"])[0] if len(rows) >= 3 else float("nan")
+    settings = {"method": "ablation", "how": how, "refine_top": refine_top, "n_random": n_random,
+                "n_prompts": len(batch), "n_names": int(frame["name"].nunique()), "spearman": spearman}
+    return _oriented(eval_set.name, result, orientation, grid_scale(eval_set.metric), refined, settings)
+
+
+def fasp_head_bias(model, eval_set: EvalSet, *, means=None, batch_size: int = 16,
+                   progress: bool = False) -> Float[Tensor, "layer head"]:
+    """FASP's z_bias as a reduction: |gap| - |gap with head h removed alone| (exact, batched), per head.
+
+    Higher means removing the head leaves less bias, so ``pruning.fasp`` prunes it first.
+    """
+    shape = ComponentShape.of(model)
+    heads = [Head(layer, head) for layer in range(shape.n_layers) for head in range(shape.n_heads)]
+    batch, frame = eval_set.rows()
+    gap = float(group_weights(frame, eval_set.group_a) @ prompt_values(model, eval_set, batch_size=batch_size))
+    change = exact_gap_changes(model, eval_set, heads, means=means, batch_size=batch_size, progress=progress,
+                               desc="FASP z_bias")
+    return (abs(gap) - (gap + change).abs()).reshape(shape.n_layers, shape.n_heads)
 
 
 def grid_scale(metric) -> float:
