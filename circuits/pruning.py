@@ -6,6 +6,7 @@ function says otherwise, a higher score means the component carries more bias, s
 Strategies: top-k per kind or mixed, FASP (Zayed et al. 2024), the "common" set of several
 contexts (Ma et al. 2025), and the baselines: random sets (optionally matching another set's
 per-layer counts), weight magnitude, and the Wanda set difference between two groups' scores.
+``null_sets`` draws the random sets of the same kind and size that a strategy is compared against.
 """
 from __future__ import annotations
 
@@ -194,6 +195,26 @@ def random_set(
     mask = torch.zeros(total, dtype=torch.bool)
     mask[torch.rand(total, generator=generator).topk(k).indices] = True
     return ComponentSet.from_mask(kind, mask.view(shape.n_layers, width))
+
+
+def null_sets(components: ComponentSet, shape: ComponentShape, *, n_draws: int, seed: int = 0) -> list[ComponentSet]:
+    """``n_draws`` seeded random sets of the same kind and size as ``components``: the null of a strategy.
+
+    Neurons keep the set's per-layer counts; heads are drawn uniformly over all heads (same number).
+    Draw ``d`` of a given ``seed`` is always the same set.
+    """
+    if n_draws < 0:
+        raise ValueError(f"n_draws must be >= 0, got {n_draws}")
+    counts = {kind: sum(1 for c in components if c.kind == kind) for kind in KINDS}
+    draws = []
+    for draw in range(n_draws):
+        drawn = ComponentSet()
+        if counts["neuron"]:
+            drawn |= random_set(shape, "neuron", seed=seed * 7919 + 2 * draw, per_layer_like=components)
+        if counts["head"]:
+            drawn |= random_set(shape, "head", counts["head"], seed=seed * 7919 + 2 * draw + 1)
+        draws.append(drawn)
+    return draws
 
 
 def weight_magnitude_scores(model) -> dict[Kind, Float[Tensor, "layer index"]]:

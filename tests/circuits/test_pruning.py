@@ -173,3 +173,24 @@ def test_strategy_errors_are_clear():
         select(Strategy("fasp"), {"head": FASP_BIAS})
     with pytest.raises(ValueError, match="needs contrast="):
         select(Strategy("wanda_difference"), SCORES)
+
+
+def test_null_sets_keep_per_layer_neuron_counts_and_head_count():
+    from circuits.pruning import null_sets
+    from interp.components import ComponentSet, ComponentShape, Head, Neuron
+
+    shape = ComponentShape(4, 50, 6)
+    chosen = ComponentSet([Neuron(0, 1), Neuron(0, 9), Neuron(2, 3), Neuron(3, 0), Neuron(3, 5), Neuron(3, 7),
+                           Head(1, 2), Head(1, 3), Head(3, 0)])
+    draws = null_sets(chosen, shape, n_draws=6, seed=2)
+    assert len(draws) == 6 and len({frozenset(d) for d in draws}) == 6
+    want = chosen.mask("neuron", shape).sum(1)
+    head_layers = set()
+    for drawn in draws:
+        assert torch.equal(drawn.mask("neuron", shape).sum(1), want)
+        assert drawn.mask("head", shape).sum() == 3
+        head_layers |= {c.layer for c in drawn if c.kind == "head"}
+        assert set(drawn) != set(chosen)
+    assert len(head_layers) > 2  # heads are uniform over layers, not tied to the set's layers
+    assert [set(d) for d in null_sets(chosen, shape, n_draws=6, seed=2)] == [set(d) for d in draws]
+    assert null_sets(ComponentSet([Head(0, 0)]), shape, n_draws=2)[0].mask("neuron", shape).sum() == 0
