@@ -4,10 +4,18 @@ Levels, for a set scored on context ``c``'s training split (training variations,
 
 - ``L0``: the same prompts it was scored on;
 - ``names``: training variations of ``c`` with held-out names;
-- ``L1``: held-out variations of ``c``;
+- ``L1``: held-out variations of ``c`` (in the study: with held-out names);
 - ``L2``: held-out variations of every other context.
 
-The train-context x eval-context matrix of bias reduction has L1 on its diagonal and L2 off it.
+Every row carries the endpoints of ``circuits.evaluation.evaluate`` (``delta_gap`` with its paired
+two-way cluster interval, ``share_removed``, ``overshoot``, ``mde``, ...). With ``null_draws`` each
+candidate is also evaluated against random sets of its kind and size (``pruning.null_sets``) on the
+same evaluation sets: ``null_low``/``null_high`` are the 2.5th and 97.5th percentiles of their
+``delta_gap`` (with few draws, close to their range), ``null_mean`` their mean, and
+``outside_null`` says whether the strategy's ``delta_gap`` lies outside that band. The null rows
+themselves are kept in ``nulls``.
+
+The train-context x eval-context matrix has L1 on its diagonal and L2 off it.
 """
 from __future__ import annotations
 
@@ -16,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from circuits.evaluation import EvalSet, UtilityProbe, evaluate
-from interp.components import ComponentSet
+from circuits.pruning import null_sets
+from interp.components import ComponentSet, ComponentShape
 
 LEVELS = ("L0", "names", "L1", "L2")
 
@@ -50,36 +60,46 @@ class CandidateSet:
 
 @dataclass(frozen=True)
 class Generalization:
-    """Bias reduction of each candidate set at each level, with utility."""
+    """Bias endpoints of each candidate set at each level, with utility and the random-set null."""
 
     frame: pd.DataFrame
     settings: dict = field(default_factory=dict)
+    nulls: pd.DataFrame | None = None
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.frame.copy()
 
-    def matrix(self, strategy: str | None = None, k: int | None = None) -> pd.DataFrame:
-        """Long train_context x eval_context reduction on held-out variations (L1 and L2)."""
+    def matrix(self, strategy: str | None = None, k: int | None = None, value: str = "reduction") -> pd.DataFrame:
+        """Long train_context x eval_context ``value`` on held-out variations (L1 and L2)."""
         rows = self.frame[self.frame["level"].isin(["L1", "L2"])]
         if strategy is not None:
             rows = rows[rows["strategy"] == strategy]
         if k is not None:
             rows = rows[rows["k"] == k]
         keys = ["strategy", "k", "train_context", "eval_context"]
-        return rows.groupby(keys, as_index=False)["reduction"].mean()
+        return rows.groupby(keys, as_index=False)[value].mean()
 
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.frame.to_parquet(out / "generalization.parquet", index=False)
+        if self.nulls is not None:
+            self.nulls.to_parquet(out / "nulls.parquet", index=False)
         (out / "generalization.json").write_text(json.dumps(self.settings, indent=2, default=str))
         return out
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "Generalization":
         out = Path(out_dir)
+        nulls = pd.read_parquet(out / "nulls.parquet") if (out / "nulls.parquet").exists() else None
         return cls(pd.read_parquet(out / "generalization.parquet"),
-                   json.loads((out / "generalization.json").read_text()))
+                   json.loads((out / "generalization.json").read_text()), nulls)
+
+    def power(self) -> pd.DataFrame:
+        """Per evaluation set of the unablated model: gap, its bootstrap SD and the minimum detectable delta."""
+        rows = self.frame[self.frame["strategy"] == "none"]
+        return rows[["eval_context", "split", "eval", "baseline_gap", "gap_sd", "mde", "n_prompts", "n_names",
+                     "n_templates"]].reset_index(drop=True)
 
 
 def _level(train_context: str, eval_context: str, split: str) -> str:
@@ -99,9 +119,18 @@ def generalize(
     how: str = "zero",
     means=None,
     batch_size: int = 16,
+    null_draws: int = 0,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    shape: ComponentShape | None = None,
     progress: bool = True,
 ) -> Generalization:
-    """Measure every candidate on its own context's L0/names/L1 sets and every other context's L1."""
+    """Measure every candidate on its own context's L0/names/L1 sets and every other context's L1.
+
+    ``null_draws`` random sets of each candidate's kind and size (seeded by ``seed`` and the
+    candidate's position) are measured on the same sets (see the module docstring); ``shape``
+    defaults to the model's.
+    """
     labels = [c.label for c in candidates]
     if len(set(labels)) != len(labels):
         raise ValueError("candidate labels must be unique")
@@ -123,19 +152,43 @@ def generalize(
         else:  # a common set: every context is its own
             wanted = [es.name for s in splits.values() for es in s.eval_sets()]
         plan[c.label] = wanted
-    result = evaluate(model, {c.label: c.components for c in candidates}, eval_sets, probe=probe, how=how,
-                      means=means, plan=plan, batch_size=batch_size, progress=progress)
-    frame = result.frame
+    sets = {c.label: c.components for c in candidates}
+    null_of = {}
+    if null_draws:
+        shape = shape or ComponentShape.of(model)
+        for i, c in enumerate(candidates):
+            for d, drawn in enumerate(null_sets(c.components, shape, n_draws=null_draws, seed=seed * 100_003 + i)):
+                label = f"{c.label}#null{d}"
+                sets[label], plan[label], null_of[label] = drawn, plan[c.label], c.label
+    result = evaluate(model, sets, eval_sets, probe=probe, how=how, means=means, plan=plan, batch_size=batch_size,
+                      seed=seed, n_bootstrap=n_bootstrap, progress=progress)
     meta = {c.label: c for c in candidates}
-    rows = []
-    for row in frame.to_dict("records"):
+    rows, nulls = [], []
+    for row in result.frame.to_dict("records"):
         eval_context, split = origin[row["eval"]]
+        parent = null_of.get(row["set"])
         if row["set"] == "none":
             info = {"strategy": "none", "k": 0, "train_context": "none", "level": split}
         else:
-            c = meta[row["set"]]
+            c = meta[parent or row["set"]]
             info = {"strategy": c.strategy, "k": c.k, "train_context": c.train_context,
                     "level": _level(c.train_context, eval_context, split)}
-        rows.append({**row, **info, "eval_context": eval_context, "split": split})
-    settings = {**result.settings, "levels": LEVELS}
-    return Generalization(pd.DataFrame(rows), settings)
+        full = {**row, **info, "eval_context": eval_context, "split": split}
+        (nulls if parent else rows).append({**full, "null_of": parent} if parent else full)
+    frame = pd.DataFrame(rows)
+    null_frame = pd.DataFrame(nulls) if nulls else None
+    if null_frame is not None:
+        frame = _with_null_band(frame, null_frame)
+    settings = {**result.settings, "levels": LEVELS, "null_draws": null_draws}
+    return Generalization(frame, settings, null_frame)
+
+
+def _with_null_band(frame: pd.DataFrame, nulls: pd.DataFrame) -> pd.DataFrame:
+    """``null_low``/``null_high``/``null_mean`` of the nulls' delta_gap per (candidate, eval set), and ``outside_null``."""
+    band = nulls.groupby(["null_of", "eval"])["delta_gap"].agg(
+        null_low=lambda v: float(np.percentile(v, 2.5)), null_high=lambda v: float(np.percentile(v, 97.5)),
+        null_mean="mean", n_null="size").reset_index().rename(columns={"null_of": "set"})
+    frame = frame.merge(band, on=["set", "eval"], how="left")
+    outside = (frame["delta_gap"] < frame["null_low"]) | (frame["delta_gap"] > frame["null_high"])
+    frame["outside_null"] = outside.where(frame["null_low"].notna(), other=False).astype(bool)
+    return frame
