@@ -1,17 +1,25 @@
-"""The study configuration: one dataclass, read from TOML or YAML, validated before any model work."""
+"""The study configuration: one dataclass, read from TOML or YAML, validated before any model work.
+
+Validation checks every value against its field's annotation (types, ``Literal`` choices, lists),
+then ranges, the device and the output directory; errors name the field, and for a config file
+the file and line.
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from circuits.contexts import CONTEXTS
-from circuits.contexts import DETAILS
-from interp.models import peek_shape
+from circuits.contexts import CONTEXTS, DETAILS
+from interp.models import ModelLoadError, check_device, peek_shape, resolve_model_path
 
-STRATEGIES = (
+Strategy = Literal[
     "top_k_neurons",  # top-k AtP neurons per context
     "top_k_heads",  # top-k AtP heads per context
     "fasp",  # FASP: protect utility-critical heads, prune the most bias-carrying of the rest
@@ -19,11 +27,58 @@ STRATEGIES = (
     "random",  # random neurons, same count as the top-k set
     "wanda_difference",  # the paper's neuron method: group A's top Wanda units not in group B's
     "attention_to_name",  # the paper's head ranking: heads attending most to the name
-)
+]
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
 
 
 class ConfigError(ValueError):
     """A configuration field with a bad value; the message names the field."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none (leave the field out)" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('a ')}s" if typing.get_origin(args[0]) is None \
+            else f"a list, each {_describe(args[0])}"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _type_problem(name: str, value, hint) -> str | None:
+    """What is wrong with ``value`` for a field annotated ``hint``, or None."""
+    if _fits(value, hint):
+        return None
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, str):
+            return f"{name}: expected {_describe(hint)}, got the string {value!r}; write {name} = [{value!r}]"
+        if not isinstance(value, tuple):
+            return f"{name}: expected {_describe(hint)}, got {value!r}; write {name} = [{value!r}]"
+        item = typing.get_args(hint)[0]
+        i, bad = next((i, v) for i, v in enumerate(value) if not _fits(v, item))
+        return f"{name}: item {i + 1} is {bad!r} ({type(bad).__name__}); each must be {_describe(item)}"
+    return f"{name}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})"
 
 
 @dataclass(frozen=True)
@@ -37,14 +92,14 @@ class StudyConfig:
     max_pairs_per_cell: int = 2  # counterfactual pairs kept per template cell
     heldout_names: bool = False  # also evaluate on held-out names
     utility_texts: int = 10  # neutral sentences for FASP's per-head utility sweep
-    metric: str = "expected_value"
-    strategies: tuple[str, ...] = STRATEGIES
+    metric: Literal["expected_value"] = "expected_value"
+    strategies: tuple[Strategy, ...] = STRATEGIES
     neuron_ks: tuple[int, ...] = (25, 100)
     head_ks: tuple[int, ...] = (3, 9)
     fasp_gamma: float = 0.5
     fasp_alphas: tuple[float, ...] = (0.02,)
     wanda_fraction: float = 0.01
-    ablation: str = "zero"
+    ablation: Literal["zero", "mean"] = "zero"
     overlap_k: int = 100
     n_null: int = 200
     refine_top: int = 0
@@ -54,36 +109,84 @@ class StudyConfig:
     progress: bool = True
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides) -> "StudyConfig":
+    def from_file(cls, path: str | os.PathLike, **overrides) -> StudyConfig:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
+        if path.suffix not in (".toml", ".yaml", ".yml"):
+            raise ConfigError(f"config file {path} must end in .toml, .yaml or .yml")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
         if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        else:
             import yaml
 
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"config file {path} must end in .toml, .yaml or .yml")
-        data = data.get("study", data)
-        return cls.from_dict({**data, **overrides})
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" line {mark.line + 1}" if mark else ""
+                raise ConfigError(f"config file {path}{where} is not valid YAML: "
+                                  f"{getattr(err, 'problem', None) or err}") from None
+        if isinstance(data, dict) and isinstance(data.get("study"), dict):
+            data = data["study"]
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a [study] table (or a mapping) of fields, "
+                              f"not a {type(data).__name__}")
+        config = cls.from_dict({**data, **overrides}, source=(path, text))
+        config.check_types()
+        return config
 
     @classmethod
-    def from_dict(cls, data: dict) -> "StudyConfig":
+    def from_dict(cls, data: dict, *, source: tuple[Path, str] | None = None) -> StudyConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(fields)}")
+            where = f"config file {source[0]}: " if source else ""
+            raise ConfigError(f"{where}unknown config field(s) {unknown}; known fields: {sorted(fields)}")
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**clean)
+        config = cls(**clean)
+        object.__setattr__(config, "_source", source)  # for errors that name the file and line
+        return config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "StudyConfig":
-        """Raise ConfigError naming the first bad field; touches no model weights."""
+    def _located(self, err: ConfigError) -> ConfigError:
+        source = getattr(self, "_source", None)
+        if source is None:
+            return err
+        path, text = source
+        field = err.field or re.match(r"\w+", str(err)).group()
+        line = next((i for i, row in enumerate(text.splitlines(), 1) if re.match(rf"\s*{field}\s*[=:]", row)), None)
+        return ConfigError(f"config file {path}{f' line {line}' if line else ''}: {err}", field)
+
+    def check_types(self) -> StudyConfig:
+        """Raise ConfigError naming the first field whose value does not fit its annotation."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            problem = _type_problem(f.name, getattr(self, f.name), hints[f.name])
+            if problem:
+                raise self._located(ConfigError(problem, f.name))
+        return self
+
+    def validate(self) -> StudyConfig:
+        """Raise ConfigError naming the first bad field (and the file and line it came from); touches
+        no model weights."""
+        self.check_types()
+        try:
+            self._validate()
+        except ConfigError as err:
+            raise self._located(err) from None
+        return self
+
+    def _validate(self) -> None:
         bad = [c for c in self.contexts if c not in CONTEXTS]
         if bad or not self.contexts:
             raise ConfigError(f"contexts: unknown context(s) {bad or '(none given)'}; known: {sorted(CONTEXTS)}")
@@ -110,9 +213,18 @@ class StudyConfig:
             raise ConfigError("fasp_gamma/fasp_alphas: need 0 <= gamma <= 1 and 0 < alpha <= 1 - gamma")
         if not 0 < self.wanda_fraction < 1:
             raise ConfigError(f"wanda_fraction: must lie in (0, 1), got {self.wanda_fraction}")
+        for name in ("refine_top", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be at least 0, got {getattr(self, name)}")
+        try:
+            check_device(self.device)
+            if Path(self.model).expanduser().is_dir():
+                resolve_model_path(Path(self.model).expanduser())
+        except ModelLoadError as err:
+            field = "device" if str(err).startswith("device") else "model"
+            raise ConfigError(f"{field}: {err}", field) from None
         self._validate_ks()
         self._validate_out_dir()
-        return self
 
     def _validate_ks(self) -> None:
         for name in ("neuron_ks", "head_ks"):

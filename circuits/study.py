@@ -1,9 +1,10 @@
 """The study runner: audit -> scores -> selection -> generalization -> overlap -> report.
 
-Every stage is written atomically under ``<out_dir>/stages/`` with a key of the settings it
-depends on (see ``circuits.stages``); re-running the same command after an interruption loads
-the finished stages and computes only the rest. ``manifest.json`` records the config, package
-versions, model id and weight hash, seeds and git commit.
+Every stage is written atomically under ``<out_dir>/stages/`` with a key of everything it reads
+(see ``STAGES`` and ``stage_keys``); re-running the same command after an interruption loads the
+finished stages and computes only the rest. One run at a time holds the output directory (a lock
+in it). ``manifest.json`` records the config, package versions, model id and weight hash, seeds
+and git commit.
 """
 from __future__ import annotations
 
@@ -12,35 +13,121 @@ import json
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from circuits import pruning
 from circuits.audit import AuditResult, run_audit
 from circuits.bias import context_metric
 from circuits.config import StudyConfig
-from circuits.names import sample_names
 from circuits.evaluation import EvalSet, UtilityProbe, head_utility
 from circuits.generalization import CandidateSet, ContextSplits, Generalization, generalize
+from circuits.names import sample_names
 from circuits.prompts import PromptSet, build_pairs, build_prompts
 from circuits.scoring import ContextScores, baseline_sets, score_context
-from circuits.stages import StageStore, settings_key
-from circuits import pruning
+from circuits.stages import ConfigView, StageStore, frame_digest, settings_key
 from interp.components import ComponentSet, ComponentShape
+from interp.locking import directory_lock
 
 PACKAGES = ("bias-circuits", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy")
 
 
-def _weights_hash(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+
+@dataclass(frozen=True)
+class Stage:
+    """What a stage reads: config ``fields`` and the results of the stages in ``reads``. A
+    ``per_context`` stage is stored as ``<name>-<context>`` and reads the same context's per-context
+    stages; a whole-study stage reads those of every context. ``prompts`` and ``pairs`` are inputs
+    (keyed, not stored): the prompts by their content, which the fields determine."""
+
+    fields: tuple[str, ...]
+    reads: tuple[str, ...] = ()
+    per_context: bool = False
+
+
+ALL_FIELDS = tuple(f.name for f in fields(StudyConfig))
+# Every StudyConfig field is read by a stage below, by the model (MODEL_FIELDS, in every key) or
+# is in UNKEYED; tests/circuits/test_study.py fails on a field in none, and a stage that reads an
+# undeclared field through its ConfigView raises.
+STAGES: dict[str, Stage] = {  # in dependency order
+    "prompts": Stage(("contexts", "details", "variations", "names_per_cell", "seed"), per_context=True),
+    "audit": Stage(("seed", "metric"), ("prompts",)),
+    "pairs": Stage(("max_pairs_per_cell", "seed", "metric"), ("prompts",), per_context=True),
+    "scores": Stage(("refine_top",), ("pairs",), per_context=True),
+    "baselines": Stage(("wanda_fraction",), ("pairs",), per_context=True),
+    "head-utility": Stage(("utility_texts",)),
+    "selection": Stage(("strategies", "neuron_ks", "head_ks", "fasp_gamma", "fasp_alphas", "seed"),
+                       ("scores", "baselines", "head-utility")),
+    "generalization": Stage(("ablation", "heldout_names"), ("selection", "pairs")),
+    "overlap": Stage(("overlap_k", "n_null", "seed"), ("scores", "generalization")),
+    "report": Stage(ALL_FIELDS, ("audit", "scores", "generalization", "overlap")),  # it prints the config
+}
+INPUTS = ("prompts", "pairs")
+MODEL_FIELDS = ("model", "device")
+UNKEYED = {
+    "out_dir": "where the results go",
+    "progress": "display only",
+    "batch_size": "speed and memory only (results equal up to float rounding), so a run that ran out "
+    "of memory resumes with a smaller batch",
+}
+BASELINE_STRATEGIES = {"wanda_difference", "attention_to_name"}
+
+
+def active_stages(config: StudyConfig) -> list[str]:
+    """The stages ``config`` runs (baselines only for their strategies, head utility only for FASP)."""
+    skip = set()
+    if not BASELINE_STRATEGIES & set(config.strategies):
+        skip.add("baselines")
+    if "fasp" not in config.strategies:
+        skip.add("head-utility")
+    return [name for name in STAGES if name not in skip]
+
+
+def code_version() -> dict:
+    """The package version and a hash of its data files: part of every stage key."""
+    data = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / "data").glob("*")):
+        data.update(path.name.encode() + path.read_bytes())
+    return {"bias-circuits": _versions()["bias-circuits"], "data": data.hexdigest()[:16]}
+
+
+def model_key(config: StudyConfig) -> dict:
+    """The model a config names, as it enters every stage key: name, content hashes of its weight,
+    tokenizer and config files, and the device type and dtype it runs in."""
+    from interp.models import check_device, default_dtype, model_fingerprint
+
+    device = check_device(config.device)
+    return {"model": config.model, **model_fingerprint(config.model), "device": device.type,
+            "dtype": str(default_dtype(device))}
+
+
+def stage_keys(config: StudyConfig, model: dict, prompts: PromptSet) -> dict[str, str]:
+    """The key of every stage ``config`` runs (and of its inputs ``prompts-<ctx>``, ``pairs-<ctx>``):
+    a hash of the model key, the code version, the stage's declared fields and the keys it reads."""
+    base = settings_key(model, code_version())
+    active = active_stages(config)
+    contexts = prompts.contexts
+    keys: dict[str, str] = {}
+
+    def labels(name: str, ctx: str | None) -> list[str]:
+        if not STAGES[name].per_context:
+            return [name]
+        return [f"{name}-{x}" for x in ([ctx] if ctx else contexts)]
+
+    for name in active:
+        stage = STAGES[name]
+        for ctx in contexts if stage.per_context else [None]:
+            label = labels(name, ctx)[0]
+            if name == "prompts":
+                keys[label] = settings_key(base, label, frame_digest(prompts.filter(context=ctx).frame))
+                continue
+            upstream = [keys[x] for r in stage.reads if r in active for x in labels(r, ctx)]
+            keys[label] = settings_key(base, label, {f: getattr(config, f) for f in stage.fields}, upstream)
+    return keys
 
 
 def _git_commit() -> str | None:
@@ -109,18 +196,21 @@ class Study:
     def __init__(self, config: StudyConfig):
         self.config = config.validate()
         self.out = Path(config.out_dir).expanduser()
-        self.store = StageStore(self.out)
+        self.store: StageStore | None = None  # opened by run(), under the output directory's lock
         self.model = None
         self.model_key = None
+        self.keys: dict[str, str] = {}
+
+    def _view(self, stage: str) -> ConfigView:
+        """The config as ``stage`` may read it: its declared fields and the unkeyed ones."""
+        return ConfigView(self.config, stage, (*STAGES[stage].fields, *UNKEYED))
 
     # -- set-up --------------------------------------------------------------------------
     def _load_model(self) -> None:
-        from interp.models import load_model, resolve_model_path
+        from interp.models import load_model
 
-        device = None if self.config.device == "auto" else self.config.device
-        self.model = load_model(self.config.model, device=device)
-        model_dir = Path(resolve_model_path(self.config.model))
-        self.model_key = {"model": self.config.model, "weights": _weights_hash(model_dir)}
+        self.model_key = model_key(self.config)
+        self.model = load_model(self.config.model, device=self.config.device)
         torch.manual_seed(self.config.seed)
 
     def _write_manifest(self) -> None:
@@ -136,19 +226,16 @@ class Study:
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
 
-    def _key(self, *parts) -> str:
-        return settings_key(self.model_key, *parts)
-
     # -- prompts ---------------------------------------------------------------------------
     def prompts(self) -> PromptSet:
-        c = self.config
+        c = self._view("prompts")
         return study_prompts(self.model, c.contexts, details=c.details, variations=c.variations,
                              names_per_cell=c.names_per_cell, seed=c.seed)
 
-    def splits(self, prompts: PromptSet) -> dict[str, ContextSplits]:
-        c = self.config
+    def splits(self, prompts: PromptSet, *, heldout_names: bool) -> dict[str, ContextSplits]:
+        c = self._view("pairs")
         out = {}
-        for ctx in c.contexts:
+        for ctx in prompts.contexts:
             rows = prompts.filter(context=ctx)
             metric = context_metric(self.model, ctx, prompts=rows)
 
@@ -169,69 +256,71 @@ class Study:
                 train=eval_set("train", variation_split="train", name_split="train"),
                 heldout=eval_set("heldout", variation_split="heldout"),
                 names=eval_set("names", optional=True, variation_split="train", name_split="heldout")
-                if c.heldout_names else None,
+                if heldout_names else None,
             )
         return out
 
     # -- stages ----------------------------------------------------------------------------
     def run(self) -> StudyRun:
-        c = self.config
+        """Run (or resume) the study, holding its output directory against a second writer."""
+        with directory_lock(self.out, "running a study"):
+            self.store = StageStore(self.out)
+            return self._run()
+
+    def _run(self) -> StudyRun:
         self._load_model()
         self._write_manifest()
         prompts = self.prompts()
-        audit_key = self._key("audit", c.contexts, c.details, c.variations, c.names_per_cell, c.seed)
-        self.store.run("audit", audit_key, lambda d: run_audit(self.model, prompts=prompts, out_dir=d,
-                                                               batch_size=c.batch_size * 8, seed=c.seed,
-                                                               progress=c.progress))
-        splits = self.splits(prompts)
-        pair_key = self._key("pairs", audit_key, c.max_pairs_per_cell)
+        keys = self.keys = stage_keys(self.config, self.model_key, prompts)
+        c = self._view("audit")
+        self.store.run("audit", keys["audit"], lambda d: run_audit(
+            self.model, prompts=prompts, out_dir=d, batch_size=c.batch_size * 8, seed=c.seed, progress=c.progress),
+            resumable=True)
+        splits = self.splits(prompts, heldout_names=self._view("generalization").heldout_names)
         scores: dict[str, ContextScores] = {}
         baselines: dict[str, dict] = {}
+        c, b = self._view("scores"), self._view("baselines")
         for ctx, split in splits.items():
-            key = self._key("scores", pair_key, ctx, c.refine_top)
-            rec = self.store.run(f"scores-{ctx}", key, lambda d, s=split: score_context(
+            rec = self.store.run(f"scores-{ctx}", keys[f"scores-{ctx}"], lambda d, s=split: score_context(
                 self.model, s.train, refine_top=c.refine_top, per_prompt=True, batch_size=c.batch_size,
                 progress=c.progress).save(d))
             scores[ctx] = ContextScores.load(rec.path)
-            if {"wanda_difference", "attention_to_name"} & set(c.strategies):
-                bkey = self._key("baselines", pair_key, ctx, c.wanda_fraction)
-                rec = self.store.run(f"baselines-{ctx}", bkey, lambda d, s=split: _save_baselines(
-                    baseline_sets(self.model, s.train, top_fraction=c.wanda_fraction, batch_size=c.batch_size), d))
+            if f"baselines-{ctx}" in keys:
+                rec = self.store.run(f"baselines-{ctx}", keys[f"baselines-{ctx}"], lambda d, s=split: _save_baselines(
+                    baseline_sets(self.model, s.train, top_fraction=b.wanda_fraction, batch_size=b.batch_size), d))
                 baselines[ctx] = _load_baselines(rec.path)
         probe = UtilityProbe.build(self.model)
         utility = None
-        if "fasp" in c.strategies:
-            rec = self.store.run("head-utility", self._key("head-utility", c.utility_texts), lambda d: torch.save(
+        if "head-utility" in keys:
+            c = self._view("head-utility")
+            rec = self.store.run("head-utility", keys["head-utility"], lambda d: torch.save(
                 head_utility(self.model, probe, n_texts=c.utility_texts, progress=c.progress),
                 d / "head_utility.pt"))
             utility = torch.load(rec.path / "head_utility.pt")
         candidates = self.candidates(scores, baselines, utility)
-        select_key = self._key("select", [s.key for s in self.store.records.values()], c.strategies, c.neuron_ks,
-                               c.head_ks, c.fasp_gamma, c.fasp_alphas)
-        self.store.run("selection", select_key, lambda d: _candidates_frame(candidates).to_parquet(
+        self.store.run("selection", keys["selection"], lambda d: _candidates_frame(candidates).to_parquet(
             d / "candidates.parquet", index=False))
-        gen_key = self._key("generalization", select_key, c.ablation)
-        rec = self.store.run("generalization", gen_key, lambda d: generalize(
+        c = self._view("generalization")
+        rec = self.store.run("generalization", keys["generalization"], lambda d: generalize(
             self.model, candidates, splits, probe=probe, how=c.ablation, means=self._means(splits),
             batch_size=c.batch_size, progress=c.progress).save(d))
         generalization = Generalization.load(rec.path)
-        overlap_key = self._key("overlap", [scores[x].attribution.n_prompts for x in scores], select_key,
-                                c.overlap_k, c.n_null)
         from circuits.analysis import overlap_tables
 
-        rec = self.store.run("overlap", overlap_key, lambda d: overlap_tables(
-            scores, generalization, k=c.overlap_k, n_null=c.n_null, seed=c.seed, out_dir=d))
+        o = self._view("overlap")
+        self.store.run("overlap", keys["overlap"], lambda d: overlap_tables(
+            scores, generalization, k=o.overlap_k, n_null=o.n_null, seed=o.seed, out_dir=d))
         from circuits.study_report import write_study_report
 
         audit = AuditResult.load(self.store.root / "audit")
-        report_key = self._key("report", audit_key, gen_key, overlap_key)
-        rec = self.store.run("report", report_key, lambda d: write_study_report(
-            d, config=c, manifest=json.loads((self.out / "manifest.json").read_text()), audit=audit,
+        rec = self.store.run("report", keys["report"], lambda d: write_study_report(
+            d, config=self.config, manifest=json.loads((self.out / "manifest.json").read_text()), audit=audit,
             scores=scores, generalization=generalization, overlap_dir=self.store.root / "overlap"))
-        return StudyRun(c, self.out, dict(self.store.records), rec.path / "report.html")
+        return StudyRun(self.config, self.out, dict(self.store.records), rec.path / "report.html")
 
     def _means(self, splits: dict[str, ContextSplits]):
-        if self.config.ablation != "mean":
+        c = self._view("generalization")
+        if c.ablation != "mean":
             return None
         from interp.activations import mean_activations
         from interp.components import hook_name
@@ -243,11 +332,11 @@ class Study:
 
         rows = [b.tokens[i, : int(b.lengths[i])].tolist() for b in batches for i in range(len(b))]
         reference = pad_ids(rows, pad_token_id(self.model.tokenizer)).to(self.model.cfg.device)
-        return mean_activations(self.model, reference, names, batch_size=self.config.batch_size)
+        return mean_activations(self.model, reference, names, batch_size=c.batch_size)
 
     # -- selection -------------------------------------------------------------------------
     def candidates(self, scores, baselines, utility) -> list[CandidateSet]:
-        c = self.config
+        c = self._view("selection")
         shape = ComponentShape.of(self.model)
         out: list[CandidateSet] = []
 
@@ -318,11 +407,12 @@ def rebuild_report(out_dir: str | Path) -> Path:
     config = StudyConfig.from_dict(json.loads((out / "config.json").read_text()))
     scores = {c: ContextScores.load(stages / f"scores-{c}") for c in config.contexts}
     target = stages / "report"
-    target.mkdir(exist_ok=True)
-    return write_study_report(target, config=config, manifest=json.loads((out / "manifest.json").read_text()),
-                              audit=AuditResult.load(stages / "audit"), scores=scores,
-                              generalization=Generalization.load(stages / "generalization"),
-                              overlap_dir=stages / "overlap")
+    with directory_lock(out, "rebuilding the report"):
+        target.mkdir(exist_ok=True)
+        return write_study_report(target, config=config, manifest=json.loads((out / "manifest.json").read_text()),
+                                  audit=AuditResult.load(stages / "audit"), scores=scores,
+                                  generalization=Generalization.load(stages / "generalization"),
+                                  overlap_dir=stages / "overlap")
 
 
 def run_study(config: StudyConfig | None = None) -> StudyRun:

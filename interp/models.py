@@ -7,6 +7,7 @@ once into a cached Hugging Face directory and booted from there on every later l
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -24,9 +25,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from interp.locking import directory_lock, user_mode
+
 CACHE_ENV = "BIAS_CIRCUITS_CACHE"
 _COMPLETE = "bias_circuits_complete.json"
-_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+# Every weight format transformers reads, and the index files of sharded checkpoints.
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack",
+                    "*.index.json")
+# A directory needs one of these for its tokenizer to have a vocabulary.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt",
+                    "sentencepiece.bpe.model")
+_TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                       "spiece.model", "*.tiktoken", "chat_template.*")
 
 
 class ModelLoadError(ValueError):
@@ -138,7 +148,9 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     """The cached Hugging Face directory of an embedded model, converting it on first use.
 
     The conversion writes into a temporary sibling directory and renames it into place, so a
-    killed conversion never leaves a directory that later loads would trust.
+    killed conversion never leaves a directory that later loads would trust; concurrent processes
+    take turns on a lock in the cache (a second waits for the first and uses its result), and the
+    next conversion removes what a killed one left.
     """
     entry = EMBEDDED[name]
     target = cache_root() / "models" / name
@@ -146,21 +158,23 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
         return target
     gguf = _gguf_file(entry)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # left by an older, incomplete layout: never trusted
-        shutil.rmtree(target, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        started = time.time()
-        _convert_gguf(gguf, tmp)
-        marker = {"source": str(gguf), "size": gguf.stat().st_size, "seconds": time.time() - started}
-        (tmp / _COMPLETE).write_text(json.dumps(marker))
+    with directory_lock(target.parent, f"converting {name}", wait=True, name=f".{name}.lock"):
+        if (target / _COMPLETE).exists():  # converted by the process we waited for
+            return target
+        if target.exists():  # left by an older, incomplete layout: never trusted
+            shutil.rmtree(target, ignore_errors=True)
+        for orphan in target.parent.glob(f".{name}-*"):  # a killed conversion's temporary directory
+            shutil.rmtree(orphan, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        tmp.chmod(user_mode())
         try:
+            started = time.time()
+            _convert_gguf(gguf, tmp)
+            marker = {"source": str(gguf), "size": gguf.stat().st_size, "seconds": time.time() - started}
+            (tmp / _COMPLETE).write_text(json.dumps(marker))
             os.replace(tmp, target)
-        except OSError:  # another process finished first; theirs is complete too
-            if not (target / _COMPLETE).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -187,7 +201,78 @@ def _check_hf_dir(path: Path) -> str:
             f"{_tl_version()} does not support; supported include e.g. LlamaForCausalLM, "
             "Gemma3ForCausalLM, GPT2LMHeadModel"
         )
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{path} has no tokenizer files (one of {', '.join(_TOKENIZER_FILES[:3])}, ...); save them "
+            "next to the weights with tokenizer.save_pretrained(path)"
+        )
     return supported[0]
+
+
+def _file_digest(path: Path, cache: dict) -> str:
+    """sha256 of a file's content, reused from ``cache`` while its inode, size, mtime and ctime hold."""
+    st = path.stat()
+    stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    hit = cache.get(str(path))
+    if hit and hit[0] == stamp:
+        return hit[1]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    cache[str(path)] = [stamp, digest.hexdigest()]
+    return cache[str(path)][1]
+
+
+def model_fingerprint(name_or_path: str | os.PathLike) -> dict:
+    """Content hashes of a model's weight files (every format, shard indexes included) and of its
+    tokenizer files; hub names, whose files are not local, are named only. Digests are cached in
+    the model cache and recomputed when a file's inode, size, mtime or ctime changes."""
+    path = Path(resolve_model_path(name_or_path))
+    if not path.is_dir():
+        return {"hub": str(name_or_path)}
+    cache_file = cache_root() / "digests.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+
+    def digest(patterns) -> str:
+        files = sorted({p for pattern in patterns for p in path.glob(pattern) if p.is_file()})
+        total = hashlib.sha256()
+        for file in files:
+            total.update(f"{file.name}:{_file_digest(file.resolve(), cache)}\n".encode())
+        return total.hexdigest()[:16]
+
+    found = {"weights": digest(_WEIGHT_PATTERNS), "tokenizer": digest(_TOKENIZER_PATTERNS),
+             "config": digest(("config.json", "generation_config.json"))}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(cache))
+    os.replace(partial, cache_file)
+    return found
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The torch device ``device`` names (None: the default), or ModelLoadError when this machine lacks it."""
+    if device is None or str(device) == "auto":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"device {str(device)!r} is not a torch device; use cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelLoadError(f"device {str(device)!r}: this machine has no usable CUDA device (torch "
+                                 f"{torch.__version__}); use --device cpu (or leave the device unset)")
+        if dev.index is not None and dev.index >= count:
+            raise ModelLoadError(f"device {str(device)!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {str(device)!r}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {str(device)!r}: unsupported device type; use cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def _tl_version() -> str:
@@ -247,9 +332,9 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    path = resolve_model_path(name_or_path)
     multi_device = "device_map" in boot_kwargs or "n_devices" in boot_kwargs
-    device = None if multi_device else torch.device(device) if device else default_device()
+    device = None if multi_device else check_device(device)
+    path = resolve_model_path(name_or_path)
     dtype = dtype or default_dtype(device or torch.device("cuda"))
     try:
         bridge = TransformerBridge.boot_transformers(path, device=device, dtype=dtype, **boot_kwargs)
@@ -267,6 +352,9 @@ def load_model(
                 f"local directory, and not loadable from the hub: {hint}"
             ) from err
         raise
+    if len(bridge.tokenizer) == 0:
+        raise ModelLoadError(f"{path}: the tokenizer has an empty vocabulary; save a complete tokenizer there "
+                             "with tokenizer.save_pretrained(path)")
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     bridge.model_id = str(name_or_path)  # what reports and manifests name the model by

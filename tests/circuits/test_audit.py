@@ -161,3 +161,64 @@ def test_cli_audits_an_imported_table(tmp_path, capsys):
     gaps = pd.read_parquet(out / "gaps.parquet")
     assert set(gaps["context"]) == {"salary"} and set(gaps["contrast"]) == {"race", "gender"}
     assert gaps["n_prompts"].tolist() == [8, 8]
+
+
+SLOW_AUDIT = """
+import sys, time
+sys.path.insert(0, {root!r})
+import circuits.audit as audit
+from interp.testing import load_tiny_model
+real = audit.measure
+def slow(*args, **kwargs):
+    time.sleep(0.4)
+    return real(*args, **kwargs)
+audit.measure = slow
+audit.run_audit(load_tiny_model(), ["chess", "lending_approval"], out_dir={out!r}, details=["low"], variations=2,
+                names_per_cell=2, chunk_size=4, n_resamples=50, progress=False)
+"""
+
+
+def _audit(model, out, **kwargs):
+    return run_audit(model, ["chess", "lending_approval"], out_dir=out, details=["low"], variations=2,
+                     names_per_cell=2, n_resamples=50, progress=False, **{"chunk_size": 4, **kwargs})
+
+
+def test_killed_audit_resumes_after_the_last_chunk_with_identical_results(tiny_model, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import circuits.audit as audit
+    from circuits.audit import saved_progress
+
+    out = tmp_path / "killed"
+    script = SLOW_AUDIT.format(root=str(Path(__file__).parents[2]), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while saved_progress(out)[0] < 12 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.kill()
+    proc.wait()
+    done, total = saved_progress(out)
+    assert 12 <= done < total == 32 and not (out / "values.parquet").exists()
+    with pytest.raises(ValueError, match="holds a partial audit of other settings.*chunks of 4"):
+        _audit(tiny_model, out, chunk_size=5)
+    calls = []
+    real = audit.measure
+    monkeypatch.setattr(audit, "measure", lambda m, p, **kw: calls.append(len(p)) or real(m, p, **kw))
+    resumed = _audit(tiny_model, out)
+    assert sum(calls) == total - done  # only the chunks the killed run had not finished
+    assert not (out / "chunks").exists()
+    reference = _audit(tiny_model, tmp_path / "whole")
+    for name in ("values", "distribution"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / f"{name}.parquet"),
+                                      pd.read_parquet(tmp_path / "whole" / f"{name}.parquet"), check_exact=True)
+    pd.testing.assert_frame_equal(resumed.to_dataframe(), reference.to_dataframe(), check_exact=True)
+
+
+def test_chunked_audit_matches_one_chunk(tiny_model, tmp_path):
+    whole = _audit(tiny_model, None, chunk_size=1000)
+    chunked = _audit(tiny_model, tmp_path, chunk_size=3)
+    pd.testing.assert_frame_equal(chunked.measurement.values, whole.measurement.values, atol=1e-6)

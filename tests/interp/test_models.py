@@ -113,3 +113,107 @@ def test_second_load_reuses_cache(monkeypatch):
     monkeypatch.setattr(models, "_convert_gguf", must_not_run)
     model = load_model("smollm2-135m-instruct", device="cpu")
     assert model.cfg.n_layers == 30
+
+
+def _copy_model(source, target, *, tokenizer=True, safe=True):
+    """The tiny model's files in ``target``: weights as safetensors or pytorch_model.bin, tokenizer optional."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    target.mkdir(parents=True)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    if safe:
+        model.save_pretrained(target)
+    else:
+        model.config.save_pretrained(target)
+        torch.save(model.state_dict(), target / "pytorch_model.bin")
+    if tokenizer:
+        for f in source.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+                shutil.copy(f, target / f.name)
+    return target
+
+
+def test_folder_without_tokenizer_is_refused_before_loading(tmp_path):
+    from interp.testing import tiny_model_dir
+
+    folder = _copy_model(tiny_model_dir(), tmp_path / "m", tokenizer=False)
+    with pytest.raises(ModelLoadError, match=r"has no tokenizer files.*tokenizer.save_pretrained"):
+        load_model(folder, device="cpu")
+
+
+def test_replacing_a_pytorch_model_bin_changes_the_fingerprint(tmp_path):
+    import os
+    import shutil
+
+    from interp.testing import tiny_model_dir
+
+    folder = _copy_model(tiny_model_dir(), tmp_path / "m", safe=False)
+    other = _copy_model(tiny_model_dir(seed=1), tmp_path / "other", safe=False)
+    assert not list(folder.glob("*.safetensors")) and (folder / "pytorch_model.bin").exists()
+    before = models.model_fingerprint(folder)
+    assert models.model_fingerprint(folder) == before  # cached digests give the same answer
+    stat = (folder / "pytorch_model.bin").stat()
+    shutil.copy(other / "pytorch_model.bin", folder / "pytorch_model.bin")
+    os.utime(folder / "pytorch_model.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
+    after = models.model_fingerprint(folder)
+    assert after["weights"] != before["weights"] and after["tokenizer"] == before["tokenizer"]
+    (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text() + " ")
+    assert models.model_fingerprint(folder)["tokenizer"] != after["tokenizer"]
+
+
+def test_unavailable_device_is_refused_before_loading(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="device 'cuda': this machine has no usable CUDA device"):
+        load_model("/nowhere/at/all", device="cuda")
+
+
+CONVERT = """
+import sys, time
+from pathlib import Path
+from interp import models
+def slow(gguf, out_dir):
+    print("converting", flush=True)
+    time.sleep(float(sys.argv[1]))
+    (Path(out_dir) / "config.json").write_text("{}")
+models._convert_gguf = slow
+models.embedded_model_dir("smollm2-135m-instruct")
+"""
+
+
+def _converter(tmp_path, seconds):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, models.CACHE_ENV: str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", CONVERT, str(seconds)], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "converting"
+    return proc
+
+
+def test_a_second_process_waits_for_the_conversion_and_uses_it(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+
+    def must_not_run(*args):
+        raise AssertionError("the second process must use the first one's conversion")
+
+    first = _converter(tmp_path, 2)
+    monkeypatch.setattr(models, "_convert_gguf", must_not_run)
+    target = models.embedded_model_dir("smollm2-135m-instruct")
+    first.wait()
+    assert (target / models._COMPLETE).exists()
+    assert f"waiting for pid {first.pid}" in capfd.readouterr().err
+
+
+def test_a_killed_conversion_is_taken_over(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    first = _converter(tmp_path, 60)
+    first.kill()
+    first.wait()
+    assert [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".smollm2-135m-instruct-")]
+    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, out: (out / "config.json").write_text("{}"))
+    target = models.embedded_model_dir("smollm2-135m-instruct")
+    assert (target / models._COMPLETE).exists()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m-instruct"]
