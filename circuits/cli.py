@@ -2,7 +2,10 @@
 
 Each subcommand is a pair of small functions, ``_add_<name>(subparsers)`` declaring its arguments
 and ``_run_<name>(args)`` doing the work, registered in ``SUBCOMMANDS``. Bad input (an unknown
-context, a malformed prompt table, a model that cannot be loaded) prints one line and exits 2.
+context, a malformed prompt table, a model that cannot be loaded, a device this machine lacks, an
+--out that is a file, an output directory another run holds) prints one line and exits 2, before
+any model is loaded; Ctrl-C prints one line saying what was kept and how to resume, and exits 130.
+See docs/troubleshooting.md.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 class BadInput(ValueError):
@@ -89,6 +94,10 @@ def _add_audit(subparsers) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=32, help="model rows per forward pass (default: 32)"
     )
+    parser.add_argument(
+        "--chunk-size", type=int, default=100, metavar="N",
+        help="prompts per saved chunk: an interrupted audit resumes after the last one (default: 100)",
+    )
     _add_run_options(parser)
 
 
@@ -121,7 +130,7 @@ def _run_audit(args) -> int:
     if args.prompts is None and args.higher_favours:
         raise BadInput("--higher-favours only applies to a --prompts table")
     favours = _higher_favours(args.higher_favours)
-    for flag in ("variations", "names_per_cell", "batch_size", "resamples"):
+    for flag in ("variations", "names_per_cell", "batch_size", "chunk_size", "resamples"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be at least 1")
     if args.prompts is not None:  # a bad table (or a scenario it lacks) fails before the model loads
@@ -140,6 +149,7 @@ def _run_audit(args) -> int:
         variations=args.variations,
         names_per_cell=args.names_per_cell,
         batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
         n_resamples=args.resamples,
         seed=args.seed,
         progress=not args.no_progress,
@@ -403,18 +413,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_common(args) -> None:
+    """The checks every subcommand shares, before any model work: its --device and --out."""
+    from interp.models import check_device
+
+    if getattr(args, "device", None):
+        check_device(args.device)
+    out = getattr(args, "out", None)
+    if out:
+        path = Path(out).expanduser()
+        if path.exists() and not path.is_dir():
+            raise BadInput(f"--out {path} is an existing file; give a directory (it is created if missing)")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise BadInput(f"--out {path}: cannot create the directory ({err.strerror or err})") from None
+
+
+def _interrupted(args) -> str:
+    """One line: what an interrupted subcommand kept and how to resume."""
+    if args.command == "study":
+        out = Path(_study_config(args).out_dir).expanduser()
+        done = sorted(p.parent.name for p in (out / "stages").glob("*/stage.json"))
+        kept = f"finished stages are kept in {out / 'stages'} ({', '.join(done) or 'none yet'})"
+        return f"interrupted: {kept}; run the same command again to resume"
+    if args.command == "audit":
+        from circuits.audit import saved_progress
+
+        done, total = saved_progress(args.out)
+        return (f"interrupted: {done} of {total} prompts are kept in {Path(args.out) / 'chunks'}; run the same "
+                "command again to resume" if total else "interrupted before any prompt was measured; nothing kept")
+    return "interrupted: this command writes its results only at the end, so nothing was kept; run it again"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the console script; returns the exit status."""
     from circuits.contexts import UnknownContextError
     from interp import ModelLoadError
+    from interp.locking import LockedError
 
     args = build_parser().parse_args(argv)
     try:
+        _check_common(args)
         return SUBCOMMANDS[args.command][1](args)
-    except (BadInput, UnknownContextError, ModelLoadError, ValueError, FileNotFoundError) as err:
+    except (BadInput, UnknownContextError, ModelLoadError, LockedError, ValueError, FileNotFoundError) as err:
         message = " ".join(str(err).split())
         print(f"bias-circuits {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"\nbias-circuits {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

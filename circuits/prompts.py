@@ -13,6 +13,7 @@ sequences align position by position: same length, and different only at the nam
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -420,15 +421,37 @@ def _parse_group(label: str) -> tuple[str, str] | None:
     return (race, gender) if gender else None
 
 
+def _decoded(path: Path) -> str:
+    """The file's text; a PromptTableError naming the line of the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        fix = f"iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}"
+        raise PromptTableError(
+            path, [f"line {line}: byte 0x{raw[err.start]:02x} is not UTF-8; re-save the file as UTF-8 (e.g. {fix})"]
+        ) from None
+
+
+def _delimiter(header: str) -> str:
+    """The delimiter that splits ``header`` into the table's columns: a comma, or else a tab, ';' or '|'."""
+    for delimiter in (",", "\t", ";", "|"):
+        if sum(part.strip() in TABLE_COLUMNS for part in header.split(delimiter)) >= 2:
+            return delimiter
+    return ","
+
+
 def _read_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) for every record of a CSV or JSONL file."""
+    """(line number, row) for every record of a UTF-8 CSV (comma, tab, ';' or '|' delimited) or JSONL file."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise PromptTableError(path, [f"unsupported file type {path.suffix!r}; use .csv or .jsonl"])
     if not path.is_file():
         raise PromptTableError(path, ["no such file"])
     records: list[tuple[int, dict]] = []
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    text = _decoded(path)
+    with io.StringIO(text, newline="") as handle:
         if suffix == ".jsonl":
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -443,11 +466,14 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
                     )
                 records.append((number, row))
             return records
-        reader = csv.reader(handle)
+        reader = csv.reader(handle, delimiter=_delimiter(text.split("\n", 1)[0]))
         header = next(reader, None)
         if header is None:
             raise PromptTableError(path, ["the file is empty"])
         header = [h.strip() for h in header]
+        if len(header) == 1:
+            raise PromptTableError(path, [f"line 1: the header {header[0][:60]!r} is a single column; separate the "
+                                          f"columns {', '.join(TABLE_COLUMNS)} by commas (or tabs, ';' or '|')"])
         while True:
             start = reader.line_num + 1
             values = next(reader, None)

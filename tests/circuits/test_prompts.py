@@ -295,3 +295,29 @@ def test_cli_audits_an_imported_table_with_signs_and_coverage(tmp_path, capsys):
     assert signs == {"purchase": 1, "office": 1, "chess": 1, "rent": -1, "loan": 1}
     assert "What the metric sees, per context:" in out
     assert all(f"  {c}: the metric sees " in out for c in signs)
+
+
+def test_non_utf8_table_names_file_line_and_fix(tmp_path):
+    path = tmp_path / "latin1.csv"
+    rows = [*GOOD_ROWS, GOOD_ROWS[0].replace("Emily Becker", "Zoë Becker").replace("nurse", "clerk")]
+    path.write_bytes(("\n".join([HEADER, *rows]) + "\n").encode("latin-1"))
+    with pytest.raises(PromptTableError, match=r"latin1.csv .*line 6: byte 0xeb is not UTF-8; re-save .*iconv"):
+        read_prompt_table(path)
+
+
+@pytest.mark.parametrize("delimiter", ["\t", ";"])
+def test_tab_and_semicolon_tables_are_read(tmp_path, delimiter):
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO("\n".join([HEADER, *GOOD_ROWS]))))
+    path = tmp_path / "table.csv"
+    path.write_text("".join(delimiter.join(row) + "\n" for row in rows))
+    table = read_prompt_table(path)
+    assert len(table) == 4 and table["prompt_text"].iloc[0] == "What salary should Emily Becker get?"
+
+
+def test_single_column_header_says_how_to_separate(tmp_path):
+    path = write(tmp_path, ["x"], header="scenario variation name_group name context_level prompt_text")
+    with pytest.raises(PromptTableError, match=r"line 1: the header .* is a single column; separate the columns"):
+        read_prompt_table(path)
