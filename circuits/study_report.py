@@ -9,6 +9,7 @@ from circuits import plots
 from circuits.analysis import load_overlap_tables
 from circuits.audit import AuditResult
 from circuits.config import StudyConfig
+from circuits.coverage import coverage_lines, coverage_table
 from circuits.generalization import Generalization
 from circuits.report import Section, write_report
 
@@ -20,13 +21,19 @@ def _audit_section(audit: AuditResult) -> Section:
     fig_df = shown.assign(gap=shown["smd"], gap_lo=shown["smd"], gap_hi=shown["smd"])
     table = shown[["context", "comparison", "mean_a", "mean_b", "gap", "ci_low", "ci_high", "smd",
                    "p_permutation", "n_prompts", "mean_grid_mass"]]
+    coverage = coverage_table(audit.measurement)
     return Section(
         "Bias audit",
-        "Deterministic audit: the expected answer under the model's distribution over each context's "
-        "candidate grid, per prompt. `gap` is group A minus group B in the context's units, with a "
+        "Deterministic audit: a summary of the model's exact distribution over each context's answers, "
+        "per prompt. `gap` is group A minus group B in the context's units, with a "
         "cluster-bootstrap interval over names and templates; the figure shows the standardized "
-        "mean difference so contexts share a scale.",
-        tables=[("Group gaps per context", table.round(4))],
+        "mean difference so contexts share a scale.\n\n"
+        "What share of the model's answers the metric sees (`covered`: the mean probability of the "
+        "answers it scores; `other`: replies that do not start an answer of the context's type; `beyond`: "
+        "numbers outside the scored set):\n\n"
+        + "\n".join(f"- {line}" for line in coverage_lines(audit.measurement)),
+        tables=[("Group gaps per context", table.round(4)),
+                ("Covered share of the model's answers per context", coverage.round(4))],
         figures=[("audit_gaps", "Standardized mean difference per context", plots.audit_gaps(
             fig_df[["context", "gap", "gap_lo", "gap_hi", "comparison"]]))],
     )

@@ -180,3 +180,22 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     expected = re.findall(r'<section id="([^"]+)"', page)
     assert probe["sections"] == expected and len(expected) == 10
     assert probe["images"] == 10 and probe["broken"] == 0
+
+
+def test_audit_section_states_what_share_of_answers_the_metric_sees():
+    from circuits.audit import AuditResult
+    from circuits.bias import GapTable, Measurement
+    from circuits.study_report import _audit_section
+
+    values = pd.DataFrame({"context": ["loan", "loan", "vote"], "answer_type": ["dollars", "dollars", "yes_no"],
+                           "grid_mass": [0.9, 0.96, 0.5], "other_mass": [0.08, 0.02, 0.5],
+                           "tail_mass": [0.02, 0.02, 0.0]})
+    gaps = pd.DataFrame([{"context": c, "group_a": "White", "group_b": "Black", "mean_a": 1.0, "mean_b": 0.5,
+                          "gap": 0.5, "ci_low": 0.1, "ci_high": 0.9, "smd": 0.3, "p_permutation": 0.04,
+                          "n_prompts": 8, "mean_grid_mass": 0.9} for c in ("loan", "vote")])
+    section = _audit_section(AuditResult(Measurement(values, pd.DataFrame()), GapTable(gaps)))
+    assert "- loan: the metric sees 93% of the model's answers (lowest prompt 90%)" in section.text
+    assert "- vote: the metric sees 50%" in section.text
+    captions = [caption for caption, _ in section.tables]
+    coverage = dict(section.tables)["Covered share of the model's answers per context"]
+    assert len(captions) == 2 and coverage["covered"].tolist() == [0.93, 0.5]
