@@ -1,4 +1,5 @@
-"""Streaming activation statistics: means, per-feature norms, attention paid to marked tokens.
+"""Streaming activation statistics: means, per-feature norms, per-prompt means over marked positions,
+attention paid to marked tokens.
 
 Every statistic is a running float32 sum, taken by hooks that reduce each activation as it
 passes through a microbatch and keep nothing else: no activation cache is ever built. Only real
@@ -9,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -169,6 +170,49 @@ def activation_norms(
 
     _stream(model, batch, names, reduce, batch_size=batch_size, progress=progress, desc="activation norms")
     return {name: squares[name].sqrt() for name in names}
+
+
+def masked_means(
+    model,
+    batch: TokenBatch,
+    hook_names: Sequence[str],
+    masks: Mapping[str, Bool[Tensor, "batch pos"]],
+    *,
+    select: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, dict[str, Float[Tensor, "batch ..."]]]:
+    """Per prompt, the mean activation of each hook over the positions each mask marks.
+
+    ``masks`` maps a label to a ``[batch, pos]`` mask on the batch's own grid (e.g. a word's
+    tokens, or the answer position); ``select[name]`` maps the hook's ``[batch, pos, ...]``
+    activation before averaging (e.g. one neuron's column), so only what is kept is summed. Returns
+    ``out[name][label]`` of shape ``[batch, ...]``; a prompt with no marked position gives NaN.
+    """
+    names = [_positional(n) for n in check_hook_names(model, hook_names)]
+    select = dict(select or {})
+    checked = {}
+    for label, mask in masks.items():
+        mask = torch.as_tensor(mask)
+        if tuple(mask.shape) != tuple(batch.tokens.shape):
+            raise ValueError(f"mask {label!r} has shape {tuple(mask.shape)} but the batch's tokens are "
+                             f"{tuple(batch.tokens.shape)}; mark positions on the batch's own [batch, pos] grid")
+        checked[label] = mask.bool().cpu()
+    out: dict[str, dict[str, Tensor]] = {name: {} for name in names}
+
+    def reduce(name: str, act: Tensor, mb: TokenBatch, rows: slice) -> None:
+        _check_rows(name, act, mb)
+        values = select[name](act) if name in select else act
+        for label, mask in checked.items():
+            weights = mask[rows, : mb.tokens.shape[1]].to(values.device, torch.float32)
+            part = torch.einsum("bp,bp...->b...", weights, values.float())
+            part = part / weights.sum(1).reshape((-1,) + (1,) * (part.ndim - 1))  # 0/0: NaN, no marked position
+            if label not in out[name]:
+                out[name][label] = part.new_zeros((len(batch),) + tuple(part.shape[1:]))
+            out[name][label][rows] = part
+
+    _stream(model, batch, names, reduce, batch_size=batch_size, progress=progress, desc="masked means")
+    return {name: {label: values.cpu() for label, values in by_mask.items()} for name, by_mask in out.items()}
 
 
 def attention_to_positions(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from interp.activations import activation_norms, attention_to_positions, mean_activations
+from interp.activations import activation_norms, attention_to_positions, masked_means, mean_activations
 from interp.batching import tokenize
 
 PROMPTS = ["The seller asked for", "Hi", "A much longer prompt about buying a used bicycle from"]
@@ -85,6 +85,27 @@ def test_attention_to_positions_over_real_queries(tiny_model, batch, cache):
             to_keys = pattern[row, :, :n][:, :, key_mask[row]].sum(-1)  # head query
             expected[layer] += to_keys.mean(-1) / len(batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_means_per_prompt(tiny_model, batch, cache):
+    keys = _marked_keys(batch)
+    answer = torch.zeros_like(keys)
+    answer[torch.arange(len(batch)), batch.answer_pos] = True
+    nothing = torch.zeros_like(keys)
+    hooks = HOOKS[:2]
+    select = {HOOKS[0]: lambda act: act[..., 5]}  # one neuron
+    got = masked_means(tiny_model, batch, hooks, {"keys": keys, "answer": answer, "none": nothing},
+                       select=select, batch_size=2)
+    for row in range(len(batch)):
+        neuron = cache[HOOKS[0]][row, :, 5]
+        torch.testing.assert_close(got[HOOKS[0]]["keys"][row], neuron[keys[row]].mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[HOOKS[0]]["answer"][row], neuron[batch.answer_pos[row]], rtol=1e-5, atol=1e-6)
+        z = cache[HOOKS[1]][row]  # pos head d_head
+        torch.testing.assert_close(got[HOOKS[1]]["keys"][row], z[keys[row]].mean(0), rtol=1e-5, atol=1e-6)
+    assert got[HOOKS[1]]["keys"].shape == (3, 4, 16)
+    assert got[HOOKS[0]]["none"].isnan().all()
+    with pytest.raises(ValueError, match="mask 'short' has shape"):
+        masked_means(tiny_model, batch, hooks, {"short": torch.ones(3, 2, dtype=torch.bool)})
 
 
 def test_bad_inputs_get_clear_errors(tiny_model, batch):
