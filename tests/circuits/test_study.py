@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+import yaml
 
 from circuits.config import ConfigError, StudyConfig
-from circuits.study import run_study
+from circuits.study import ALL_FIELDS, MODEL_FIELDS, UNKEYED, model_key, run_study, stage_keys, study_prompts
+from circuits.study import STAGES as STAGE_SPECS
 from interp.testing import tiny_model_dir
 
 STAGES = ["audit", "scores-lending_amount", "scores-commerce_buy", "head-utility", "selection",
@@ -55,12 +58,108 @@ def test_rerun_reuses_every_stage(finished_study):
     assert not any(rec.computed for rec in again.stages.values())
 
 
+def test_every_config_field_is_declared():
+    """A field no stage declares (the report prints them all, so it does not count) fails here."""
+    declared = {f for name, stage in STAGE_SPECS.items() if name != "report" for f in stage.fields}
+    undeclared = set(ALL_FIELDS) - declared - set(MODEL_FIELDS) - set(UNKEYED)
+    assert not undeclared, f"declare {sorted(undeclared)} in circuits.study.STAGES (or UNKEYED)"
+    assert declared | set(MODEL_FIELDS) | set(UNKEYED) <= set(ALL_FIELDS)
+    assert set(STAGE_SPECS["report"].fields) == set(ALL_FIELDS)
+
+
+PER_CONTEXT = ["scores-lending_amount", "scores-commerce_buy"]
+DOWNSTREAM = ["selection", "generalization", "overlap", "report"]
+EVERYTHING = ["audit", *PER_CONTEXT, "head-utility", *DOWNSTREAM]
+# field: (a new value, the stored stages whose key must change); every StudyConfig field is listed
+CHANGES = {
+    "model": (str(tiny_model_dir(seed=1)), EVERYTHING),
+    "device": ("cuda", EVERYTHING),  # on a machine without CUDA the device check is faked below
+    "contexts": (("lending_amount", "commerce_buy", "chess"), ["audit", *DOWNSTREAM]),
+    "details": (("low", "high"), ["audit", *PER_CONTEXT, *DOWNSTREAM]),
+    "variations": (4, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
+    "names_per_cell": (3, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
+    "seed": (1, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
+    "metric": ("other", ["audit", *PER_CONTEXT, *DOWNSTREAM]),
+    "max_pairs_per_cell": (2, [*PER_CONTEXT, *DOWNSTREAM]),
+    "refine_top": (3, [*PER_CONTEXT, *DOWNSTREAM]),
+    "utility_texts": (5, ["head-utility", *DOWNSTREAM]),
+    "heldout_names": (True, ["generalization", "overlap", "report"]),
+    "ablation": ("mean", ["generalization", "overlap", "report"]),
+    "strategies": (("top_k_neurons", "top_k_heads", "fasp"), DOWNSTREAM),
+    "neuron_ks": ((6,), DOWNSTREAM),
+    "head_ks": ((3,), DOWNSTREAM),
+    "fasp_gamma": (0.4, DOWNSTREAM),
+    "fasp_alphas": ((0.2,), DOWNSTREAM),
+    "wanda_fraction": (0.02, ["report"]),  # the tiny study runs no baseline strategy
+    "overlap_k": (11, ["overlap", "report"]),
+    "n_null": (21, ["overlap", "report"]),
+    "batch_size": (2, ["report"]),
+    "progress": (True, ["report"]),
+    "out_dir": ("elsewhere", ["report"]),
+}
+
+
+_PROMPTS = {}
+
+
+def _stored_keys(config, tiny_model):
+    inputs = tuple(getattr(config, f) for f in STAGE_SPECS["prompts"].fields)
+    if inputs not in _PROMPTS:
+        _PROMPTS[inputs] = study_prompts(tiny_model, config.contexts, details=config.details,
+                                      variations=config.variations, names_per_cell=config.names_per_cell,
+                                      seed=config.seed)
+    keys = stage_keys(config, model_key(config), _PROMPTS[inputs])
+    return {k: v for k, v in keys.items() if not k.startswith(("prompts-", "pairs-"))}
+
+
+def test_each_config_field_invalidates_exactly_its_stages(tiny_model, tmp_path, monkeypatch):
+    import interp.models
+
+    assert set(CHANGES) == set(ALL_FIELDS), "give every new config field an expectation in CHANGES"
+    base = _stored_keys(tiny_config(tmp_path), tiny_model)
+    assert set(base) == set(EVERYTHING)
+    real_check = interp.models.check_device
+    monkeypatch.setattr(interp.models, "check_device",
+                        lambda d: torch.device("cuda") if d == "cuda" else real_check(d))
+    for field, (value, expected) in CHANGES.items():
+        config = tiny_config(value) if field == "out_dir" else tiny_config(tmp_path, **{field: value})
+        changed = _stored_keys(config, tiny_model)
+        recomputed = {name for name in base if changed.get(name) != base[name]}
+        assert recomputed == set(expected), f"{field}: recomputes {sorted(recomputed)}"
+    added = set(_stored_keys(tiny_config(tmp_path, contexts=CHANGES["contexts"][0]), tiny_model)) - set(base)
+    assert added == {"scores-chess"}
+
+
+def test_replaced_weights_invalidate_every_stage(tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model_dir)
+    config = tiny_config(tmp_path / "out", model=str(model_dir))
+    prompts = study_prompts(_Tokenizer(), config.contexts, details=config.details, variations=config.variations,
+                            names_per_cell=config.names_per_cell, seed=config.seed)
+    before = stage_keys(config, model_key(config), prompts)
+    shutil.copy(next(tiny_model_dir(seed=1).glob("*.safetensors")), next(model_dir.glob("*.safetensors")))
+    after = stage_keys(config, model_key(config), prompts)
+    assert not set(before.values()) & set(after.values())
+
+
+class _Tokenizer:
+    """The tiny model's tokenizer, as study_prompts reads it."""
+
+    def __init__(self):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
+
+
 def test_changed_config_invalidates_only_downstream_stages(finished_study, tmp_path):
+    """Toggling heldout_names (once reused by every stage) recomputes what reads it, and the report says so."""
     shutil.copytree(finished_study.out_dir, tmp_path / "copy")
-    changed = run_study(tiny_config(tmp_path / "copy", head_ks=(3,)))
+    changed = run_study(tiny_config(tmp_path / "copy", heldout_names=True))
     computed = {name for name, rec in changed.stages.items() if rec.computed}
-    assert "audit" not in computed and "scores-lending_amount" not in computed
-    assert {"selection", "generalization", "report"} <= computed
+    assert computed == {"generalization", "overlap", "report"}
+    frame = pd.read_parquet(tmp_path / "copy/stages/generalization/generalization.parquet")
+    assert "names" in set(frame["level"])
+    assert "heldout_names | True |" in (changed.report.parent / "report.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -103,13 +202,25 @@ def test_killed_study_resumes_with_identical_results(finished_study, tmp_path):
         "run_study(tiny_config(%r))\n" % (str(Path(__file__).parents[2]), str(out))
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "stages" / "head-utility" / "stage.json"
+    lock = out / ".lock"
     deadline = time.time() + 600
+    while not (lock.exists() and str(proc.pid) in lock.read_text()) and proc.poll() is None:
+        time.sleep(0.1)
+    # a second writer on the same directory is refused, naming the first and the directory
+    config = out.parent / "second.yaml"
+    config.write_text(yaml.safe_dump({"study": {k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in tiny_config(out).to_dict().items()}}))
+    second = subprocess.run([sys.executable, "-m", "circuits.cli", "study", "--config", str(config)],
+                            capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"{out} is in use by pid {proc.pid}" in second.stderr and "running a study" in second.stderr
+    marker = out / "stages" / "head-utility" / "stage.json"
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "the study finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert str(proc.pid) in lock.read_text()  # a stale lock: its holder is gone, the next run takes it
     finished = {p.parent.name: p.read_text() for p in (out / "stages").glob("*/stage.json")}
     assert "head-utility" in finished and "report" not in finished
     resumed = run_study(tiny_config(out))
