@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from interp.components import Component
 
@@ -587,4 +587,172 @@ def audit_gaps(df: pd.DataFrame) -> Figure:
     )
     if len(comparisons) > 1:
         ax.legend(title="comparison", fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------- 10. set intersections (UpSet)
+
+
+def upset(df: pd.DataFrame, *, max_intersections: int = 30, sep: str = " & ") -> Figure:
+    """UpSet-style figure of the exclusive intersections of several contexts' component sets.
+
+    Columns: ``intersection`` (its contexts joined by ``sep``; a component is counted in exactly one
+    intersection, the contexts whose sets hold it), ``size`` and optionally ``null_mean`` (drawn as a tick)
+    with ``null_low, null_high`` (its interval, a grey bar behind the size). Top: intersection sizes; below:
+    a dot matrix of which contexts each intersection joins; left: each context's set size (the sum of its
+    intersections). The ``max_intersections`` largest are shown, the largest first.
+    """
+    figure = "upset"
+    _require(df, figure, ["intersection", "size"], ["null_mean", "null_low", "null_high"],
+             numeric=["size", "null_mean", "null_low", "null_high"])
+    band = _paired(df, figure, "null_low", "null_high")
+    _unique(df, figure, ["intersection"], "filter to one kind / k first")
+    members = df["intersection"].astype(str).str.split(sep)
+    contexts = list(dict.fromkeys(c for m in members for c in m))
+    set_sizes = {c: float(df.loc[members.map(lambda m, c=c: c in m), "size"].sum()) for c in contexts}
+    shown = df.assign(_members=members, _degree=members.map(len)).sort_values(
+        ["size", "_degree"], ascending=[False, False], kind="stable").head(max_intersections)
+    n, m = len(shown), len(contexts)
+    fig = Figure(figsize=(max(6.5, 2.6 + 0.42 * n), 3.2 + 0.32 * m), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=[1.0, max(2.0, 0.42 * n)], height_ratios=[2.6, max(0.8, 0.32 * m)])
+    with sns.axes_style("whitegrid"):
+        bars = fig.add_subplot(grid[0, 1])
+        dots = fig.add_subplot(grid[1, 1], sharex=bars)
+        sizes = fig.add_subplot(grid[1, 0], sharey=dots)
+    x = np.arange(n)
+    if band:
+        bars.bar(x, shown["null_high"] - shown["null_low"], bottom=shown["null_low"], width=0.8, color="0.85",
+                 label="null 95%", zorder=1)
+    bars.bar(x, shown["size"], width=0.55, color="0.25", zorder=2, label="observed")
+    if "null_mean" in shown.columns:
+        bars.scatter(x, shown["null_mean"], marker="_", s=260, color=POSITIVE, zorder=3, label="null mean")
+    for xi, size in zip(x, shown["size"]):
+        bars.annotate(f"{size:g}", (xi, size), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
+    bars.set(ylabel="intersection size", title="Exclusive intersections of the sets")
+    bars.tick_params(axis="x", labelbottom=False)
+    bars.legend(fontsize=8, loc="upper right")
+    row = {c: i for i, c in enumerate(contexts)}
+    dots.scatter(np.repeat(x, m), np.tile(np.arange(m), n), s=40, color="0.85", zorder=1)
+    for xi, chosen in zip(x, shown["_members"]):
+        ys = sorted(row[c] for c in chosen)
+        dots.plot([xi, xi], [ys[0], ys[-1]], color="0.2", linewidth=1.5, zorder=2)
+        dots.scatter([xi] * len(ys), ys, s=40, color="0.2", zorder=3)
+    dots.set_yticks(range(m), contexts)
+    dots.set_ylim(m - 0.5, -0.5)
+    dots.set_xticks(x, [""] * n)
+    dots.grid(False)
+    sizes.barh(range(m), [set_sizes[c] for c in contexts], color="0.45", height=0.6)
+    sizes.invert_xaxis()
+    sizes.set(xlabel="set size")
+    sizes.tick_params(axis="y", labelleft=False)
+    return fig
+
+
+# ---------------------------------------------------------------- 11. component card
+
+
+def component_card(
+    scores: pd.DataFrame, activations: pd.DataFrame, effects: pd.DataFrame, *, title: str = ""
+) -> Figure:
+    """One component at a glance: its score per context, its activation by group, its direct effect.
+
+    ``scores``: ``context, score`` and optionally ``ci_low, ci_high`` (an interval, drawn as error bars).
+    ``activations``: ``context, group, position, mean`` and optionally ``ci_low, ci_high`` (one panel row
+    point per context x position, groups dodged). ``effects``: ``context, answer, token, centred`` (logit
+    pushed onto each answer token, centred within the answer; bars per token, one colour per context).
+    """
+    figure = "component_card"
+    _require(scores, figure, ["context", "score"], ["ci_low", "ci_high"], numeric=["score", "ci_low", "ci_high"])
+    _require(activations, figure, ["context", "group", "position", "mean"], ["ci_low", "ci_high"],
+             numeric=["mean", "ci_low", "ci_high"])
+    _require(effects, figure, ["context", "answer", "token", "centred"], numeric=["centred"])
+    _unique(scores, figure, ["context"], "one score per context")
+    _unique(activations, figure, ["context", "group", "position"], "one mean per context, group and position")
+    contexts = _levels(pd.concat([scores["context"], activations["context"], effects["context"]]))
+    colours = _palette(contexts)
+    answers = _levels(effects["answer"])
+    fig = Figure(figsize=(max(9.0, 3.5 + 0.9 * len(contexts)), 6.8), layout="constrained")
+    grid = fig.add_gridspec(2, max(2, len(answers)))
+    with sns.axes_style("whitegrid"):
+        score_ax = fig.add_subplot(grid[0, : grid.ncols // 2])
+        act_ax = fig.add_subplot(grid[0, grid.ncols // 2 :])
+        effect_axes = [fig.add_subplot(grid[1, i]) for i in range(len(answers))]
+    y = np.arange(len(contexts))
+    s = scores.set_index("context").reindex(contexts)
+    interval = _paired(scores, figure, "ci_low", "ci_high")
+    score_ax.errorbar(s["score"], y, xerr=[s["score"] - s["ci_low"], s["ci_high"] - s["score"]] if interval else None,
+                      fmt="o", color="0.2", capsize=3, label="score")
+    if interval and "estimate" in s.columns:
+        score_ax.scatter(s["estimate"], y, marker="x", color=POSITIVE, zorder=3, label="first-order estimate")
+        score_ax.legend(fontsize=7)
+    score_ax.axvline(0, color="0.4", linewidth=0.8)
+    score_ax.set_yticks(y, contexts)
+    score_ax.set_ylim(len(contexts) - 0.5, -0.5)
+    score_ax.set(xlabel="score (positive: carries the gap)", title="Score per context (95% interval)")
+    groups = _levels(activations["group"])
+    positions = _levels(activations["position"])
+    rows = [(c, p) for c in contexts for p in positions]
+    group_colours = dict(zip(groups, sns.color_palette("Set2", len(groups))))
+    step = 0.6 / max(1, len(groups))
+    act_interval = _paired(activations, figure, "ci_low", "ci_high")
+    for j, group in enumerate(groups):
+        part = activations[activations["group"] == group].set_index(["context", "position"]).reindex(rows)
+        yy = np.arange(len(rows)) + (j - (len(groups) - 1) / 2) * step
+        err = [part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]] if act_interval else None
+        act_ax.errorbar(part["mean"], yy, xerr=err, fmt="o", markersize=4, capsize=2, color=group_colours[group],
+                        label=str(group))
+    act_ax.set_yticks(range(len(rows)), [f"{c}: {p}" for c, p in rows], fontsize=8)
+    act_ax.set_ylim(len(rows) - 0.5, -0.5)
+    act_ax.set(xlabel="mean activation", title="Activation by group (95% interval)")
+    act_ax.legend(title="group", fontsize=7)
+    width = 0.8 / len(contexts)
+    for ax, answer in zip(effect_axes, answers):
+        part = effects[effects["answer"] == answer]
+        tokens = _levels(part["token"])
+        x = np.arange(len(tokens))
+        for i, context in enumerate(contexts):
+            values = part[part["context"] == context].set_index("token").reindex(tokens)["centred"]
+            ax.bar(x + (i - (len(contexts) - 1) / 2) * width, values, width=width, color=colours[context],
+                   label=str(context))
+        ax.axhline(0, color="0.3", linewidth=0.8)
+        ax.set_xticks(x, [repr(t) for t in tokens], fontsize=7, rotation=45 if len(tokens) > 12 else 0)
+        ax.set(xlabel="answer token", ylabel="direct logit effect (centred)", title=f"Pushes the answer: {answer}")
+    effect_axes[-1].legend(title="context", fontsize=7)
+    fig.suptitle(title or "Component card")
+    return fig
+
+
+# ---------------------------------------------------------------- 12. layer profile
+
+
+def layer_profile(df: pd.DataFrame) -> Figure:
+    """Where a set sits: per layer, its component count and summed score, one line per context.
+
+    Columns: ``context, layer, count`` and optionally ``score_sum`` (a second panel) and ``kind`` (one
+    panel row per kind).
+    """
+    figure = "layer_profile"
+    _require(df, figure, ["context", "layer", "count"], ["score_sum", "kind"],
+             numeric=["layer", "count", "score_sum"])
+    kinds = _levels(df["kind"]) if "kind" in df.columns else [None]
+    _unique(df, figure, ["context", "layer"] + (["kind"] if kinds != [None] else []), "one row per context and layer")
+    with_score = "score_sum" in df.columns and df["score_sum"].notna().any()
+    contexts = _levels(df["context"])
+    colours = _palette(contexts)
+    ncols = 2 if with_score else 1
+    fig, axes = _panels(ncols * len(kinds), (max(4.4, 1.5 + 0.22 * df["layer"].nunique()), 3.2), ncols=ncols,
+                        sharex=True)
+    for row, kind in enumerate(kinds):
+        rows = df if kind is None else df[df["kind"] == kind]
+        panels = [("count", "components")] + ([("score_sum", "summed score")] if with_score else [])
+        for col, (column, label) in enumerate(panels):
+            ax = axes[row * ncols + col]
+            for context in contexts:
+                line = rows[rows["context"] == context].sort_values("layer")
+                ax.plot(line["layer"], line[column], marker="o", markersize=3, color=colours[context],
+                        label=str(context))
+            ax.axhline(0, color="0.6", linewidth=0.6, zorder=0)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set(xlabel="layer", ylabel=label, title=f"{label} per layer" + (f" ({kind}s)" if kind else ""))
+    axes[0].legend(title="context", fontsize=7)
     return fig

@@ -84,6 +84,31 @@ def audit_frame() -> pd.DataFrame:
     ])
 
 
+def upset_frame() -> pd.DataFrame:
+    return pd.DataFrame({"intersection": ["hiring", "purchase", "hiring & purchase", "hiring & purchase & chess",
+                                          "chess"],
+                         "size": [40, 30, 12, 3, 0], "null_mean": [45.0, 35.0, 4.0, 0.2, 1.0],
+                         "null_low": [40.0, 30.0, 1.0, 0.0, 0.0], "null_high": [50.0, 40.0, 8.0, 1.0, 3.0]})
+
+
+def profile_frame() -> pd.DataFrame:
+    return pd.DataFrame([{"context": c, "kind": kind, "layer": layer, "count": (layer + i) % 4,
+                          "score_sum": 0.1 * ((layer + i) % 4)}
+                         for i, c in enumerate(CONTEXTS[:2]) for kind in ("neuron", "head") for layer in range(6)])
+
+
+def card_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    scores = pd.DataFrame({"context": CONTEXTS, "score": [0.3, -0.1, 0.0], "ci_low": [0.2, -0.3, -0.1],
+                           "ci_high": [0.4, 0.1, 0.1]})
+    activations = pd.DataFrame([{"context": c, "group": g, "position": p, "mean": 1.0 + j, "ci_low": 0.5 + j,
+                                 "ci_high": 1.5 + j} for c in CONTEXTS for j, g in enumerate(("Black", "White"))
+                                for p in ("name", "answer")])
+    tokens = [("digit", str(d)) for d in range(10)] + [("yes_no", " Yes"), ("yes_no", " No")]
+    effects = pd.DataFrame([{"context": c, "answer": a, "token": t, "centred": 0.1 * i - 0.2 * k}
+                            for k, c in enumerate(CONTEXTS) for i, (a, t) in enumerate(tokens)])
+    return scores, activations, effects
+
+
 CASES = {  # function, frame builder, required columns
     "attribution_heatmap": (plots.attribution_heatmap, heads_frame, ["kind", "layer", "index", "score"]),
     "top_components": (plots.top_components, heads_frame, ["kind", "layer", "index", "score"]),
@@ -96,6 +121,8 @@ CASES = {  # function, frame builder, required columns
     "shared_specific": (plots.shared_specific, shared_frame, ["context", "full_reduction", "shared_reduction"]),
     "utility_cost": (plots.utility_cost, utility_frame, ["strategy", "k", "kl", "bias_reduction"]),
     "audit_gaps": (plots.audit_gaps, audit_frame, ["context", "gap", "gap_lo", "gap_hi"]),
+    "upset": (plots.upset, upset_frame, ["intersection", "size"]),
+    "layer_profile": (plots.layer_profile, profile_frame, ["context", "layer", "count"]),
 }
 REQUIRED = [(name, column) for name, (_, _, columns) in CASES.items() for column in columns]
 
@@ -270,3 +297,42 @@ def test_audit_gaps_points_with_intervals_per_comparison():
 def test_non_numeric_score_is_reported():
     with pytest.raises(ValueError, match="'score' must be numeric"):
         plots.attribution_heatmap(heads_frame().astype({"score": str}))
+
+
+def test_upset_bars_dots_and_set_sizes():
+    fig = plots.upset(upset_frame(), max_intersections=4)
+    bars, dots, sizes = fig.axes
+    observed = [p.get_height() for p in bars.patches if p.get_width() == pytest.approx(0.55)]
+    assert observed == [40, 30, 12, 3]  # largest first, the empty one cut by max_intersections
+    assert [t.get_text() for t in dots.get_yticklabels()] == ["hiring", "purchase", "chess"]
+    # set sizes are the sums of each context's exclusive intersections
+    assert [p.get_width() for p in sizes.patches] == [55, 45, 3]
+    assert len(dots.get_lines()) == 4  # one connector per shown intersection
+    with pytest.raises(ValueError, match="go together"):
+        plots.upset(upset_frame().drop(columns=["null_high"]))
+
+
+def test_component_card_panels_and_checks():
+    scores, activations, effects = card_frames()
+    fig = plots.component_card(scores, activations, effects, title="N1.7")
+    assert len(fig.axes) == 4 and fig._suptitle.get_text() == "N1.7"
+    score_ax, act_ax, digit_ax, yes_ax = fig.axes
+    assert [t.get_text() for t in score_ax.get_yticklabels()] == CONTEXTS
+    assert len(act_ax.get_yticklabels()) == 6  # context x position
+    assert len(digit_ax.patches) == 30 and len(yes_ax.patches) == 6  # tokens x contexts
+    with pytest.raises(ValueError, match="missing \\['centred'\\]"):
+        plots.component_card(scores, activations, effects.drop(columns=["centred"]))
+    with pytest.raises(ValueError, match="one row per"):
+        plots.component_card(pd.concat([scores, scores]), activations, effects)
+
+
+def test_layer_profile_counts_and_scores_per_kind():
+    fig = plots.layer_profile(profile_frame())
+    assert len(fig.axes) == 4  # (count, score) x (neuron, head)
+    assert all(len(ax.get_lines()) == 3 for ax in fig.axes)  # two contexts and the zero line
+    counts = profile_frame().query("kind == 'neuron' and context == 'hiring'")["count"].tolist()
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), counts)
+    neurons = profile_frame().query("kind == 'neuron'").drop(columns=["score_sum", "kind"])
+    assert len(plots.layer_profile(neurons).axes) == 1  # counts only, one kind
+    with pytest.raises(ValueError, match="one row per"):
+        plots.layer_profile(profile_frame().drop(columns=["kind"]))
