@@ -2,7 +2,9 @@
 
 A report is a title, optional metadata (model, date, settings) and a list of :class:`Section`s, each
 with Markdown-ish text (paragraphs separated by blank lines, ``- `` bullet lists, ```code``` spans),
-captioned tables and captioned figures. :func:`write_report` writes::
+captioned tables and captioned figures. In the HTML page every table sorts by a click on a column
+header and filters rows by the text typed above it (a small inline script, no server), and a table
+cell that reads exactly a section's ``key`` (e.g. a component's ``N12.345``) links to that section. :func:`write_report` writes::
 
     out_dir/figures/<name>.png, <name>.svg   one pair per figure (names sanitized, repeats numbered)
     out_dir/report.html                      figures embedded as base64 PNG, no external resources
@@ -42,17 +44,56 @@ th { background: #f4f4f4; }
 th:first-child, td:first-child { text-align: left; }
 tbody tr:nth-child(even) { background: #fafafa; }
 code { background: #f3f3f3; padding: 0 0.2rem; border-radius: 3px; }
+table.sortable thead th { cursor: pointer; }
+th[aria-sort="ascending"]::after { content: " \\25B2"; }
+th[aria-sort="descending"]::after { content: " \\25BC"; }
+input.table-filter { font: inherit; font-size: 0.85rem; margin: 0.2rem 0; padding: 0.1rem 0.3rem; }
+"""
+
+SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(table => {
+  const body = table.tBodies[0], head = table.tHead.rows[0];
+  Array.from(head.cells).forEach((th, col) => {
+    th.addEventListener("click", () => {
+      const up = th.getAttribute("aria-sort") !== "ascending";
+      Array.from(head.cells).forEach(c => c.removeAttribute("aria-sort"));
+      th.setAttribute("aria-sort", up ? "ascending" : "descending");
+      const text = r => (r.cells[col] ? r.cells[col].textContent.trim() : "");
+      const rows = Array.from(body.rows);
+      const numeric = rows.every(r => text(r) === "" || !isNaN(Number(text(r))));
+      const order = (a, b) => {
+        if (!numeric) return up ? a.localeCompare(b) : b.localeCompare(a);
+        if (a === "" || b === "") return (a === "") - (b === "");  // blanks last
+        return up ? Number(a) - Number(b) : Number(b) - Number(a);
+      };
+      rows.sort((a, b) => order(text(a), text(b))).forEach(r => body.appendChild(r));
+    });
+  });
+});
+document.querySelectorAll("input.table-filter").forEach(input => {
+  const table = document.getElementById(input.dataset.table);
+  input.addEventListener("input", () => {
+    const query = input.value.trim().toLowerCase();
+    Array.from(table.tBodies[0].rows).forEach(r => {
+      r.hidden = query !== "" && !r.textContent.toLowerCase().includes(query);
+    });
+  });
+});
 """
 
 
 @dataclass
 class Section:
-    """One report section: ``tables`` are ``(caption, frame)``; ``figures`` are ``(name, caption, fig)``."""
+    """One report section: ``tables`` are ``(caption, frame)``; ``figures`` are ``(name, caption, fig)``.
+
+    ``key``: table cells (in the HTML page) that read exactly this text link to the section.
+    """
 
     title: str
     text: str = ""
     tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
     figures: list[tuple[str, str, Figure]] = field(default_factory=list)
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,10 +220,18 @@ def _html_text(text: str) -> str:
     return "\n".join(blocks)
 
 
-def _html_table(frame: pd.DataFrame) -> str:
-    return frame.to_html(
-        index=_show_index(frame), border=0, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}"
+def _html_table(frame: pd.DataFrame, table_id: str, links: Mapping[str, str]) -> str:
+    """A sortable table with a filter box; cells reading exactly a key of ``links`` link to its section id."""
+    table = frame.to_html(
+        index=_show_index(frame), border=0, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}",
+        table_id=table_id, classes="sortable",
     )
+    if links:
+        anchors = {html.escape(k): f'<a href="#{sid}">{html.escape(k)}</a>' for k, sid in links.items()}
+        table = re.sub(r"<td>([^<]*)</td>", lambda m: f"<td>{anchors.get(m.group(1), m.group(1))}</td>", table)
+    box = (f'<input type="search" class="table-filter" data-table="{table_id}" placeholder="Filter rows" '
+           f'aria-label="Filter the rows of {table_id}">')
+    return box + table
 
 
 def _html(title, meta, sections, section_ids, saved) -> str:
@@ -202,6 +251,7 @@ def _html(title, meta, sections, section_ids, saved) -> str:
     parts += [f'<li><a href="#{sid}">{e(s.title)}</a></li>' for s, sid in zip(sections, section_ids)]
     parts.append("</ol></nav><main>")
     n_table = n_figure = 0
+    links = {s.key: sid for s, sid in zip(sections, section_ids) if s.key}
     for section, sid, files in zip(sections, section_ids, saved):
         parts.append(f'<section id="{sid}"><h2>{e(section.title)}</h2>')
         if section.text:
@@ -210,7 +260,7 @@ def _html(title, meta, sections, section_ids, saved) -> str:
             n_table += 1
             parts.append(
                 f'<figure class="table"><figcaption>Table {n_table}. {e(caption)}</figcaption>'
-                f'<div class="table-wrap">{_html_table(frame)}</div></figure>'
+                f'<div class="table-wrap">{_html_table(frame, f"table-{n_table}", links)}</div></figure>'
             )
         for caption, _, _, png in files:
             n_figure += 1
@@ -220,7 +270,7 @@ def _html(title, meta, sections, section_ids, saved) -> str:
                 f"<figcaption>Figure {n_figure}. {e(caption)}</figcaption></figure>"
             )
         parts.append("</section>")
-    parts.append("</main></body></html>")
+    parts.append(f"</main><script>{SCRIPT}</script></body></html>")
     return "\n".join(parts) + "\n"
 
 

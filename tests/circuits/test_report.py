@@ -57,6 +57,16 @@ def figure_sections() -> list[Section]:
             for title, fig in figures]
 
 
+COMPONENTS = pd.DataFrame({"component": ["N1.7", "H0.2", "N2.3", "N1.7"], "context": CONTEXTS * 2,
+                           "score": [0.5, -2.0, 10.0, np.nan]})
+
+
+def component_sections() -> list[Section]:
+    """A component table and the card section its ``N1.7`` cells link to."""
+    return [Section("Components", tables=[("Top components", COMPONENTS)]),
+            Section("Component N1.7", text="Its card.", key="N1.7")]
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> ReportPaths:
     """One report, written once for the module (the tests only read it)."""
@@ -65,7 +75,7 @@ def report(tmp_path_factory) -> ReportPaths:
     sections[0].tables.append(("Scores | with a pipe", pd.DataFrame({"context": ["a|b", "c"], "score": [0.5, 1.25]})))
     meta = {"model": "SmolLM2-135M <instruct>", "date": "2025-01-01", "settings": {"k": [10, 100], "seed": 0}}
     out = tmp_path_factory.mktemp("report")
-    return write_report(out, "Bias circuits & report", sections, meta=meta, dpi=60)
+    return write_report(out, "Bias circuits & report", sections + component_sections(), meta=meta, dpi=60)
 
 
 class _Links(HTMLParser):
@@ -93,7 +103,10 @@ def test_html_is_self_contained_and_escaped(report):
     anchors = [value for tag, name, value in parser.links if name == "href"]
     assert len(images) == 10 and all(src.startswith("data:image/png;base64,") for src in images)
     assert anchors and all(href.startswith("#") for href in anchors)
-    assert "<link" not in page and "<script" not in page
+    assert "<link" not in page and page.count("<script") == 1  # one inline script, nothing loaded
+    assert page.count('<a href="#component-n1-7">N1.7</a>') == 2  # both N1.7 cells link to the card
+    assert '<table class="dataframe sortable" id="table-2">' in page
+    assert 'data-table="table-2"' in page
     assert "<title>Bias circuits &amp; report</title>" in page
     assert "SmolLM2-135M &lt;instruct&gt;" in page and "&lt;b&gt;markup&lt;/b&gt;" in page
     assert "<code>code</code>" in page and "<li>one bullet</li>" in page
@@ -146,6 +159,29 @@ def test_bad_sections_are_refused(tmp_path):
 
 
 PROBE = """<script>
+function interact() {  // sort, filter and follow a card link in the components table (table 2)
+  const table = document.getElementById("table-2");
+  const header = name => Array.from(table.tHead.rows[0].cells).find(th => th.textContent.trim() === name);
+  const column = i => Array.from(table.tBodies[0].rows).map(r => r.cells[i].textContent.trim());
+  const visible = () => Array.from(table.tBodies[0].rows).filter(r => !r.hidden).length;
+  header("score").click();
+  const ascending = column(2);
+  header("score").click();
+  const descending = column(2);
+  header("component").click();
+  const by_text = column(0);
+  const input = document.querySelector('input[data-table="table-2"]');
+  input.value = "Purchase";
+  input.dispatchEvent(new Event("input"));
+  const filtered = visible();
+  input.value = "";
+  input.dispatchEvent(new Event("input"));
+  const link = table.querySelector("a[href^='#']");
+  const target = document.getElementById(link.getAttribute("href").slice(1));
+  link.click();
+  return {ascending, descending, by_text, filtered, unfiltered: visible(), link_target: target && target.id,
+          hash: location.hash};
+}
 window.addEventListener("load", () => {
   const images = Array.from(document.images);
   const probe = document.createElement("pre");
@@ -154,6 +190,7 @@ window.addEventListener("load", () => {
     images: images.length,
     broken: images.filter(img => !img.complete || img.naturalWidth === 0).length,
     sections: Array.from(document.querySelectorAll("section[id]")).map(s => s.id),
+    ...interact(),
   });
   document.body.appendChild(probe);
 });
@@ -178,8 +215,12 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert found, f"probe missing from the dumped DOM; chromium stderr:\n{result.stderr[-2000:]}"
     probe = json.loads(html.unescape(found.group(1)))
     expected = re.findall(r'<section id="([^"]+)"', page)
-    assert probe["sections"] == expected and len(expected) == 10
+    assert probe["sections"] == expected and len(expected) == 12
     assert probe["images"] == 10 and probe["broken"] == 0
+    assert probe["ascending"] == ["-2", "0.5", "10", ""] and probe["descending"] == ["10", "0.5", "-2", ""]
+    assert probe["by_text"] == ["H0.2", "N1.7", "N1.7", "N2.3"]
+    assert probe["filtered"] == 2 and probe["unfiltered"] == 4
+    assert probe["link_target"] == "component-n1-7" and probe["hash"] == "#component-n1-7"
 
 
 def test_audit_section_states_what_share_of_answers_the_metric_sees():
