@@ -1,6 +1,7 @@
 """The study's report: tables and figures from every stage, as one HTML file and Markdown."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -9,9 +10,12 @@ from circuits import plots
 from circuits.analysis import load_overlap_tables
 from circuits.audit import AuditResult
 from circuits.config import StudyConfig
+from circuits import explore
 from circuits.coverage import coverage_lines, coverage_table
 from circuits.generalization import Generalization
+from circuits.pruning import shape_of_scores
 from circuits.report import Section, write_report
+from interp.components import Component
 
 
 def _audit_section(audit: AuditResult) -> Section:
@@ -101,6 +105,15 @@ def _pruning_sections(gen: Generalization) -> list[Section]:
         tables=[("Mean reduction per level", levels.pivot_table(index=["strategy", "k"], columns="level",
                                                                 values="reduction").round(3).reset_index())],
     ))
+    if "mde" in frame:
+        sections.append(Section(
+            "Power",
+            "Per evaluation set of the unablated model: the gap, its two-way cluster bootstrap SD over names x "
+            "templates, and the minimum detectable delta (MDE) of a two-sided 5% test at 80% power, "
+            "(z_0.975 + z_0.80) x SD (a normal approximation that takes the SD of a change to be the gap's). A "
+            "delta_gap smaller than the MDE cannot be told from noise with these prompts.",
+            tables=[("Minimum detectable delta", gen.power().round(4))],
+        ))
     util = frame[frame["level"] == "L1"].groupby(["strategy", "k"], as_index=False).agg(
         kl=("kl", "first"), bias_reduction=("reduction", "mean"))
     sections.append(Section(
@@ -151,6 +164,66 @@ def _overlap_sections(tables: dict[str, pd.DataFrame]) -> list[Section]:
     return out
 
 
+def _label(row) -> str:
+    return str(Component(row["kind"], int(row["layer"]), int(row["index"])))
+
+
+def exploration_sections(comparison: explore.SetComparison, profile: pd.DataFrame,
+                         cards: Mapping[str, explore.ComponentCard | pd.DataFrame]) -> list[Section]:
+    """Set comparison (UpSet figure, intersections, their effects when measured, components linked to their
+    cards), layer profile, and one section per card: a ``ComponentCard``, or only its scores table."""
+    members = comparison.membership
+    members = members.assign(component=members.apply(_label, axis=1))[["component", "intersection", "kind", "layer",
+                                                                       "index"]]
+    tables = [("Exclusive intersections and their random-set null", comparison.table.round(4)),
+              ("Components by intersection (a linked component has a card below)", members)]
+    if comparison.effects is not None:
+        tables.insert(1, ("Each intersection ablated alone", comparison.effects.round(4)))
+    sections = [Section(
+        "Set comparison",
+        "Each intersection holds the components in the sets of exactly these contexts and no other, against "
+        "random sets of each context's kind and size (neurons per layer); p is one-sided (at least as large).",
+        tables=tables,
+        figures=[("upset", "Exclusive intersections of the contexts' sets", plots.upset(comparison.table))],
+    ), Section(
+        "Layer profile",
+        "Per layer: how many of each context's components sit there and how much of its score they carry.",
+        tables=[("Layer profile", profile.round(6))],
+        figures=[("layer_profile", "Components and summed score per layer", plots.layer_profile(profile))],
+    )]
+    for label, card in cards.items():
+        if isinstance(card, pd.DataFrame):
+            sections.append(Section(f"Component {label}", "Its score in every context (95% interval of the "
+                                    "first-order estimate).", tables=[("Score per context", card.round(6))], key=label))
+            continue
+        sections.append(Section(
+            f"Component {label}",
+            "Its score in every context, its activation by group on the name tokens and at the answer position, "
+            "the direct effect of its mean output at the answer position on the answer tokens, its top prompts.",
+            tables=[("Score per context", card.scores.round(6)), ("Activation by group", card.activations.round(4)),
+                    ("Direct effect on the answer tokens", card.effects.round(4)),
+                    ("Top prompts", card.top_prompts.drop(columns=["prompt_text"], errors="ignore").round(4))],
+            figures=[(f"card_{label}", f"Component card of {label}", plots.component_card(
+                card.scores, card.activations, card.effects, title=f"Component {label}"))],
+            key=label,
+        ))
+    return sections
+
+
+def _exploration_from_scores(scores: dict, *, k: int, n_null: int, seed: int, n_cards: int = 5) -> list[Section]:
+    """The exploration sections from stored scores alone (no model): top-k neuron sets, their layer profile,
+    and score cards for the ``n_cards`` components of the union with the highest mean score."""
+    if len(scores) < 2:
+        return []
+    shape = shape_of_scores(next(iter(scores.values())).scores)
+    sets = explore.top_sets(scores, min(k, shape.count("neuron")), "neuron")
+    comparison = explore.compare_sets(sets, shape, n_null=n_null, seed=seed)
+    union = sorted(set().union(*sets.values()))
+    mean = {c: sum(float(s.scores[c.kind][c.layer, c.index]) for s in scores.values()) / len(scores) for c in union}
+    cards = {str(c): explore.card_scores(scores, c, seed=seed) for c in sorted(union, key=lambda c: -mean[c])[:n_cards]}
+    return exploration_sections(comparison, explore.layer_profile(sets, shape, scores), cards)
+
+
 def write_study_report(out_dir: Path, *, config: StudyConfig, manifest: dict, audit: AuditResult, scores: dict,
                        generalization: Generalization, overlap_dir: Path) -> Path:
     settings = pd.DataFrame({"setting": list(config.to_dict()), "value": [str(v) for v in config.to_dict().values()]})
@@ -159,6 +232,7 @@ def write_study_report(out_dir: Path, *, config: StudyConfig, manifest: dict, au
     sections.append(_attribution_section(scores))
     sections += _pruning_sections(generalization)
     sections += _overlap_sections(load_overlap_tables(overlap_dir))
+    sections += _exploration_from_scores(scores, k=config.overlap_k, n_null=config.n_null, seed=config.seed)
     meta = {"model": config.model, "weights": manifest["model"]["weights"], "device": manifest["device"],
             "git commit": manifest.get("git_commit"), "started": manifest["started"]}
     paths = write_report(out_dir, "Bias circuitry study", sections, meta=meta)

@@ -168,3 +168,17 @@ def test_component_card_activations_match_a_cached_run_and_round_trip(tiny_model
     got = head_card.activations.set_index(["group", "position"])
     assert got.loc[("White", "answer"), "mean"] == pytest.approx(norms[white].mean(), rel=1e-4)
     assert (head_card.activations["ci_low"] <= head_card.activations["mean"]).all()
+
+
+def test_study_report_exploration_sections_from_stored_scores(scores):
+    from circuits.study_report import _exploration_from_scores
+
+    sections = _exploration_from_scores(scores, k=10, n_null=20, seed=0, n_cards=3)
+    assert [s.title for s in sections[:2]] == ["Set comparison", "Layer profile"]
+    cards = sections[2:]
+    assert len(cards) == 3 and all(s.key and s.title == f"Component {s.key}" for s in cards)
+    members = sections[0].tables[1][1]
+    assert {s.key for s in cards} <= set(members["component"])  # each card is linked from the table
+    card_scores = cards[0].tables[0][1]
+    assert list(card_scores["context"]) == CONTEXTS and card_scores["interval"].eq("prompts").all()
+    assert _exploration_from_scores({"only": scores[CONTEXTS[0]]}, k=10, n_null=20, seed=0) == []

@@ -15,7 +15,10 @@ import pandas as pd
 import pytest
 
 from circuits import plots
+from circuits import explore
 from circuits.report import ReportPaths, Section, _pipe_table, write_report
+from circuits.study_report import exploration_sections
+from interp.components import ComponentSet, ComponentShape, Neuron
 
 CONTEXTS = ["hiring", "purchase"]
 
@@ -62,9 +65,26 @@ COMPONENTS = pd.DataFrame({"component": ["N1.7", "H0.2", "N2.3", "N1.7"], "conte
 
 
 def component_sections() -> list[Section]:
-    """A component table and the card section its ``N1.7`` cells link to."""
+    """A component table and the card section its ``N1.7`` cells link to, then the study report's exploration
+    sections (set comparison, layer profile, a full card of N0.1 and a scores-only card of N0.2)."""
+    shape = ComponentShape(n_layers=2, d_mlp=20, n_heads=2)
+    sets = {"hiring": ComponentSet([Neuron(0, 1), Neuron(0, 2), Neuron(1, 3)]),
+            "purchase": ComponentSet([Neuron(0, 1), Neuron(1, 5)])}
+    comparison = explore.compare_sets(sets, shape, n_null=20)
+    profile = explore.layer_profile(sets, shape)
+    scores = pd.DataFrame({"context": CONTEXTS, "score": [0.3, 0.1], "ci_low": [0.2, 0.0], "ci_high": [0.4, 0.2]})
+    activations = pd.DataFrame([{"context": c, "group": g, "position": p, "mean": 1.0, "ci_low": 0.5, "ci_high": 1.5}
+                                for c in CONTEXTS for g in ("Black", "White") for p in ("name", "answer")])
+    effects = pd.DataFrame([{"context": c, "answer": "digit", "token": str(d), "token_id": 32 + d, "effect": d * 0.1,
+                             "centred": d * 0.1 - 0.45} for c in CONTEXTS for d in range(10)])
+    top = pd.DataFrame({"context": CONTEXTS, "name": ["Emily", "Jamal"], "activation_name": [2.0, 1.0]})
+    cards = {"N0.1": explore.ComponentCard(Neuron(0, 1), scores, activations, effects, top), "N0.2": scores}
     return [Section("Components", tables=[("Top components", COMPONENTS)]),
-            Section("Component N1.7", text="Its card.", key="N1.7")]
+            Section("Component N1.7", text="Its card.", key="N1.7"),
+            *exploration_sections(comparison, profile, cards)]
+
+
+N_FIGURES = 10 + 3  # one per figure function, then the upset, layer profile and card figures
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +109,7 @@ class _Links(HTMLParser):
 
 def test_files_on_disk(report):
     assert report.html.is_file() and report.markdown.is_file()
-    assert len(report.png) == len(report.svg) == 10
+    assert len(report.png) == len(report.svg) == N_FIGURES
     assert all(p.is_file() and p.read_bytes().startswith(b"\x89PNG") for p in report.png)
     assert all(p.is_file() and b"<svg" in p.read_bytes()[:500] for p in report.svg)
     assert report.png[0].name == "head-scores.png" and report.png[0].parent == report.out_dir / "figures"
@@ -101,10 +121,13 @@ def test_html_is_self_contained_and_escaped(report):
     parser.feed(page)
     images = [value for tag, name, value in parser.links if name == "src"]
     anchors = [value for tag, name, value in parser.links if name == "href"]
-    assert len(images) == 10 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == N_FIGURES and all(src.startswith("data:image/png;base64,") for src in images)
     assert anchors and all(href.startswith("#") for href in anchors)
     assert "<link" not in page and page.count("<script") == 1  # one inline script, nothing loaded
     assert page.count('<a href="#component-n1-7">N1.7</a>') == 2  # both N1.7 cells link to the card
+    for section in ("set-comparison", "layer-profile", "component-n0-1", "component-n0-2"):
+        assert f'<section id="{section}">' in page
+    assert page.count('<a href="#component-n0-1">N0.1</a>') == 1  # in the components-by-intersection table
     assert '<table class="dataframe sortable" id="table-2">' in page
     assert 'data-table="table-2"' in page
     assert "<title>Bias circuits &amp; report</title>" in page
@@ -117,7 +140,7 @@ def test_html_is_self_contained_and_escaped(report):
 def test_markdown_links_existing_pngs(report):
     text = report.markdown.read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(links) == 10
+    assert len(links) == N_FIGURES
     for link in links:
         assert not Path(link).is_absolute() and (report.out_dir / link).is_file() and link.endswith(".png")
     assert all((report.out_dir / svg).is_file() for svg in re.findall(r"\[SVG\]\(([^)]+)\)", text))
@@ -183,6 +206,7 @@ function interact() {  // sort, filter and follow a card link in the components 
           hash: location.hash};
 }
 window.addEventListener("load", () => {
+  const tableLinks = Array.from(document.querySelectorAll("table a[href^='#']"));
   const images = Array.from(document.images);
   const probe = document.createElement("pre");
   probe.id = "probe";
@@ -190,6 +214,8 @@ window.addEventListener("load", () => {
     images: images.length,
     broken: images.filter(img => !img.complete || img.naturalWidth === 0).length,
     sections: Array.from(document.querySelectorAll("section[id]")).map(s => s.id),
+    links: tableLinks.map(a => a.getAttribute("href").slice(1)).sort(),
+    dangling: tableLinks.filter(a => !document.getElementById(a.getAttribute("href").slice(1))).map(a => a.href),
     ...interact(),
   });
   document.body.appendChild(probe);
@@ -215,8 +241,10 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert found, f"probe missing from the dumped DOM; chromium stderr:\n{result.stderr[-2000:]}"
     probe = json.loads(html.unescape(found.group(1)))
     expected = re.findall(r'<section id="([^"]+)"', page)
-    assert probe["sections"] == expected and len(expected) == 12
-    assert probe["images"] == 10 and probe["broken"] == 0
+    assert probe["sections"] == expected and len(expected) == 16
+    assert probe["images"] == N_FIGURES and probe["broken"] == 0
+    assert probe["links"] == ["component-n0-1", "component-n0-2", "component-n1-7", "component-n1-7"]
+    assert probe["dangling"] == []
     assert probe["ascending"] == ["-2", "0.5", "10", ""] and probe["descending"] == ["10", "0.5", "-2", ""]
     assert probe["by_text"] == ["H0.2", "N1.7", "N1.7", "N2.3"]
     assert probe["filtered"] == 2 and probe["unfiltered"] == 4
