@@ -74,6 +74,21 @@ def test_greedy_decoding_repeats_the_same_answer(tiny_model):
     assert greedy.texts[0][0].startswith(tiny_model.tokenizer.decode([first]))
 
 
+def test_cached_batched_decoding_equals_full_forwards(tiny_model):
+    """Greedy replies of a left-padded batch, decoded with the KV cache, equal those of one full
+    bridge forward per token and prompt (a cache that lost the prompt would not)."""
+    greedy = sample_answers(tiny_model, PROMPTS, n_samples=2, temperature=0, max_new_tokens=6, batch_size=4,
+                            progress=False)
+    stops = (set(tiny_model.tokenizer.all_special_ids) | {tiny_model.tokenizer.eos_token_id}) - {None}
+    for prompt, replies in zip(PROMPTS, greedy.texts):
+        tokens = torch.tensor([encode(tiny_model, prompt)])
+        with torch.no_grad():
+            for _ in range(6):
+                tokens = torch.cat([tokens, tiny_model(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
+        new = tokens[0, len(encode(tiny_model, prompt)):].tolist()
+        assert replies == (reply_text(tiny_model.tokenizer, new, stops),) * 2
+
+
 def test_generation_uses_the_kv_cache_and_bridge_hooks_act(tiny_model):
     seven = _token(tiny_model, "7")
     widths = []
