@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from circuits.bias import GapTable, Measurement, group_gaps, measure
 from circuits.contexts import DETAILS
+from circuits.coverage import warn_low_coverage
 from circuits.prompts import PromptSet, build_prompts
 from circuits.stages import frame_digest, settings_key
 from interp.locking import directory_lock
@@ -192,6 +193,7 @@ def _audit(model, prompts, out: Path | None, *, chunk_size, batch_size, n_resamp
     plan = None if out is None else _chunk_plan(model, prompts, chunk_size)
     measurement = _measure_chunks(model, prompts, chunk_size=chunk_size, batch_size=batch_size, folder=folder,
                                   plan=plan, progress=progress)
+    warn_low_coverage(measurement)
     gaps = group_gaps(measurement, n_resamples=n_resamples, confidence=confidence, seed=seed)
     settings = run_settings(model, prompts, variations=variations, names_per_cell=names_per_cell,
                             n_names=int(prompts.frame["name"].nunique()), seed=seed, chunk_size=chunk_size)
