@@ -118,20 +118,23 @@ class PackedCandidateBatch(TokenBatch):
 
 @dataclass(frozen=True)
 class _Trie:
-    """The trie of the candidates' fed tokens (all but each candidate's last), shared by every row."""
+    """The trie of the candidates' fed tokens, shared by every row: all but each candidate's last
+    token, and the last one too where a stop term is read after it."""
 
     tokens: Int[Tensor, "node"]
     depth: Int[Tensor, "node"]  # 1 for a candidate's first token
     sees: Bool[Tensor, "node node"]  # ancestor-or-self
     read: Int[Tensor, "cand k"]  # where candidate token j's logits are read: 0 answer position, 1 + node
     cand_tokens: Int[Tensor, "cand k"]  # -1 padded
+    end_read: Int[Tensor, "cand"]  # where a candidate's stop term is read (its own last node)
+    end_tokens: Int[Tensor, "cand m"]  # the tokens that would continue it, -1 padded
 
     @classmethod
-    def of(cls, token_ids: Sequence[Sequence[int]]) -> "_Trie":
+    def of(cls, token_ids: Sequence[Sequence[int]], ends: Sequence[Sequence[int] | None]) -> "_Trie":
         node_of: dict[tuple[int, ...], int] = {}
         parents, tokens, depth = [], [], []
-        for ids in token_ids:
-            for d in range(1, len(ids)):
+        for ids, end in zip(token_ids, ends):
+            for d in range(1, len(ids) + bool(end)):
                 prefix = tuple(ids[:d])
                 if prefix not in node_of:
                     node_of[prefix] = len(tokens)
@@ -144,32 +147,49 @@ class _Trie:
             if parent >= 0:
                 sees[node] |= sees[parent]
         k = max(len(ids) for ids in token_ids)
+        m = max([len(e) for e in ends if e is not None] + [1])
         read = torch.zeros(len(token_ids), k, dtype=torch.long)
         cand_tokens = torch.full((len(token_ids), k), -1, dtype=torch.long)
-        for c, ids in enumerate(token_ids):
+        end_read = torch.zeros(len(token_ids), dtype=torch.long)
+        end_tokens = torch.full((len(token_ids), m), -1, dtype=torch.long)
+        for c, (ids, end) in enumerate(zip(token_ids, ends)):
             cand_tokens[c, : len(ids)] = torch.tensor(ids)
             for j in range(1, len(ids)):
                 read[c, j] = 1 + node_of[tuple(ids[:j])]
+            if end:
+                end_read[c] = 1 + node_of[tuple(ids)]
+                end_tokens[c, : len(end)] = torch.tensor(end)
         return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(depth, dtype=torch.long), sees, read,
-                   cand_tokens)
+                   cand_tokens, end_read, end_tokens)
 
 
 @dataclass(frozen=True)
 class CandidateAnswers:
-    """An ordered grid of candidate answers (strings) with their numeric values.
+    """An ordered set of candidate answers (strings) with their numeric values.
 
     ``expand`` lays out every candidate after every prompt; ``distribution`` gives the model's
-    exact probability of each candidate (product over its tokens), renormalized over the grid.
+    exact probability of each candidate (product over its tokens), renormalized over the set.
     With ``packed`` (the default) each prompt is one row holding the trie of its candidates (see
     ``PackedCandidateBatch``; the model must accept ``attention_mask``/``position_ids`` keywords,
     as the TransformerLens bridge does); otherwise each candidate gets a row of its own, prompt
     repeated, which any model runs.
+
+    ``ends`` (optional, per candidate): the tokens that would continue the candidate's answer; its
+    probability then includes the stop term ``1 - P(any of them)`` read right after its last token
+    (the answer ends there). None for a candidate that needs no stop term. ``answer_tokens``
+    (optional): the tokens that start an answer at all, for ``other_mass``.
     """
 
     texts: tuple[str, ...]
     values: tuple[float, ...]
     token_ids: tuple[tuple[int, ...], ...]
     packed: bool = True
+    ends: tuple[tuple[int, ...] | None, ...] | None = None
+    answer_tokens: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.ends is not None and len(self.ends) != len(self.token_ids):
+            raise ValueError(f"{len(self.ends)} ends for {len(self.token_ids)} candidates")
 
     @classmethod
     def from_texts(
@@ -189,12 +209,21 @@ class CandidateAnswers:
         return cls(tuple(texts), tuple(float(v) for v in values), ids, packed)
 
     @property
+    def _ends(self) -> tuple[tuple[int, ...] | None, ...]:
+        return self.ends if self.ends is not None else (None,) * len(self.token_ids)
+
+    @property
     def single_token(self) -> bool:
-        return all(len(t) == 1 for t in self.token_ids)
+        return all(len(t) == 1 for t in self.token_ids) and not any(self._ends)
+
+    @property
+    def n_nodes(self) -> int:
+        """Positions the packed trie adds to every row."""
+        return 0 if self.single_token else len(self._trie.tokens)
 
     @cached_property
     def _trie(self) -> _Trie:
-        return _Trie.of(self.token_ids)
+        return _Trie.of(self.token_ids, self._ends)
 
     def expand(self, batch: TokenBatch) -> TokenBatch:
         if self.single_token:
@@ -208,7 +237,7 @@ class CandidateAnswers:
         for i, ids in enumerate(self.token_ids):
             cand[i, : len(ids)] = torch.tensor(ids)
         cand = cand.to(device)
-        # Full candidate tokens are fed; the last one's own prediction is never read.
+        # Full candidate tokens are fed; the last one's own prediction is read for a stop term only.
         width = int(batch.lengths.max()) + cand_len
         pad = pad_token_id_of(batch)
         tokens = torch.full((n_prompt * n_cand, width), pad, dtype=torch.long, device=device)
@@ -262,33 +291,13 @@ class CandidateAnswers:
             read_pos=lengths[:, None] - 1 + torch.arange(n_nodes + 1, device=device),
         )
 
-    def _from_read(self, logits: Float[Tensor, "row read vocab"]) -> Float[Tensor, "prompt cand"]:
-        """Candidate log-probabilities from the logits at a packed batch's ``read_pos``."""
-        trie = self._trie
-        logp = logits.float().log_softmax(-1)
-        read, ids = trie.read.to(logp.device), trie.cand_tokens.to(logp.device)
-        token_logp = logp[:, read, ids.clamp(min=0)]  # row cand k
-        return (token_logp * (ids >= 0)).sum(-1)
-
     def log_probs(self, logits: Float[Tensor, "row pos vocab"], batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
-        """Exact log-probability of each candidate's full token sequence after each prompt."""
-        if self.single_token:
-            ids = torch.tensor([t[0] for t in self.token_ids], device=logits.device)
-            return answer_logits(logits, batch).float().log_softmax(-1)[:, ids]
-        if isinstance(batch, PackedCandidateBatch):
-            rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-            return self._from_read(logits[rows, batch.read_pos.to(logits.device)])
-        assert isinstance(batch, CandidateBatch), "run the model on metric.expand(batch)"
-        k = batch.cand_tokens.shape[1]
+        """Exact log-probability of each candidate after each prompt: its tokens, and its stop term
+        where it has ``ends``."""
+        if not self.single_token and not isinstance(batch, (CandidateBatch, PackedCandidateBatch)):
+            raise TypeError("run the model on metric.expand(batch)")
         rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-        read = (batch.cand_start[:, None] - 1 + torch.arange(k, device=logits.device)).clamp(
-            max=logits.shape[1] - 1
-        )
-        logp = logits[rows, read].float().log_softmax(-1)  # row k vocab
-        valid = batch.cand_tokens >= 0
-        token_logp = logp.gather(-1, batch.cand_tokens.clamp(min=0)[..., None]).squeeze(-1)
-        total = (token_logp * valid).sum(-1)
-        return einops.rearrange(total, "(prompt cand) -> prompt cand", cand=batch.n_candidates)
+        return self.log_probs_at(logits[rows, self.read_positions(batch).to(logits.device)], batch)
 
     def read_positions(self, batch: TokenBatch) -> Int[Tensor, "row n"]:
         """The positions whose next-token logits ``log_probs`` reads."""
@@ -296,34 +305,71 @@ class CandidateAnswers:
             return batch.read_pos
         if self.single_token or not isinstance(batch, CandidateBatch):
             return batch.answer_pos[:, None]
-        k = batch.cand_tokens.shape[1]
+        k = batch.cand_tokens.shape[1] + any(self._ends)  # and the position after the last token
         width = batch.tokens.shape[1]
         return (batch.cand_start[:, None] - 1 + torch.arange(k, device=batch.tokens.device)).clamp(max=width - 1)
 
     def log_probs_at(self, logits: Float[Tensor, "row n vocab"], batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
         """``log_probs`` from the logits at ``read_positions(batch)`` only (see ``logits_at``)."""
+        logits = logits.float()
+        lse = logits.logsumexp(-1)  # row n
+        if self.single_token or not isinstance(batch, (CandidateBatch, PackedCandidateBatch)):
+            ids = torch.tensor([t[0] for t in self.token_ids], device=logits.device)
+            return logits[:, 0, ids] - lse[:, :1]
+        trie = self._trie
         if isinstance(batch, PackedCandidateBatch):
-            return self._from_read(logits)
-        logp = logits.float().log_softmax(-1)
-        if self.single_token or not isinstance(batch, CandidateBatch):
-            ids = torch.tensor([t[0] for t in self.token_ids], device=logp.device)
-            return logp[:, 0, ids]
-        valid = batch.cand_tokens >= 0
-        token_logp = logp.gather(-1, batch.cand_tokens.clamp(min=0)[..., None]).squeeze(-1)
-        total = (token_logp * valid).sum(-1)
+            read, ids = trie.read.to(logits.device), trie.cand_tokens.to(logits.device)
+            token_logp = logits[:, read, ids.clamp(min=0)] - lse[:, read]  # row cand k
+            total = (token_logp * (ids >= 0)).sum(-1)
+            if not any(self._ends):
+                return total
+            end_read, end_ids = trie.end_read.to(logits.device), trie.end_tokens.to(logits.device)
+            end_logp = logits[:, end_read[:, None], end_ids.clamp(min=0)] - lse[:, end_read, None]
+            return total + _stop(end_logp, end_ids >= 0)
+        k = batch.cand_tokens.shape[1]
+        ids = batch.cand_tokens.to(logits.device)
+        token_logp = logits[:, :k].gather(-1, ids.clamp(min=0)[..., None]).squeeze(-1) - lse[:, :k]
+        total = (token_logp * (ids >= 0)).sum(-1)
+        if any(self._ends):
+            rows = torch.arange(len(ids), device=logits.device)
+            last = logits[rows, (ids >= 0).sum(-1)]  # row vocab: after the candidate's last token
+            end_ids = einops.repeat(trie.end_tokens.to(logits.device), "cand m -> (prompt cand) m",
+                                    prompt=len(ids) // batch.n_candidates)
+            end_logp = last.gather(-1, end_ids.clamp(min=0)) - lse[rows, (ids >= 0).sum(-1), None]
+            total = total + _stop(end_logp, end_ids >= 0)
         return einops.rearrange(total, "(prompt cand) -> prompt cand", cand=batch.n_candidates)
 
-    def score(self, model, batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
-        """Exact candidate log-probabilities for ``batch``'s prompts, unembedding only where read."""
+    def other_log_prob_at(self, logits: Float[Tensor, "row n vocab"], batch: TokenBatch) -> Float[Tensor, "prompt"]:
+        """log P(the reply starts with none of ``answer_tokens``), from the logits at
+        ``read_positions(batch)`` (whose first is the answer position)."""
+        if self.answer_tokens is None:
+            raise ValueError("these candidates have no answer_tokens")
+        first = logits[:: batch.n_candidates, 0] if isinstance(batch, CandidateBatch) else logits[:, 0]
+        first = first.float()
+        ids = torch.tensor(self.answer_tokens, dtype=torch.long, device=first.device)
+        return _stop(first[:, ids] - first.logsumexp(-1, keepdim=True), torch.ones_like(ids, dtype=torch.bool))
+
+    def score(self, model, batch: TokenBatch, *, other: bool = False):
+        """Exact candidate log-probabilities for ``batch``'s prompts, unembedding only where read;
+        with ``other``, also ``other_log_prob_at``'s per-prompt log-probability."""
         expanded = self.expand(batch)
-        return self.log_probs_at(logits_at(model, expanded, self.read_positions(expanded)), expanded)
+        logits = logits_at(model, expanded, self.read_positions(expanded))
+        logp = self.log_probs_at(logits, expanded)
+        return (logp, self.other_log_prob_at(logits, expanded)) if other else logp
 
     def distribution(self, logits, batch) -> Float[Tensor, "prompt cand"]:
         return self.log_probs(logits, batch).softmax(-1)
 
     def grid_mass(self, logits, batch) -> Float[Tensor, "prompt"]:
-        """Total (unrenormalized) probability the model puts on the grid."""
+        """Total (unrenormalized) probability the model puts on the candidates."""
         return self.log_probs(logits, batch).logsumexp(-1).exp()
+
+
+def _stop(logp: Float[Tensor, "... m"], valid: Bool[Tensor, "... m"]) -> Float[Tensor, "..."]:
+    """log(1 - sum of the valid probabilities): the probability that none of them comes next.
+    Differentiable everywhere (no infinities in the graph); clamped where the sum is 1."""
+    total = (logp.exp() * valid).sum(-1)
+    return torch.log1p(-total.clamp(max=1 - 1e-6))
 
 
 class _BodyDone(Exception):
@@ -368,11 +414,21 @@ def pad_token_id_of(batch: TokenBatch) -> int:
     return int(batch.tokens[padded][0]) if padded.any() else 0
 
 
+SUMMARIES = {"mean": lambda v: v, "log10": lambda v: torch.log10(1 + v.clamp(min=0))}
+
+
 @dataclass(frozen=True)
 class ExpectedValue:
-    """Expected numeric answer under the model's renormalized distribution over a candidate grid."""
+    """A differentiable summary of the model's distribution over candidate answers, renormalized
+    over the candidates: ``summary="mean"`` the expected value, ``"log10"`` the expected
+    ``log10(1 + value)`` (negative values count as 0), which suits heavy-tailed amounts."""
 
     candidates: CandidateAnswers
+    summary: str = "mean"
+
+    def __post_init__(self):
+        if self.summary not in SUMMARIES:
+            raise ValueError(f"unknown summary {self.summary!r}; choose from {list(SUMMARIES)}")
 
     def expand(self, batch: TokenBatch) -> TokenBatch:
         return self.candidates.expand(batch)
@@ -386,7 +442,7 @@ class ExpectedValue:
 
     def _expect(self, probs: Float[Tensor, "prompt cand"]) -> Float[Tensor, "prompt"]:
         values = torch.tensor(self.candidates.values, device=probs.device, dtype=probs.dtype)
-        return probs @ values
+        return probs @ SUMMARIES[self.summary](values)
 
 
 def run_metric(model, metric: Metric, batch: TokenBatch, **kwargs) -> Float[Tensor, "prompt"]:
@@ -406,6 +462,7 @@ __all__ = [
     "CandidateBatch",
     "PackedCandidateBatch",
     "ExpectedValue",
+    "SUMMARIES",
     "answer_logits",
     "kl_divergence",
     "run_metric",

@@ -5,6 +5,7 @@ import torch
 from scipy import stats as sps
 
 from circuits.bias import (
+    Expansion,
     answer_candidates,
     check_answer_alignment,
     context_metric,
@@ -13,7 +14,7 @@ from circuits.bias import (
     pair_differences,
     paired_gaps,
 )
-from circuits.contexts import CONTEXTS
+from circuits.contexts import CONTEXTS, AnswerFormat, AnswerGrid
 from circuits.prompts import build_pairs, build_prompts
 from interp.batching import tokenize
 from interp.metrics import CandidateAnswers
@@ -87,6 +88,9 @@ def test_sign_convention_flips_advantage_not_gap():
     assert down.loc["race", "advantage_ci_high"] == pytest.approx(-down.loc["race", "ci_low"])
 
 
+TINY = Expansion(pilots=4, max_nodes=24, per_round=8, target=1.0, min_mass=1e-6)  # a small tree, grown to its budget
+
+
 @pytest.fixture(scope="module")
 def small(tiny_model):
     return build_prompts(tiny_model, ["chess", "lending_rate"], details=["low"]).sample(
@@ -95,21 +99,61 @@ def small(tiny_model):
 
 
 def test_measure_distributions_and_expected_values(tiny_model, small):
-    result = measure(tiny_model, small, batch_size=64, progress=False)
+    result = measure(tiny_model, small, batch_size=64, progress=False, expansion=TINY)
     values, dist = result.values, result.distribution
     assert len(values) == len(small) and values["value"].notna().all()
     totals = dist.groupby("prompt_id")["probability"].sum()
     assert np.allclose(totals, 1.0, atol=1e-5)
+    by_prompt = values.set_index("prompt_id")
     expected = dist.assign(w=dist.probability * dist.candidate_value).groupby("prompt_id")["w"].sum()
-    assert np.allclose(values.set_index("prompt_id")["value"].loc[expected.index], expected, rtol=1e-5)
+    assert np.allclose(by_prompt["value_mean"].loc[expected.index], expected, rtol=1e-5)
+    log10 = dist.assign(w=dist.probability * np.log10(1 + dist.candidate_value)).groupby("prompt_id")["w"].sum()
+    assert np.allclose(by_prompt["value_log10"].loc[log10.index], log10, rtol=1e-5)
+    assert np.allclose(dist.groupby("prompt_id")["mass"].sum().loc[by_prompt.index], by_prompt["grid_mass"], rtol=1e-5)
+    assert result.settings["summary"] == {"chess": "mean", "lending_rate": "mean"}
+    assert np.allclose(values["value"], values["value_mean"])
     assert ((values.grid_mass > 0) & (values.grid_mass <= 1)).all()
-    again = measure(tiny_model, small, batch_size=9, progress=False)  # other microbatches, same numbers
+    parts = values[["grid_mass", "other_mass", "tail_mass"]]
+    assert (parts >= -1e-6).all().all() and np.allclose(parts.sum(1), 1.0)
+    lo = dist.groupby("prompt_id")["candidate_value"].min().loc[by_prompt.index]
+    hi = dist.groupby("prompt_id")["candidate_value"].max().loc[by_prompt.index]
+    assert ((by_prompt["value_median"] >= lo) & (by_prompt["value_median"] <= hi)).all()
+    chess = dist[dist.context == "chess"]
+    digits = chess[chess.candidate.str.match(r"^\d+$")]  # "0." is in the prefix
+    assert len(digits) and np.allclose(digits.candidate_value, ("0." + digits.candidate).astype(float))
+    again = measure(tiny_model, small, batch_size=9, progress=False, expansion=TINY)  # other microbatches
     assert np.allclose(again.values["value"], values["value"], rtol=1e-4, atol=1e-6)
+    part = measure(tiny_model, small.filter(gender="woman"), progress=False, expansion=TINY).values
+    assert np.allclose(part["value"], by_prompt.loc[part["prompt_id"], "value"], rtol=1e-4, atol=1e-6)
+
+
+def test_dollars_default_to_expected_log10_and_yes_no_to_p_yes(tiny_model):
+    prompts = build_prompts(tiny_model, ["lending_amount", "lending_approval"], details=["low"]).sample(
+        variations=1, names_per_cell=1)
+    result = measure(tiny_model, prompts, progress=False, expansion=TINY)
+    values = result.values.set_index("context")
+    assert result.settings["summary"] == {"lending_amount": "log10", "lending_approval": "mean"}
+    assert np.allclose(values.loc["lending_amount", "value"], values.loc["lending_amount", "value_log10"])
+    yes_no = values.loc["lending_approval"]
+    assert yes_no["value_log10"].isna().all() and ((yes_no["value"] >= 0) & (yes_no["value"] <= 1)).all()
+    dist = result.distribution[result.distribution.context == "lending_approval"]
+    assert {" Yes", "Yes", " yes", " YES", "**Yes", " No", "No", " no", " NO", "**No"} <= set(dist.candidate)
+    p_yes = dist.assign(w=dist.probability * dist.candidate_value).groupby("prompt_id")["w"].sum()
+    assert np.allclose(result.values.set_index("prompt_id").loc[p_yes.index, "value"], p_yes, rtol=1e-5)
+    assert np.allclose(yes_no[["grid_mass", "other_mass", "tail_mass"]].sum(1), 1.0)
+
+
+def test_yes_no_forms_exclude_each_other(tiny_model):
+    cands = answer_candidates(tiny_model, CONTEXTS["lending_approval"].answer)
+    ids = cands.token_ids
+    assert not any(a != b and b[: len(a)] == a for a in ids for b in ids)
+    assert set(cands.values) == {0.0, 1.0} and cands.answer_tokens == tuple(sorted({t[0] for t in ids}))
 
 
 def test_context_metric_is_differentiable_and_matches_measure(tiny_model, small):
     subset = small.filter(context="lending_rate", gender="woman")
-    metric = context_metric(tiny_model, "lending_rate")
+    metric = context_metric(tiny_model, "lending_rate", expansion=TINY)
+    assert metric.candidates.n_nodes > 0 and any(metric.candidates.ends)
     batch = tokenize(tiny_model, subset.texts)
     expanded = metric.expand(batch)
     tiny_model.zero_grad()
@@ -119,20 +163,28 @@ def test_context_metric_is_differentiable_and_matches_measure(tiny_model, small)
     assert out.shape == (len(subset),) and out.requires_grad
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.parameters())
     tiny_model.zero_grad()
-    measured = measure(tiny_model, subset, progress=False).values["value"].to_numpy()
+    measured = measure(tiny_model, subset, progress=False, expansion=TINY).values["value"].to_numpy()
     assert np.allclose(out.detach().numpy(), measured, rtol=1e-4)
+    assert context_metric(tiny_model, "lending_rate", expansion=TINY).candidates is metric.candidates  # cached
+    log10 = context_metric(tiny_model, "lending_rate", summary="log10", expansion=TINY)
+    assert log10.summary == "log10" and log10.candidates is metric.candidates
 
 
-def test_grids_tokenize_as_continuations_of_their_prompts(tiny_model):
+def test_answers_tokenize_as_continuations_of_their_prompts(tiny_model):
     prompts = build_prompts(tiny_model, details=["numeric"]).sample(variations=1, names_per_cell=1)
     for ctx in prompts.contexts:
-        cands = answer_candidates(tiny_model, CONTEXTS[ctx].answer)
+        cands = context_metric(tiny_model, ctx, expansion=TINY).candidates
         check_answer_alignment(tiny_model, prompts.filter(context=ctx).texts[0], cands)
-        if CONTEXTS[ctx].answer.grid.terminated:
-            assert all(ids[-1] == tiny_model.tokenizer.eos_token_id for ids in cands.token_ids)
     broken = CandidateAnswers.from_texts(tiny_model.tokenizer, ["s", "t"], [1.0, 0.0])
     with pytest.raises(ValueError, match="tokenizes differently"):
         check_answer_alignment(tiny_model, "The answer is Ye", broken)
+
+
+def test_a_fixed_grid_is_still_scored_as_given(tiny_model):
+    answer = AnswerFormat("rank", "Reply with a rank.", "Rank: #", AnswerGrid.numbers((1, 10, 100), terminated=True))
+    cands = answer_candidates(tiny_model, answer)
+    assert cands.texts == tuple(t + tiny_model.tokenizer.eos_token for t in ("1", "10", "100"))
+    assert all(ids[-1] == tiny_model.tokenizer.eos_token_id for ids in cands.token_ids)
 
 
 def test_paired_differences_over_aligned_pairs(tiny_model, small):

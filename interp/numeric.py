@@ -1,0 +1,297 @@
+"""A model's exact distribution over written numbers, as a tree of tokens.
+
+``NumberGrammar`` reads a number character by character: integer digits, ``,`` thousands
+separators (only where groups of three digits can follow), a ``.`` decimal point and up to
+``max_decimals`` decimals, then a multiplier word (``k``, `` million``...; the one-letter
+``short`` ones only right after the digits). For every state of that reading it splits the
+vocabulary into *continuations* (tokens that extend the number or change its value) and the rest,
+which end the number where it stands. So a node of the token tree (a partial number) has an exact
+*stop* probability, ``1 - P(any continuation)``, and a complete answer's probability is the product
+of its tokens' probabilities times its stop probability. A token that ends the number only after
+changing its value (``"k."``) leads to a final node of its own.
+
+``expand`` grows the tree best-first on a batch of prompts (the mean mass over prompts decides),
+evaluating each round's frontier in one forward of its trie onto the prompts' key/value cache,
+and returns the answers it covers as ``CandidateAnswers`` with stop terms, scored exactly on any
+prompt like any other candidate grid. Characters that are not part of a number, a sign or a range
+(``"40-50"``) end the number: a range counts at its first number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from interp.batching import TokenBatch
+from interp.metrics import CandidateAnswers
+from interp.patching import _attention_reads_cache
+
+DIGITS = "0123456789"
+# (phase, leading digits (4 = more than 3), comma seen, digits in the current group / decimals, word)
+State = tuple
+
+ROOT: State = ("int", 0, False, 0, "")
+DONE: State = ("done", 0, False, 0, "")
+
+
+@dataclass(frozen=True)
+class NumberGrammar:
+    """Which tokens continue a partial number, for one tokenizer (see the module docstring).
+
+    ``words``: multipliers matched case-insensitively, optionally after one space; ``short``:
+    one-letter multipliers matched as written, right after the digits. A multiplier followed by a
+    letter is no multiplier (``"5 km"`` is 5).
+    """
+
+    token_texts: tuple[str, ...]
+    words: tuple[str, ...] = ("k", "hundred", "thousand", "thousands", "million", "mn", "billion", "bn")
+    short: tuple[str, ...] = ("M", "B")
+    max_decimals: int = 2
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, tokenizer, **kw) -> "NumberGrammar":
+        """The grammar over ``tokenizer``'s vocabulary (each token decoded on its own)."""
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        texts = []
+        for i, piece in enumerate(pieces):
+            text = tokenizer.decode([i])
+            if isinstance(piece, str) and piece.startswith("▁") and not text.startswith(" "):
+                text = " " + text  # SentencePiece drops a lone token's leading space when decoding
+            texts.append(text)
+        return cls(tuple(texts), **kw)
+
+    # -- characters ----------------------------------------------------------------------------
+    def _complete(self, word: str) -> bool:
+        spaced = word.startswith(" ")
+        bare = word.lstrip(" ")
+        return bool(bare) and (bare.lower() in self.words or (not spaced and bare in self.short))
+
+    def _word_prefix(self, word: str) -> bool:
+        spaced = word.startswith(" ")
+        bare = word.lstrip(" ").lower()
+        return any(w.startswith(bare) for w in self.words) or (not spaced and word in self.short)
+
+    def _scaled(self, state: State) -> bool:
+        return bool(state[4]) and self._complete(state[4])
+
+    def char(self, state: State, c: str) -> tuple[State | None, bool]:
+        """The state after character ``c`` (None: the number ended before ``c``) and whether ``c``
+        is a digit of the number."""
+        phase, lead, comma, count, word = state
+        valid = phase == "frac" or (phase == "int" and lead > 0 and (not comma or count == 3))
+        if phase == "done":
+            return None, False
+        if word:
+            if c.isalpha() and self._word_prefix(word + c):
+                return (phase, lead, comma, count, word + c), False
+            # a letter after a complete multiplier undoes it ("5 km" is 5) and ends the number
+            return (DONE, False) if c.isalpha() and self._complete(word) else (None, False)
+        if c in DIGITS:
+            if phase == "int":
+                if comma:  # a fourth digit in a group: parse_number reads only the digits before the comma
+                    return (DONE if count == 3 else ("int", lead, True, count + 1, "")), True
+                return ("int", min(lead + 1, 4), False, 0, ""), True
+            if phase in ("dot", "frac"):
+                if phase == "frac" and count >= self.max_decimals:
+                    return None, False  # further decimals are not read
+                return ("frac", lead, comma, count + 1 if phase == "frac" else 1, ""), True
+            return None, False
+        if not valid and phase != "space":
+            return None, False
+        if c == "," and phase == "int" and (comma or lead <= 3):
+            return ("int", lead, True, 0, ""), False
+        if c == "." and phase == "int" and self.max_decimals > 0:
+            return ("dot", lead, comma, 0, ""), False
+        if c == " " and phase in ("int", "frac"):
+            return ("space", lead, comma, count, ""), False
+        spaced = " " if phase == "space" else ""
+        if c.isalpha() and self._word_prefix(spaced + c):
+            return (phase, lead, comma, count, spaced + c), False
+        return None, False
+
+    def step(self, state: State, text: str) -> State | None:
+        """The state after a token's text, or None when the token ends the number at ``state``
+        without changing its value; a token that changes the value and then ends the number
+        (``"k."``, or a digit after a complete group) leads to ``DONE``."""
+        start, digits, ended = self._scaled(state), False, False
+        for c in text:
+            nxt, digit = self.char(state, c)
+            if nxt is None:
+                ended = True
+                break
+            state, digits = nxt, digits or digit
+            if state == DONE:
+                break
+        if text and not ended and state != DONE:
+            return state
+        return DONE if digits or self._scaled(state) != start else None
+
+    def state_of(self, text: str) -> State:
+        """The state after the characters of ``text`` (e.g. an answer prefix's ``"0."``)."""
+        state = ROOT
+        for c in text:
+            nxt, _ = self.char(state, c)
+            if nxt is None:
+                raise ValueError(f"{text!r} is not the start of a number")
+            state = nxt
+        return state
+
+    def continuations(self, state: State) -> dict[int, State]:
+        """Every token that continues a number at ``state``, with the state it leads to."""
+        if state not in self._tables:
+            table = {}
+            for i, text in enumerate(self.token_texts):
+                nxt = self.step(state, text)
+                if nxt is not None:
+                    table[i] = nxt
+            self._tables[state] = table
+        return self._tables[state]
+
+    def continuation_ids(self, state: State) -> tuple[int, ...]:
+        return tuple(self.continuations(state))
+
+
+@dataclass(frozen=True)
+class NumberTree:
+    """The expanded tree: every answer it covers and its mean probability over the prompts."""
+
+    paths: tuple[tuple[int, ...], ...]
+    ends: tuple[tuple[int, ...] | None, ...]  # continuation ids at a stopping answer; None: final
+    mass: tuple[float, ...]  # mean probability over the prompts
+    root_continuations: tuple[int, ...]
+    covered: float  # mean covered probability over the prompts
+    other: float  # mean probability that the reply is no number
+    uncovered: float  # mean probability of the numbers not covered (unexpanded or dropped)
+    n_evaluated: int
+
+    def candidates(
+        self, tokenizer, value: Callable[[str], float | None], *, min_mass: float = 0.0, packed: bool = True
+    ) -> CandidateAnswers:
+        """The answers holding at least ``min_mass`` of the numeric mass (mean over the prompts) as
+        stop-terminated candidates; ``value`` reads a candidate's text (None drops it)."""
+        texts, values, ids, ends = [], [], [], []
+        for path, end, mass in zip(self.paths, self.ends, self.mass):
+            if mass < min_mass * (1 - self.other):
+                continue
+            text = tokenizer.decode(list(path))
+            v = value(text)
+            if v is None:
+                continue
+            texts.append(text), values.append(float(v)), ids.append(path), ends.append(end)
+        return CandidateAnswers(tuple(texts), tuple(values), tuple(ids), packed, tuple(ends), self.root_continuations)
+
+
+class _PromptCache:
+    """The prompts' key/value cache (Hugging Face model), onto which each round's trie of nodes
+    is run: a node attends to its prompt, its ancestors and itself, at the position id its prefix
+    would have right after the prompt (as in ``PackedCandidateBatch``)."""
+
+    def __init__(self, model, batch: TokenBatch):
+        self.model, self.hf = model, model.original_model
+        self.device = next(self.hf.parameters()).device
+        self.batch = batch.to(self.device)
+        with _attention_reads_cache(model):
+            out = self.hf(input_ids=self.batch.tokens, attention_mask=self.batch.attention_mask, use_cache=True)
+        rows = torch.arange(len(batch), device=self.device)
+        self.root = out.logits[rows, self.batch.answer_pos].float().log_softmax(-1).cpu()
+        self.cache, self.width = out.past_key_values, self.batch.tokens.shape[1]
+
+    def log_probs(self, paths: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """Next-token log-probabilities after each prompt + path: ``[prompt, path, vocab]``."""
+        if all(not p for p in paths):
+            return self.root[:, None].expand(-1, len(paths), -1)
+        probe = CandidateAnswers(("",) * len(paths), (0.0,) * len(paths), tuple(tuple(p) + (0,) for p in paths))
+        trie = probe._trie
+        n, rows = len(trie.tokens), len(self.batch)
+        prompt_keys = self.batch.attention_mask.bool()[:, None, :].expand(-1, n, -1)
+        mask = torch.cat([prompt_keys, trie.sees.to(self.device)[None].expand(rows, -1, -1)], -1)
+        positions = self.batch.lengths[:, None] - 1 + trie.depth.to(self.device)[None]
+        read = trie.read[torch.arange(len(paths)), torch.tensor([len(p) for p in paths])]
+        keep = (read - 1).clamp(min=0).to(self.device)
+        with _attention_reads_cache(self.model):
+            out = self.hf(input_ids=trie.tokens.to(self.device)[None].expand(rows, -1), attention_mask=mask[:, None],
+                          position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        self.cache.crop(-n)  # back to the prompts alone
+        logp = out.logits.float().log_softmax(-1).cpu()
+        return torch.where((read == 0)[None, :, None], self.root[:, None], logp)
+
+
+@torch.no_grad()
+def expand(
+    model,
+    batch: TokenBatch,
+    grammar: NumberGrammar,
+    *,
+    start: State = ROOT,
+    target: float = 0.97,
+    max_nodes: int = 256,
+    per_round: int = 32,
+    min_mass: float = 1e-4,
+    progress: bool = False,
+) -> NumberTree:
+    """Best-first expansion of the number tree after ``batch``'s prompts.
+
+    Each round evaluates the ``per_round`` frontier nodes of highest mean probability (their
+    next-token distributions, all prompts at once); it stops when the covered mass (mean over
+    prompts) reaches ``target``, ``max_nodes`` nodes are evaluated or no frontier node holds
+    ``min_mass``. ``target`` and ``min_mass`` are shares of the mean probability that the reply is
+    a number at all (nearly 1 for a trained model; tiny for a random one). Deterministic: ties
+    break by token ids.
+    """
+    n = len(batch)
+    cache = _PromptCache(model, batch)
+    frontier: dict[tuple[int, ...], tuple[State, torch.Tensor]] = {(): (start, torch.zeros(n))}
+    paths, ends, masses = [], [], []
+    covered, dropped = torch.zeros(n), torch.zeros(n)
+    evaluated, numeric = 0, 1.0
+    bar = tqdm(total=max_nodes, desc="expanding answers", disable=not progress)
+    while frontier and evaluated < max_nodes and float(covered.mean()) < target * numeric:
+        ranked = sorted(frontier, key=lambda p: (-float(frontier[p][1].exp().mean()), p))
+        chosen = [p for p in ranked[: min(per_round, max_nodes - evaluated)]
+                  if float(frontier[p][1].exp().mean()) >= min_mass * numeric]
+        if not chosen:
+            break
+        sets = [grammar.continuation_ids(frontier[p][0]) for p in chosen]
+        node_logp = cache.log_probs(chosen)
+        for i, path in enumerate(chosen):
+            state, path_logp = frontier.pop(path)
+            table = grammar.continuations(state)
+            logp = node_logp[:, i, list(sets[i])]
+            stop = torch.log1p(-logp.exp().sum(-1).clamp(max=1 - 1e-6))
+            if path:  # the root's stop mass is no number at all
+                paths.append(path), ends.append(sets[i]), masses.append(float((path_logp + stop).exp().mean()))
+                covered += (path_logp + stop).exp()
+            else:
+                root_continuations, other = sets[i], float(stop.exp().mean())
+                numeric = 1 - other
+            for j, token in enumerate(sets[i]):
+                child, child_logp = path + (token,), path_logp + logp[:, j]
+                if table[token] == DONE:  # a final answer: kept when it holds min_mass
+                    if float(child_logp.exp().mean()) >= min_mass * numeric:
+                        paths.append(child), ends.append(None), masses.append(float(child_logp.exp().mean()))
+                        covered += child_logp.exp()
+                    else:
+                        dropped += child_logp.exp()
+                else:
+                    frontier[child] = (table[token], child_logp)
+        evaluated += len(chosen)
+        bar.update(len(chosen))
+    bar.close()
+    uncovered = dropped + sum((logp.exp() for _, logp in frontier.values()), torch.zeros(n))
+    return NumberTree(tuple(paths), tuple(ends), tuple(masses), root_continuations, float(covered.mean()), other,
+                      float(uncovered.mean()), evaluated)
+
+
+def weighted_median(probs: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
+    """Per row, the smallest value whose cumulative probability reaches half (rows sum to 1)."""
+    v = torch.as_tensor(values, dtype=probs.dtype, device=probs.device)
+    order = v.argsort()
+    cum = probs[:, order].cumsum(-1)
+    first = (cum >= 0.5 - 1e-9).float().argmax(-1)
+    return v[order][first]
+
+
+__all__ = ["DONE", "ROOT", "NumberGrammar", "NumberTree", "expand", "weighted_median"]

@@ -1,0 +1,140 @@
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from circuits.parsing import parse_number
+from interp.batching import encode, tokenize
+from interp.numeric import DONE, ROOT, NumberGrammar, expand, weighted_median
+
+PROMPTS = ["The seller asked for $", "Hi, the loan is $", "My offer for the used bicycle is $"]
+
+
+@pytest.fixture(scope="module")
+def grammar(tiny_model):
+    return NumberGrammar.of(tiny_model.tokenizer, max_decimals=2)
+
+
+@pytest.fixture(scope="module")
+def tree(tiny_model, grammar):
+    return expand(tiny_model, tokenize(tiny_model, PROMPTS), grammar, max_nodes=20, per_round=6, target=1.0, min_mass=1e-6)
+
+
+def _walk(grammar, tokenizer, text, start=""):
+    """The longest token path of ``text`` the grammar continues; the value it stands for."""
+    state, path = grammar.state_of(start), []
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        nxt = grammar.continuations(state).get(token)
+        if nxt is None:
+            break
+        state, path = nxt, path + [token]
+        if nxt == DONE:
+            break
+    return tokenizer.decode(path)
+
+
+@pytest.mark.parametrize(
+    "text,start",
+    [("1,000", ""), ("1.5k", ""), ("100.", ""), ("5,000.00", ""), ("50%", ""), ("25 million", ""), ("3K", ""),
+     ("1,5", ""), ("1,2345", ""), ("7 km", ""), ("10M", ""), ("2.5 billion dollars", ""), ("40,000-50,000", ""),
+     ("75", "0."), ("1,000\n", ""), ("12.345", ""), ("5k.", ""), ("600 thousand", "")],
+)
+def test_parsing_and_enumeration_agree_on_tricky_strings(tiny_model, grammar, text, start):
+    """The answer the enumeration files a reply under has the value parse_number reads from the reply
+    (a range counts at its first number; decimals beyond max_decimals are dropped)."""
+    path = _walk(grammar, tiny_model.tokenizer, text, start)
+    expected = parse_number("$" + start + text.split("-")[0])
+    if text == "12.345":
+        expected = 12.34
+    assert parse_number(start + path) == pytest.approx(expected)
+
+
+def test_tokens_that_end_a_number_leave_its_value_unchanged(tiny_model, grammar):
+    tok = tiny_model.tokenizer
+    rng = random.Random(0)
+    for text in ("1,000", "25", "3.5", "7k", "1,00", "12 million", "4."):
+        state = grammar.state_of(text)
+        stops = [i for i in range(len(tok)) if i not in grammar.continuations(state)]
+        for i in rng.sample(stops, 400):
+            after = grammar.token_texts[i]
+            if "/" in after[:1]:  # a fraction "3/4" is read as its value; replies never start one here
+                continue
+            assert parse_number(text + after) == parse_number(text), (text, after)
+
+
+def test_grammar_reads_separators_decimals_and_multipliers(tiny_model, grammar):
+    ids = {grammar.token_texts[i]: i for i in grammar.continuation_ids(("int", 1, False, 0, ""))}
+    assert {",", ".", "0", "k", "K", "M", " million", " thousand"} <= set(ids)
+    assert "%" not in ids and " " in ids  # "50%" is 50; a space may start " million"
+    assert grammar.continuations(grammar.state_of("1234")).get(ids[","]) is None  # no group of three follows
+    assert "." not in {grammar.token_texts[i] for i in NumberGrammar.of(tiny_model.tokenizer, max_decimals=0)
+                       .continuation_ids(("int", 1, False, 0, ""))}
+    assert grammar.step(grammar.state_of("5k"), "m") == DONE  # "5km" is 5: the value changed back
+    assert grammar.step(grammar.state_of("5"), "km") is None  # ... and so "5" + "km" ends at 5
+    assert grammar.state_of("") == ROOT
+
+
+def _brute_log_prob(model, prompt, path, ends):
+    """log P(path, then none of ends) after prompt, one plain forward per prefix."""
+    hf = model.original_model
+    ids = encode(model, prompt)
+    total = 0.0
+    with torch.no_grad():
+        for j in range(len(path) + (ends is not None)):
+            logp = hf(input_ids=torch.tensor([ids + list(path[:j])])).logits[0, -1].double().log_softmax(-1)
+            if j < len(path):
+                total += float(logp[path[j]])
+            else:
+                total += float(torch.log1p(-logp[list(ends)].exp().sum()))
+    return total
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "row-per-candidate"])
+def test_enumerated_distribution_equals_brute_force(tiny_model, tree, packed):
+    cands = tree.candidates(tiny_model.tokenizer, lambda t: parse_number(t), packed=packed)
+    assert len(cands.texts) > 10 and any(cands.ends) and cands.n_nodes > 0
+    with torch.no_grad():
+        logp, other = cands.score(tiny_model, tokenize(tiny_model, PROMPTS), other=True)
+    rng = random.Random(0)
+    for c in rng.sample(range(len(cands.texts)), 12):
+        for row, prompt in enumerate(PROMPTS):
+            brute = _brute_log_prob(tiny_model, prompt, cands.token_ids[c], cands.ends[c])
+            assert float(logp[row, c]) == pytest.approx(brute, abs=2e-4)
+        assert cands.values[c] == parse_number(cands.texts[c])
+    mean_mass = logp.exp().mean(0)
+    assert torch.allclose(mean_mass, torch.tensor(tree.mass, dtype=mean_mass.dtype), rtol=1e-3, atol=1e-9)
+    for row, prompt in enumerate(PROMPTS):
+        root = _brute_log_prob(tiny_model, prompt, (), tree.root_continuations)
+        assert float(other[row]) == pytest.approx(root, abs=1e-4)
+
+
+def test_covered_other_and_uncovered_mass_sum_to_one(tree):
+    assert tree.covered > 0 and tree.uncovered > 0
+    assert tree.covered + tree.other + tree.uncovered == pytest.approx(1.0, abs=1e-5)
+    assert sum(tree.mass) == pytest.approx(tree.covered, rel=1e-5)
+    assert len(set(tree.paths)) == len(tree.paths)
+
+
+def test_expansion_is_deterministic_and_respects_the_budget(tiny_model, grammar, tree):
+    again = expand(tiny_model, tokenize(tiny_model, PROMPTS), grammar, max_nodes=20, per_round=6, target=1.0, min_mass=1e-6)
+    assert again.paths == tree.paths and tree.n_evaluated == 20
+    small = expand(tiny_model, tokenize(tiny_model, PROMPTS), grammar, max_nodes=20, per_round=6, min_mass=1.0)
+    assert small.n_evaluated == 1 and small.paths == ()  # only the root holds that much
+
+
+def test_stop_terms_are_differentiable(tiny_model, tree):
+    cands = dataclasses.replace(tree.candidates(tiny_model.tokenizer, parse_number), packed=True)
+    batch = cands.expand(tokenize(tiny_model, PROMPTS))
+    tiny_model.zero_grad()
+    with torch.enable_grad():
+        logits = tiny_model(batch.tokens, **batch.forward_kwargs())
+        cands.log_probs(logits, batch).logsumexp(-1).sum().backward()
+    grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    tiny_model.zero_grad()
+
+
+def test_weighted_median():
+    probs = torch.tensor([[0.2, 0.2, 0.6], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    assert weighted_median(probs, [30.0, 10.0, 20.0]).tolist() == [20.0, 10.0, 30.0]
