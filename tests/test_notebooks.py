@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_are_there():
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_breaking_down_bias", "03_fasp", "04_overlap"]
+def test_the_notebooks_are_there():
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_breaking_down_bias", "03_fasp", "04_overlap",
+                                           "05_compare_contexts"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
