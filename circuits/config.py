@@ -87,11 +87,12 @@ class StudyConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     contexts: tuple[str, ...] = ("lending_amount", "commerce_buy", "hiring_salary")
     details: tuple[str, ...] = ("low",)
-    variations: int | None = 3  # per context, about a third held out; None = all
+    variations: int | None = 3  # per context, heldout_variations of them held out; None = all
+    heldout_variations: int = 2  # held-out templates per context (L1, L2)
     names_per_cell: int = 2  # names per group x gender cell, in each name split
-    max_pairs_per_cell: int = 2  # counterfactual pairs kept per template cell
-    heldout_names: bool = False  # also evaluate on held-out names
-    utility_texts: int = 10  # neutral sentences for FASP's per-head utility sweep
+    max_pairs_per_cell: int = 2  # counterfactual pairs kept per template cell (scoring = "pairs")
+    heldout_names: bool = True  # held-out levels use held-out names (and a "names" level is added)
+    utility_texts: int = 10  # neutral sentences (of the selection half) for FASP's per-head utility sweep
     metric: Literal["expected_value"] = "expected_value"
     strategies: tuple[Strategy, ...] = STRATEGIES
     neuron_ks: tuple[int, ...] = (25, 100)
@@ -102,7 +103,11 @@ class StudyConfig:
     ablation: Literal["zero", "mean"] = "zero"
     overlap_k: int = 100
     n_null: int = 200
-    refine_top: int = 0
+    scoring: Literal["ablation", "pairs"] = "ablation"  # pair-free estimate of the ablation, or pair AtP
+    refine_top: int = 200  # top candidates per kind re-scored by exact ablation (0: none)
+    refine_random: int = 50  # random components per kind also re-scored (the Spearman check)
+    null_draws: int = 5  # random sets of each strategy's kind and size, evaluated alongside it
+    n_bootstrap: int = 1000  # two-way cluster bootstrap resamples of every endpoint
     seed: int = 0
     batch_size: int = 8
     out_dir: str = "runs/default"
@@ -213,7 +218,12 @@ class StudyConfig:
             raise ConfigError("fasp_gamma/fasp_alphas: need 0 <= gamma <= 1 and 0 < alpha <= 1 - gamma")
         if not 0 < self.wanda_fraction < 1:
             raise ConfigError(f"wanda_fraction: must lie in (0, 1), got {self.wanda_fraction}")
-        for name in ("refine_top", "seed"):
+        if self.variations is not None and not 1 <= self.heldout_variations < self.variations:
+            raise ConfigError(f"heldout_variations: need 1 <= heldout_variations < variations ({self.variations}), "
+                              f"got {self.heldout_variations}")
+        if self.n_bootstrap < 10:
+            raise ConfigError(f"n_bootstrap: need at least 10 resamples, got {self.n_bootstrap}")
+        for name in ("refine_top", "refine_random", "null_draws", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be at least 0, got {getattr(self, name)}")
         try:

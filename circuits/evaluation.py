@@ -102,14 +102,23 @@ class EvalSet:
     prompts: TokenBatch | None = None
     frame: pd.DataFrame | None = None
     group_a: str = "White"
+    name_mask: Tensor | None = None  # [prompt, pos]: the name's tokens
 
     @classmethod
     def from_prompts(cls, model, name: str, prompts: PromptSet, metric: Metric, *,
                      pairs: PairSet | None = None, group_a: str = "White") -> "EvalSet":
         """Every prompt of ``prompts``; a template is a (variation, detail) cell."""
-        batch, _ = tokenize_prompts(model, prompts)
+        batch, name_mask = tokenize_prompts(model, prompts)
         frame = prompts.frame.assign(template=prompts.frame["variation"] + "|" + prompts.frame["detail"])
-        return cls(name, pairs, metric, batch, frame.reset_index(drop=True), group_a)
+        return cls(name, pairs, metric, batch, frame.reset_index(drop=True), group_a, name_mask)
+
+    def names(self) -> Tensor:
+        """``[prompt, pos]`` mask of the name's tokens in each row of ``rows()``."""
+        if self.prompts is not None:
+            if self.name_mask is None:
+                raise ValueError(f"evaluation set {self.name!r} was built without its name positions")
+            return self.name_mask
+        return torch.cat([self.pairs.name_mask, self.pairs.name_mask])
 
     def rows(self) -> tuple[TokenBatch, pd.DataFrame]:
         """The prompts evaluated and their table (``PROMPT_COLUMNS`` at least)."""

@@ -85,6 +85,8 @@ class Generalization:
         self.frame.to_parquet(out / "generalization.parquet", index=False)
         if self.nulls is not None:
             self.nulls.to_parquet(out / "nulls.parquet", index=False)
+        if "mde" in self.frame:
+            self.power().to_parquet(out / "power.parquet", index=False)
         (out / "generalization.json").write_text(json.dumps(self.settings, indent=2, default=str))
         return out
 

@@ -159,6 +159,7 @@ def score_prompts(
     refine_top: int = 200,
     n_random: int = 50,
     per_prompt: bool = True,
+    kinds=("neuron", "head"),
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
@@ -174,7 +175,7 @@ def score_prompts(
     batch, frame = eval_set.rows()
     weights = group_weights(frame, eval_set.group_a)
     result = ablation_attribution(model, batch, eval_set.metric, weights=weights, how=how, means=means,
-                                  batch_size=batch_size, per_prompt=per_prompt, progress=progress)
+                                  kinds=kinds, batch_size=batch_size, per_prompt=per_prompt, progress=progress)
     gap = float(weights @ result.metric)
     orientation = 1.0 if gap >= 0 else -1.0
     refined, spearman = None, {}
@@ -269,22 +270,26 @@ def wanda_scores(model, batch, *, batch_size: int = 16) -> dict[str, Float[Tenso
 def baseline_sets(
     model, eval_set: EvalSet, *, top_fraction: float = 0.15, batch_size: int = 16
 ) -> dict[str, dict[str, Tensor] | ComponentSet]:
-    """The papers' scores for one context's pairs.
+    """The papers' scores for one context's prompts (every prompt of ``eval_set.rows()``).
 
     ``wanda_difference``: neurons and heads in group A's top ``top_fraction`` Wanda scores but not
     group B's (per layer); ``attention_to_name``: [layer, head] attention the answer position pays
-    to the name's tokens (mean over A and B rows); ``magnitude``: weight-norm scores.
+    to the name's tokens (mean of the group A and group B means); ``magnitude``: weight-norm scores.
     """
-    pairs = eval_set.pairs
-    wanda_a = wanda_scores(model, pairs.clean, batch_size=batch_size)
-    wanda_b = wanda_scores(model, pairs.corrupt, batch_size=batch_size)
+    batch, frame = eval_set.rows()
+    in_a = torch.tensor((frame["group"] == eval_set.group_a).to_numpy(), device=batch.tokens.device)
+    names = eval_set.names()
+    wanda_a = wanda_scores(model, batch.select(in_a), batch_size=batch_size)
+    wanda_b = wanda_scores(model, batch.select(~in_a), batch_size=batch_size)
     difference = ComponentSet()
     for kind in ("neuron", "head"):
         difference |= wanda_set_difference(wanda_a[kind], wanda_b[kind], top_fraction=top_fraction, kind=kind)
-    attention = (
-        attention_to_positions(model, pairs.clean, pairs.name_mask, batch_size=batch_size)
-        + attention_to_positions(model, pairs.corrupt, pairs.name_mask, batch_size=batch_size)
-    ) / 2
+
+    def attention(rows):
+        chosen = batch.select(rows)
+        return attention_to_positions(model, chosen, names[rows][:, : chosen.tokens.shape[1]], batch_size=batch_size)
+
+    attention = (attention(in_a) + attention(~in_a)) / 2
     return {
         "wanda_difference": difference,
         "attention_to_name": {"head": attention.cpu()},

@@ -24,11 +24,11 @@ from circuits import pruning
 from circuits.audit import AuditResult, run_audit
 from circuits.bias import context_metric
 from circuits.config import StudyConfig
-from circuits.evaluation import EvalSet, UtilityProbe, head_utility
+from circuits.evaluation import EvalSet, UtilityProbe, head_utility, neutral_texts
 from circuits.generalization import CandidateSet, ContextSplits, Generalization, generalize
 from circuits.names import sample_names
 from circuits.prompts import PromptSet, build_pairs, build_prompts
-from circuits.scoring import ContextScores, baseline_sets, score_context
+from circuits.scoring import ContextScores, baseline_sets, fasp_head_bias, score_context, score_prompts
 from circuits.stages import ConfigView, StageStore, frame_digest, settings_key
 from interp.components import ComponentSet, ComponentShape
 from interp.locking import directory_lock
@@ -54,15 +54,17 @@ ALL_FIELDS = tuple(f.name for f in fields(StudyConfig))
 # is in UNKEYED; tests/circuits/test_study.py fails on a field in none, and a stage that reads an
 # undeclared field through its ConfigView raises.
 STAGES: dict[str, Stage] = {  # in dependency order
-    "prompts": Stage(("contexts", "details", "variations", "names_per_cell", "seed"), per_context=True),
+    "prompts": Stage(("contexts", "details", "variations", "heldout_variations", "names_per_cell", "seed"),
+                     per_context=True),
     "audit": Stage(("seed", "metric"), ("prompts",)),
     "pairs": Stage(("max_pairs_per_cell", "seed", "metric"), ("prompts",), per_context=True),
-    "scores": Stage(("refine_top",), ("pairs",), per_context=True),
+    "scores": Stage(("scoring", "refine_top", "refine_random", "ablation", "seed"), ("pairs",), per_context=True),
+    "head-bias": Stage(("ablation",), ("pairs",), per_context=True),  # FASP's exact z_bias per head
     "baselines": Stage(("wanda_fraction",), ("pairs",), per_context=True),
     "head-utility": Stage(("utility_texts",)),
     "selection": Stage(("strategies", "neuron_ks", "head_ks", "fasp_gamma", "fasp_alphas", "seed"),
-                       ("scores", "baselines", "head-utility")),
-    "generalization": Stage(("ablation", "heldout_names"), ("selection", "pairs")),
+                       ("scores", "baselines", "head-utility", "head-bias")),
+    "generalization": Stage(("ablation", "heldout_names", "null_draws", "n_bootstrap", "seed"), ("selection", "pairs")),
     "overlap": Stage(("overlap_k", "n_null", "seed"), ("scores", "generalization")),
     "report": Stage(ALL_FIELDS, ("audit", "scores", "generalization", "overlap")),  # it prints the config
 }
@@ -83,7 +85,7 @@ def active_stages(config: StudyConfig) -> list[str]:
     if not BASELINE_STRATEGIES & set(config.strategies):
         skip.add("baselines")
     if "fasp" not in config.strategies:
-        skip.add("head-utility")
+        skip |= {"head-utility", "head-bias"}
     return [name for name in STAGES if name not in skip]
 
 
@@ -150,10 +152,12 @@ def _versions() -> dict[str, str | None]:
 
 
 def study_prompts(
-    model, contexts, *, details=("low",), variations: int | None = 3, names_per_cell: int = 2, seed: int = 0
+    model, contexts, *, details=("low",), variations: int | None = 3, heldout_variations: int = 2,
+    names_per_cell: int = 2, seed: int = 0
 ) -> PromptSet:
     """The study's prompts: ``names_per_cell`` names per group x gender cell from each name split, and
-    per context ``variations`` variations (None = all) of which about a third are held out."""
+    per context ``variations`` variations (None = all) of which ``heldout_variations`` are held out
+    (at most the context's held-out variations)."""
     prompts = build_prompts(model, list(contexts), details=list(details), seed=seed)
     frame = prompts.frame
     names = [n for split in ("train", "heldout")
@@ -162,7 +166,7 @@ def study_prompts(
     if variations is None:
         return prompts
     keep = set()
-    n_held = max(1, round(variations / 3))
+    n_held = heldout_variations
     frame = prompts.frame
     for ctx, rows in frame.groupby("context", sort=False):
         for split, n in (("heldout", n_held), ("train", variations - n_held)):
@@ -179,12 +183,15 @@ class StudyRun:
     out_dir: Path
     stages: dict
     report: Path | None
+    power: str | None = None  # the minimum detectable delta per context (see power_lines)
 
     def summary(self) -> str:
         lines = [f"study written to {self.out_dir}"]
         for name, rec in self.stages.items():
             state = f"computed in {rec.seconds:.0f}s" if rec.computed else "reused"
             lines.append(f"  {name:<28} {state}")
+        if self.power:
+            lines.append(self.power)
         if self.report:
             lines.append(f"report: {self.report}")
         return "\n".join(lines)
@@ -230,33 +237,33 @@ class Study:
     def prompts(self) -> PromptSet:
         c = self._view("prompts")
         return study_prompts(self.model, c.contexts, details=c.details, variations=c.variations,
-                             names_per_cell=c.names_per_cell, seed=c.seed)
+                             heldout_variations=c.heldout_variations, names_per_cell=c.names_per_cell, seed=c.seed)
 
-    def splits(self, prompts: PromptSet, *, heldout_names: bool) -> dict[str, ContextSplits]:
+    def splits(self, prompts: PromptSet, *, heldout_names: bool, scoring: str) -> dict[str, ContextSplits]:
+        """Per context, every prompt of: the training split (training templates and names; with pairs
+        when ``scoring == "pairs"``), the held-out templates (with held-out names when
+        ``heldout_names``) and, with ``heldout_names``, the training templates with held-out names."""
         c = self._view("pairs")
         out = {}
         for ctx in prompts.contexts:
             rows = prompts.filter(context=ctx)
             metric = context_metric(self.model, ctx, prompts=rows)
 
-            def eval_set(name, optional=False, **criteria):
-                subset = rows.filter(**criteria)
+            def eval_set(name, with_pairs=False, **criteria):
                 try:
-                    pairs = build_pairs(self.model, subset, max_pairs_per_cell=c.max_pairs_per_cell, seed=c.seed,
-                                        match_gender=not optional)
+                    subset = rows.filter(**criteria)
+                    pairs = build_pairs(self.model, subset, max_pairs_per_cell=c.max_pairs_per_cell,
+                                        seed=c.seed) if with_pairs else None
                 except ValueError as err:
-                    if optional:
-                        warnings.warn(f"{ctx}: no held-out-name pairs ({err}); that level is skipped")
-                        return None
-                    raise ValueError(f"{ctx} {name} split: {err}; raise names_per_cell") from err
-                return EvalSet(f"{ctx}:{name}", pairs, metric)
+                    raise ValueError(f"{ctx} {name} split: {err}; raise names_per_cell or variations") from err
+                return EvalSet.from_prompts(self.model, f"{ctx}:{name}", subset, metric, pairs=pairs)
 
+            held = {"name_split": "heldout"} if heldout_names else {}
             out[ctx] = ContextSplits(
                 ctx,
-                train=eval_set("train", variation_split="train", name_split="train"),
-                heldout=eval_set("heldout", variation_split="heldout"),
-                names=eval_set("names", optional=True, variation_split="train", name_split="heldout")
-                if heldout_names else None,
+                train=eval_set("train", scoring == "pairs", variation_split="train", name_split="train"),
+                heldout=eval_set("heldout", variation_split="heldout", **held),
+                names=eval_set("names", variation_split="train", name_split="heldout") if heldout_names else None,
             )
         return out
 
@@ -276,34 +283,46 @@ class Study:
         self.store.run("audit", keys["audit"], lambda d: run_audit(
             self.model, prompts=prompts, out_dir=d, batch_size=c.batch_size * 8, seed=c.seed, progress=c.progress),
             resumable=True)
-        splits = self.splits(prompts, heldout_names=self._view("generalization").heldout_names)
+        splits = self.splits(prompts, heldout_names=self._view("generalization").heldout_names,
+                             scoring=self._view("scores").scoring)
         scores: dict[str, ContextScores] = {}
         baselines: dict[str, dict] = {}
-        c, b = self._view("scores"), self._view("baselines")
+        head_bias: dict[str, torch.Tensor] = {}
+        c, b, h = self._view("scores"), self._view("baselines"), self._view("head-bias")
+        means = self._means(splits, c.ablation)
         for ctx, split in splits.items():
-            rec = self.store.run(f"scores-{ctx}", keys[f"scores-{ctx}"], lambda d, s=split: score_context(
+            rec = self.store.run(f"scores-{ctx}", keys[f"scores-{ctx}"], lambda d, s=split: (score_context(
                 self.model, s.train, refine_top=c.refine_top, per_prompt=True, batch_size=c.batch_size,
-                progress=c.progress).save(d))
+                progress=c.progress) if c.scoring == "pairs" else score_prompts(
+                self.model, s.train, how=c.ablation, means=means, refine_top=c.refine_top, n_random=c.refine_random,
+                seed=c.seed, batch_size=c.batch_size, progress=c.progress)).save(d))
             scores[ctx] = ContextScores.load(rec.path)
+            if f"head-bias-{ctx}" in keys:
+                rec = self.store.run(f"head-bias-{ctx}", keys[f"head-bias-{ctx}"], lambda d, s=split: torch.save(
+                    fasp_head_bias(self.model, s.train, means=means, batch_size=h.batch_size, progress=h.progress),
+                    d / "head_bias.pt"))
+                head_bias[ctx] = torch.load(rec.path / "head_bias.pt")
             if f"baselines-{ctx}" in keys:
                 rec = self.store.run(f"baselines-{ctx}", keys[f"baselines-{ctx}"], lambda d, s=split: _save_baselines(
                     baseline_sets(self.model, s.train, top_fraction=b.wanda_fraction, batch_size=b.batch_size), d))
                 baselines[ctx] = _load_baselines(rec.path)
-        probe = UtilityProbe.build(self.model)
+        probe = UtilityProbe.build(self.model)  # the reporting half of the neutral text
         utility = None
-        if "head-utility" in keys:
+        if "head-utility" in keys:  # FASP's z_ppl, on the other half
             c = self._view("head-utility")
             rec = self.store.run("head-utility", keys["head-utility"], lambda d: torch.save(
-                head_utility(self.model, probe, n_texts=c.utility_texts, progress=c.progress),
+                head_utility(self.model, UtilityProbe.build(self.model, neutral_texts("select")),
+                             n_texts=c.utility_texts, progress=c.progress),
                 d / "head_utility.pt"))
             utility = torch.load(rec.path / "head_utility.pt")
-        candidates = self.candidates(scores, baselines, utility)
+        candidates = self.candidates(scores, baselines, utility, head_bias)
         self.store.run("selection", keys["selection"], lambda d: _candidates_frame(candidates).to_parquet(
             d / "candidates.parquet", index=False))
         c = self._view("generalization")
         rec = self.store.run("generalization", keys["generalization"], lambda d: generalize(
-            self.model, candidates, splits, probe=probe, how=c.ablation, means=self._means(splits),
-            batch_size=c.batch_size, progress=c.progress).save(d))
+            self.model, candidates, splits, probe=probe, how=c.ablation, means=means,
+            batch_size=c.batch_size, null_draws=c.null_draws, n_bootstrap=c.n_bootstrap, seed=c.seed,
+            progress=c.progress).save(d))
         generalization = Generalization.load(rec.path)
         from circuits.analysis import overlap_tables
 
@@ -316,26 +335,26 @@ class Study:
         rec = self.store.run("report", keys["report"], lambda d: write_study_report(
             d, config=self.config, manifest=json.loads((self.out / "manifest.json").read_text()), audit=audit,
             scores=scores, generalization=generalization, overlap_dir=self.store.root / "overlap"))
-        return StudyRun(self.config, self.out, dict(self.store.records), rec.path / "report.html")
+        return StudyRun(self.config, self.out, dict(self.store.records), rec.path / "report.html",
+                        power_lines(generalization))
 
-    def _means(self, splits: dict[str, ContextSplits]):
-        c = self._view("generalization")
-        if c.ablation != "mean":
+    def _means(self, splits: dict[str, ContextSplits], ablation: str):
+        """Mean activations over every training prompt of every context (mean ablation only)."""
+        if ablation != "mean":
             return None
         from interp.activations import mean_activations
+        from interp.batching import pad_ids, pad_token_id
         from interp.components import hook_name
 
         shape = ComponentShape.of(self.model)
         names = [hook_name(k, layer) for k in ("neuron", "head") for layer in range(shape.n_layers)]
-        batches = [s.train.pairs.clean for s in splits.values()] + [s.train.pairs.corrupt for s in splits.values()]
-        from interp.batching import pad_ids, pad_token_id
-
+        batches = [s.train.rows()[0] for s in splits.values()]
         rows = [b.tokens[i, : int(b.lengths[i])].tolist() for b in batches for i in range(len(b))]
         reference = pad_ids(rows, pad_token_id(self.model.tokenizer)).to(self.model.cfg.device)
-        return mean_activations(self.model, reference, names, batch_size=c.batch_size)
+        return mean_activations(self.model, reference, names, batch_size=self.config.batch_size)
 
     # -- selection -------------------------------------------------------------------------
-    def candidates(self, scores, baselines, utility) -> list[CandidateSet]:
+    def candidates(self, scores, baselines, utility, head_bias) -> list[CandidateSet]:
         c = self._view("selection")
         shape = ComponentShape.of(self.model)
         out: list[CandidateSet] = []
@@ -357,7 +376,7 @@ class Study:
                     add("attention_to_name", k, ctx, pruning.top_k_heads(baselines[ctx]["attention_to_name"], k))
             if "fasp" in c.strategies:
                 for alpha in c.fasp_alphas:
-                    chosen = pruning.fasp(s.scores["head"], utility, gamma=c.fasp_gamma, alpha=alpha)
+                    chosen = pruning.fasp(head_bias[ctx], utility, gamma=c.fasp_gamma, alpha=alpha)
                     add("fasp", len(chosen), ctx, chosen)
             if "wanda_difference" in c.strategies:
                 chosen = baselines[ctx]["wanda_difference"]
@@ -368,6 +387,16 @@ class Study:
                     sets = [ComponentSet.top_k(s.scores[kind], k, kind=kind) for s in scores.values()]
                     add(f"common_{kind}s", k, "common", pruning.common(sets, min_count=max(2, len(sets) - 1)))
         return out
+
+
+def power_lines(generalization: Generalization) -> str:
+    """One line per context and held-out split: the unablated gap and the minimum detectable delta."""
+    lines = ["power (two-sided 5%, 80% power, normal approximation from the two-way cluster bootstrap SD):"]
+    for row in generalization.power().itertuples():
+        lines.append(f"  {row.eval_context:<18} {row.split:<8} gap {row.baseline_gap:10.4g}  "
+                     f"sd {row.gap_sd:9.3g}  MDE {row.mde:9.3g}  ({row.n_prompts} prompts, {row.n_names} names, "
+                     f"{row.n_templates} templates)")
+    return "\n".join(lines)
 
 
 def _candidates_frame(candidates: list[CandidateSet]) -> pd.DataFrame:

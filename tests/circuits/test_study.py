@@ -28,7 +28,7 @@ def tiny_config(out_dir, **overrides) -> StudyConfig:
         max_pairs_per_cell=1, strategies=("top_k_neurons", "top_k_heads", "fasp", "common"),
         heldout_names=False, utility_texts=4,
         neuron_ks=(5,), head_ks=(2,), fasp_alphas=(0.1,), overlap_k=10, n_null=20, batch_size=4,
-        out_dir=str(out_dir), progress=False,
+        refine_top=20, refine_random=5, null_draws=2, n_bootstrap=100, out_dir=str(out_dir), progress=False,
     )
     return StudyConfig(**{**settings, **overrides})
 
@@ -67,7 +67,8 @@ def test_every_config_field_is_declared():
     assert set(STAGE_SPECS["report"].fields) == set(ALL_FIELDS)
 
 
-PER_CONTEXT = ["scores-lending_amount", "scores-commerce_buy"]
+SCORES = ["scores-lending_amount", "scores-commerce_buy"]
+PER_CONTEXT = [*SCORES, "head-bias-lending_amount", "head-bias-commerce_buy"]
 DOWNSTREAM = ["selection", "generalization", "overlap", "report"]
 EVERYTHING = ["audit", *PER_CONTEXT, "head-utility", *DOWNSTREAM]
 # field: (a new value, the stored stages whose key must change); every StudyConfig field is listed
@@ -77,14 +78,19 @@ CHANGES = {
     "contexts": (("lending_amount", "commerce_buy", "chess"), ["audit", *DOWNSTREAM]),
     "details": (("low", "high"), ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "variations": (4, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
+    "heldout_variations": (1, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "names_per_cell": (3, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "seed": (1, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "metric": ("other", ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "max_pairs_per_cell": (2, [*PER_CONTEXT, *DOWNSTREAM]),
-    "refine_top": (3, [*PER_CONTEXT, *DOWNSTREAM]),
+    "scoring": ("pairs", [*SCORES, *DOWNSTREAM]),
+    "refine_top": (3, [*SCORES, *DOWNSTREAM]),
+    "refine_random": (2, [*SCORES, *DOWNSTREAM]),
+    "null_draws": (3, ["generalization", "overlap", "report"]),
+    "n_bootstrap": (50, ["generalization", "overlap", "report"]),
     "utility_texts": (5, ["head-utility", *DOWNSTREAM]),
     "heldout_names": (True, ["generalization", "overlap", "report"]),
-    "ablation": ("mean", ["generalization", "overlap", "report"]),
+    "ablation": ("mean", [*PER_CONTEXT, *DOWNSTREAM]),
     "strategies": (("top_k_neurons", "top_k_heads", "fasp"), DOWNSTREAM),
     "neuron_ks": ((6,), DOWNSTREAM),
     "head_ks": ((3,), DOWNSTREAM),
@@ -106,8 +112,8 @@ def _stored_keys(config, tiny_model):
     inputs = tuple(getattr(config, f) for f in STAGE_SPECS["prompts"].fields)
     if inputs not in _PROMPTS:
         _PROMPTS[inputs] = study_prompts(tiny_model, config.contexts, details=config.details,
-                                      variations=config.variations, names_per_cell=config.names_per_cell,
-                                      seed=config.seed)
+                                      variations=config.variations, heldout_variations=config.heldout_variations,
+                                      names_per_cell=config.names_per_cell, seed=config.seed)
     keys = stage_keys(config, model_key(config), _PROMPTS[inputs])
     return {k: v for k, v in keys.items() if not k.startswith(("prompts-", "pairs-"))}
 
@@ -127,7 +133,7 @@ def test_each_config_field_invalidates_exactly_its_stages(tiny_model, tmp_path, 
         recomputed = {name for name in base if changed.get(name) != base[name]}
         assert recomputed == set(expected), f"{field}: recomputes {sorted(recomputed)}"
     added = set(_stored_keys(tiny_config(tmp_path, contexts=CHANGES["contexts"][0]), tiny_model)) - set(base)
-    assert added == {"scores-chess"}
+    assert added == {"scores-chess", "head-bias-chess"}
 
 
 def test_replaced_weights_invalidate_every_stage(tmp_path):
