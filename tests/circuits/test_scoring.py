@@ -82,3 +82,19 @@ def test_fasp_head_bias_is_the_gap_magnitude_removed_by_each_head(tiny_model, ev
     for layer, head in [(0, 2), (2, 3)]:
         without = _gap(tiny_model, eval_set, [Head(layer, head)])
         assert float(got[layer, head]) == pytest.approx(abs(base) - abs(without), rel=1e-3, abs=1e-6)
+
+
+def test_baselines_read_every_prompt_by_group(tiny_model, eval_set):
+    from circuits.scoring import baseline_sets, wanda_scores
+
+    got = baseline_sets(tiny_model, eval_set, top_fraction=0.2, batch_size=4)
+    batch, frame = eval_set.rows()
+    in_a = torch.tensor((frame["group"] == "White").to_numpy())
+    assert got["attention_to_name"]["head"].shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
+    assert (got["attention_to_name"]["head"] > 0).all()  # every head pays some attention to the name
+    wanda_a = wanda_scores(tiny_model, batch.select(in_a))["neuron"]
+    wanda_b = wanda_scores(tiny_model, batch.select(~in_a))["neuron"]
+    top = int(0.2 * tiny_model.cfg.d_mlp)
+    for c in got["wanda_difference"]:
+        if c.kind == "neuron":
+            assert c.index in wanda_a[c.layer].topk(top).indices and c.index not in wanda_b[c.layer].topk(top).indices
