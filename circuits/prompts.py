@@ -375,15 +375,13 @@ def build_pairs(
 TABLE_COLUMNS = ("scenario", "variation", "name_group", "name", "context_level", "prompt_text")
 # Answer formats of imported tables: a prefix generic to the answer type, so the next tokens are the
 # answer itself in the model's own format (the metric reads the numbers the model writes there).
-from circuits.contexts import DEFAULT_ANSWERS as _D  # TRANSITIONAL (C): until B's grid-free AnswerFormat lands
-_G = {k: v.grid for k, v in _D.items()}
 IMPORT_ANSWERS: dict[str, AnswerFormat] = {
-    "dollars": AnswerFormat("dollars", "Reply with a dollar amount only.", "Answer: $", _G["dollars"]),
-    "percent": AnswerFormat("percent", "Reply with a percentage only.", "Answer: ", _G["percent"]),
-    "probability": AnswerFormat("probability", "Reply with a number between 0 and 1.", "Answer: ", _G["probability"]),
-    "score": AnswerFormat("score", "Reply with a number only.", "Answer: ", _G["score"]),
-    "rank": AnswerFormat("rank", "Reply with a rank only.", "Answer: ", _G["rank"]),
-    "yes_no": AnswerFormat("yes_no", "Answer Yes or No.", "Answer:", _G["yes_no"]),
+    "dollars": AnswerFormat("dollars", "Reply with a dollar amount only.", "Answer: $"),
+    "percent": AnswerFormat("percent", "Reply with a percentage only.", "Answer: "),
+    "probability": AnswerFormat("probability", "Reply with a number between 0 and 1.", "Answer: "),
+    "score": AnswerFormat("score", "Reply with a number only.", "Answer: "),
+    "rank": AnswerFormat("rank", "Reply with a rank only.", "Answer: "),
+    "yes_no": AnswerFormat("yes_no", "Answer Yes or No.", "Answer:"),
 }
 # Whether a higher answer favours the named person when the table does not say: a rank is better low.
 HIGHER_FAVOURS = {kind: kind != "rank" for kind in ANSWER_TYPES}

@@ -4,7 +4,7 @@ Generation needs no hooks of its own: it runs ``generate`` on the bridge's under
 model (``model.original_model``) with its KV cache, batched over left-padded prompts. Each batch
 holds a few prompts, each repeated for its samples: the prompts are read once (all but their last
 token, "prefill"), the cache is repeated per sample, and ``generate`` continues from it (inside
-``interp.compat.kv_cache``, without which the bridge's attention drops the cache). Hooks
+``interp.patching._attention_reads_cache``, without which the bridge's attention drops the cache). Hooks
 attached to the bridge (an ablation context, say) still act, since the bridge's hook points wrap the
 Hugging Face modules. Sampling is plain: temperature scaling only, no top-k/top-p truncation.
 Each batch is seeded from ``(seed, first prompt, first sample)`` under a forked torch RNG, so the
@@ -32,7 +32,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from circuits.parsing import parse_number, parse_yes_no
 from circuits.stats import mann_whitney, smd
 from interp.batching import encode, pad_token_id
-from interp.compat import kv_cache
+from interp.patching import _attention_reads_cache
 
 AnswerType = Literal["number", "yes_no"]
 
@@ -223,7 +223,8 @@ def sample_answers(
         chosen = range(p, min(p + per_batch, len(prompts)))
         n = min(chunk, n_samples - s)
         stopping = StoppingCriteriaList([_LineEnded(tokenizer, max(len(encoded[i]) for i in chosen))])
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), kv_cache():
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with rng, _attention_reads_cache(model):
             torch.manual_seed(_batch_seed(seed, p, s))
             new = _generate_batch(hf, [encoded[i] for i in chosen], n, pad_id=pad_id, config=config,
                                   stopping=stopping)
