@@ -11,7 +11,10 @@ sampling error. ``value_tv`` compares them per context, pooled over its prompts 
   the other covered values form one ``rare`` bin; ``other`` holds the uncovered rest. A sampled
   reply falls in its value's bin when that value is one of its own prompt's covered answers, and in
   ``other`` otherwise (unparsed replies, refusals, numbers the metric does not cover): the same
-  event the metric's ``1 - grid_mass`` measures, so no reply is dropped.
+  event the metric's ``1 - grid_mass`` measures, so no reply is dropped. (A reply is binned by its
+  value, so one written in a form the metric did not enumerate but worth a covered value lands in
+  that value's bin: this misplaces at most the metric's ``tail_mass``.) Pooling compares the
+  context's overall answer distribution; the per-prompt correlation below checks prompt by prompt.
 - ``tv``: the total-variation distance between the pooled sampled and metric bin distributions.
 - Noise reference: the same TV between the metric and ``n_noise`` simulated multinomial draws from
   it, with each prompt's own sample count (seeded). ``tv_noise_p95`` is its 95th percentile and

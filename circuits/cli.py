@@ -58,8 +58,8 @@ def _add_audit(subparsers) -> None:
     source.add_argument(
         "--prompts",
         metavar="TABLE",
-        help="audit an external prompt table (.csv or .jsonl) with "
-        "columns scenario, variation, name_group, name, context_level, prompt_text[, answer_type]",
+        help="audit an external prompt table (.csv or .jsonl) with columns scenario, variation, "
+        "name_group, name, context_level, prompt_text[, answer_type, higher_favours]",
     )
     parser.add_argument(
         "--answer-type",
@@ -179,8 +179,9 @@ def _add_agreement(subparsers) -> None:
             "prompt gets the metric's distribution over answer values and --samples sampled replies "
             "at --temperature, parsed as numbers (yes = 1, no = 0; unparsable replies count as invalid). "
             "Per context it reports the total-variation distance between the metric's value distribution "
-            "and the sampled replies' (pooled over prompts; values under 1% of the mass share a bin, replies "
-            "the metric does not cover share an 'other' bin with its uncovered mass) beside its sampling-noise "
+            "and the sampled replies' (pooled over prompts; values under 1% of the mass share a bin, "
+            "replies the metric does not cover share an 'other' bin with its uncovered mass) beside its "
+            "sampling-noise "
             "reference (the 95th percentile of the same distance for simulated draws from the metric: "
             "within noise when below), both White-minus-Black gaps with name x variation cluster-bootstrap "
             "intervals, the sampled SMD and Mann-Whitney p-value, the invalid-answer share, Spearman and "
@@ -190,8 +191,8 @@ def _add_agreement(subparsers) -> None:
             "(per context), prompts.parquet (per prompt), samples.parquet (every reply), bins.parquet (the "
             "pooled bins) and settings.json."
         ),
-        epilog=f"Contexts: {', '.join(CONTEXTS)}. Sampling uses the model's KV cache (one prefill per prompt); "
-        "on a CPU, bound the cost with --max-prompts, --samples and --max-new-tokens.",
+        epilog=f"Contexts: {', '.join(CONTEXTS)}. Sampling uses the model's KV cache (one prefill per "
+        "prompt); on a CPU, bound the cost with --max-prompts, --samples and --max-new-tokens.",
     )
     parser.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--contexts", nargs="+", metavar="NAME", default=list(StudyConfig.contexts),
