@@ -1,4 +1,5 @@
-"""Issue #5 on the embedded model: score two contexts, prune top-k neurons and heads, generalize, overlap."""
+"""On the embedded model: pair-free scores of two contexts (exact refinement of the top few), top-k neurons and
+heads, generalization with delta-gap endpoints and nulls, overlap."""
 import numpy as np
 import pytest
 
@@ -6,7 +7,7 @@ from circuits.analysis import overlap_tables
 from circuits.config import StudyConfig
 from circuits.evaluation import UtilityProbe, neutral_texts
 from circuits.generalization import generalize
-from circuits.scoring import score_context
+from circuits.scoring import score_prompts
 from circuits.study import Study
 
 
@@ -27,20 +28,23 @@ def test_scores_pruning_generalization_and_overlap_on_smollm2(smollm2, tmp_path)
     )
     study = Study(config)
     study.model = smollm2
-    splits = study.splits(study.prompts())
-    scores = {ctx: score_context(smollm2, s.train, batch_size=8, per_prompt=True, progress=False) for ctx, s in splits.items()}
+    splits = study.splits(study.prompts(), heldout_names=False, scoring="ablation")
+    scores = {ctx: score_prompts(smollm2, s.train, refine_top=5, n_random=3, batch_size=4, progress=False)
+              for ctx, s in splits.items()}
     for s in scores.values():
         assert all(np.isfinite(t.numpy()).all() for t in s.scores.values())
-    candidates = study.candidates(scores, {}, None)
+    candidates = study.candidates(scores, {}, None, {})
     assert {c.strategy for c in candidates} == {"top_k_neurons", "top_k_heads", "common_neurons", "common_heads"}
     probe = UtilityProbe.build(smollm2, neutral_texts()[:2])
-    result = generalize(smollm2, candidates, splits, probe=probe, batch_size=8, progress=False)
+    result = generalize(smollm2, candidates, splits, probe=probe, batch_size=4, null_draws=2, n_bootstrap=200,
+                        progress=False)
 
-    matrix = result.matrix()
+    matrix = result.matrix(value="delta_gap")
     pairs = {(row.train_context, row.eval_context) for row in matrix.itertuples()}
     assert {("lending_amount", "commerce_buy"), ("commerce_buy", "lending_amount")} <= pairs  # L2 cells
     assert {("lending_amount", "lending_amount"), ("commerce_buy", "commerce_buy")} <= pairs  # L1 cells
-    assert np.isfinite(matrix["reduction"]).all()
+    assert np.isfinite(matrix["delta_gap"]).all()
+    assert (result.frame["delta_low"] <= result.frame["delta_high"]).all()
     assert np.isfinite(result.frame[["gap", "kl"]].to_numpy(dtype=float)).all()
 
     tables = overlap_tables(scores, result, k=50, n_null=20, seed=0, out_dir=tmp_path)
