@@ -109,10 +109,7 @@ class AttributionResult:
     @classmethod
     def load(cls, directory: str | Path) -> "AttributionResult":
         directory = Path(directory)
-        if not (directory / "settings.json").exists():
-            raise FileNotFoundError(f"{directory} holds no saved AttributionResult (no settings.json)")
-        settings = json.loads((directory / "settings.json").read_text())
-        shapes = {kind: tuple(shape) for kind, shape in settings["shapes"].items()}
+        settings, shapes = _saved_settings(directory, "AttributionResult")
         n = settings["n_prompts"]
         scores = _tensors_from_frame(pd.read_parquet(directory / "scores.parquet"), shapes)
         per_prompt = None
@@ -128,6 +125,14 @@ class AttributionResult:
             method=settings["method"],
             ig_steps=settings["ig_steps"],
         )
+
+
+def _saved_settings(directory: Path, what: str) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """A saved result's ``settings.json`` and its score shapes; a clear error when there is none."""
+    if not (directory / "settings.json").exists():
+        raise FileNotFoundError(f"{directory} holds no saved {what} (no settings.json)")
+    settings = json.loads((directory / "settings.json").read_text())
+    return settings, {kind: tuple(shape) for kind, shape in settings["shapes"].items()}
 
 
 def _tensors_from_frame(frame: pd.DataFrame, shapes: dict[str, tuple[int, int]], n_prompts: int | None = None):
@@ -585,10 +590,7 @@ class AblationAttribution:
     @classmethod
     def load(cls, directory: str | Path) -> "AblationAttribution":
         directory = Path(directory)
-        if not (directory / "settings.json").exists():
-            raise FileNotFoundError(f"{directory} holds no saved AblationAttribution (no settings.json)")
-        settings = json.loads((directory / "settings.json").read_text())
-        shapes = {kind: tuple(shape) for kind, shape in settings["shapes"].items()}
+        settings, shapes = _saved_settings(directory, "AblationAttribution")
         prompts = pd.read_parquet(directory / "prompts.parquet").sort_values("prompt")
         kept = directory / "per_prompt.pt"
         return cls(
