@@ -1,0 +1,128 @@
+"""Every benchmark plus the default study, one after another, figures appended to RESULTS.md.
+
+Each benchmark runs as its own process (``--device`` and ``--quick`` passed on); its ``RESULT`` lines,
+its wall time and whether it finished are collected, then the study runs (``bias-circuits study``
+with the default config on CUDA; with ``--quick``, a one-context study sized for a CPU smoke run),
+and a dated section naming the machine, device and torch version is appended to
+``benchmarks/RESULTS.md`` (``--no-record`` prints it only). A benchmark that fails is recorded as
+failed with its last error line; the others still run. Exit status 1 when any step failed.
+
+Run: ``python benchmarks/run_all.py --device cuda`` (target: under 8 minutes on one H100-class GPU),
+``python benchmarks/run_all.py --quick`` on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# (script, takes --device): the scripts in the order they run
+BENCHMARKS = (
+    ("bench_attribution.py", True),
+    ("bench_patching.py", True),
+    ("bench_candidates.py", True),
+    ("bench_audit.py", True),
+    ("bench_evaluation.py", True),
+    ("bench_refinement.py", False),
+    ("bench_scale.py", True),
+)
+QUICK_STUDY = """\
+contexts = ["lending_amount", "commerce_buy"]
+variations = 3
+names_per_cell = 1
+strategies = ["top_k_neurons", "top_k_heads"]
+neuron_ks = [20]
+head_ks = [3]
+refine_top = 10
+refine_random = 5
+null_draws = 2
+n_null = 20
+n_bootstrap = 200
+utility_texts = 2
+"""
+
+
+def run_step(name: str, command: list[str], timeout: float) -> dict:
+    """Run one step; its RESULT lines, wall seconds, status and last error line."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        out, err, status = proc.stdout, proc.stderr, "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired as timeout_err:
+        out, err, status = timeout_err.stdout or "", timeout_err.stderr or "", f"timed out after {timeout:.0f} s"
+        out, err = (s.decode() if isinstance(s, bytes) else s for s in (out, err))
+    seconds = time.perf_counter() - start
+    results = re.findall(r"^RESULT .*$", out, re.MULTILINE)
+    last_error = next((line for line in reversed(err.strip().splitlines()) if line.strip()), "") if status != "ok" else ""
+    print(f"{name}: {status} in {seconds:.0f} s" + "".join(f"\n  {r}" for r in results)
+          + (f"\n  {last_error}" if last_error else ""), flush=True)
+    return {"name": name, "status": status, "seconds": seconds, "results": results, "error": last_error}
+
+
+def section(steps: list[dict], args: argparse.Namespace, total: float) -> str:
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+    lines = [
+        f"## run_all.py --device {args.device}{' --quick' if args.quick else ''}",
+        "",
+        f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"device {device}, torch {torch.__version__}, load average at the end {os.getloadavg()[0]:.1f}. Total wall time {total / 60:.1f} min. "
+        f"Command: `python benchmarks/run_all.py --device {args.device}{' --quick' if args.quick else ''}`.",
+        "",
+        "| step | status | wall s | results |",
+        "|---|---|---|---|",
+    ]
+    for s in steps:
+        shown = "; ".join(r.removeprefix("RESULT ") for r in s["results"]) or s["error"].replace("|", "/")
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="each benchmark's small run and a small study")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per step (default 900)")
+    parser.add_argument("--no-record", action="store_true", help="print the section, do not append it")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (bench_scale, study, ...)")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda given but no CUDA device is available")
+    start = time.perf_counter()
+    chosen = lambda name: not args.only or name in args.only  # noqa: E731
+    steps = []
+    for script, takes_device in BENCHMARKS:
+        name = script.removesuffix(".py")
+        if not chosen(name) or (not takes_device and args.device != "cpu"):
+            continue  # not asked for, or a CPU-only benchmark
+        command = [sys.executable, script] + (["--quick"] if args.quick else [])
+        steps.append(run_step(name, command + (["--device", args.device] if takes_device else []), args.timeout))
+    if chosen("study"):
+        with tempfile.TemporaryDirectory(prefix="run-all-study-") as tmp:
+            study = [sys.executable, "-m", "circuits.cli", "study", "--out", f"{tmp}/study", "--device",
+                     args.device, "--no-progress"]
+            if args.quick:
+                (Path(tmp) / "quick.toml").write_text(QUICK_STUDY)
+                study += ["--config", f"{tmp}/quick.toml"]
+            steps.append(run_step(f"study ({'quick' if args.quick else 'default'} config)", study, args.timeout))
+    text = section(steps, args, time.perf_counter() - start)
+    print("\n" + text)
+    if not args.no_record:
+        with open(HERE / "RESULTS.md", "a") as f:
+            f.write("\n" + text)
+    return int(any(s["status"] != "ok" for s in steps))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
