@@ -18,17 +18,20 @@ def test_single_process_is_identity():
 
 
 DATA_PARALLEL_SCRIPT = """
-import sys, torch
+import os, sys, torch
 from pathlib import Path
 from interp.distributed import init_from_env, current_shard
-from interp.testing import load_tiny_model
+from interp.models import load_model
+from interp.testing import tiny_model_dir
 from tests.interp.test_distributed import eval_inputs, pairs_and_metric, patch_variants
 from interp.attribution import attribute
 from interp.patching import patch_sweep
 from circuits.evaluation import evaluate, paired_values
-init_from_env("gloo")
+backend = sys.argv[2]
+init_from_env(backend)
 out = Path(sys.argv[1]) / f"rank{current_shard().rank}"  # every rank saves: all must hold the full result
-model = load_tiny_model()
+device = f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else "cpu"
+model = load_model(tiny_model_dir(), device=device, dtype=torch.float32)
 clean, corrupt, metric = pairs_and_metric(model)
 attribute(model, clean, corrupt, metric, batch_size=2, per_prompt=True).save(out / "attribution")
 patch_sweep(model, clean, corrupt, metric, patch_variants(), max_batch_rows=3).save(out / "patching")
@@ -87,9 +90,14 @@ def assert_evaluations_close(got, want) -> None:
     pd.testing.assert_frame_equal(got[intervals], want[intervals], rtol=1e-3, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    """One 2-process gloo torchrun of attribution, patching and evaluation (launched once: ~15 s)."""
+@pytest.fixture(scope="module", params=["gloo", "nccl"])
+def two_process_run(request, tmp_path_factory):
+    """One 2-process torchrun of attribution, patching and evaluation per backend (launched once: ~15 s):
+    gloo on CPU; NCCL on two GPUs (one process per GPU), skipped with fewer. Both are checked against the
+    single process on CPU."""
+    backend = request.param
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL data parallelism needs two CUDA devices")
     import os
     import subprocess
     import sys
@@ -101,7 +109,8 @@ def two_process_run(tmp_path_factory):
     script.write_text(DATA_PARALLEL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), str(tmp / "out")],
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), str(tmp / "out"),
+                           backend],
                           env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [tmp / "out" / f"rank{r}" for r in range(2)]
@@ -143,7 +152,7 @@ def test_two_process_gloo_evaluation_equals_single_process(tiny_model, two_proce
     a, b = paired_values(tiny_model, eval_set, batch_size=3)
     frame = evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=3, progress=False).frame
     for out in two_process_run:
-        paired = torch.load(out / "paired.pt")
+        paired = torch.load(out / "paired.pt", map_location="cpu")
         assert paired["a"].shape == paired["b"].shape == (10,)
         torch.testing.assert_close(paired["a"], a, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(paired["b"], b, rtol=1e-4, atol=1e-5)
