@@ -1,32 +1,92 @@
-"""Ablation sweeps: one score per (component set, prompt), many sets per forward.
+"""Ablation sweeps: many component sets evaluated on the same prompts in stacked forwards.
 
 Each set is ablated on its own: zeroed, or set to given mean activations (``interp.ablation``'s
-``mean`` values, over all positions or per position). The unablated residual stream entering each set's lowest
-layer is computed once; the ablated runs resume from there with the lower blocks passed through
-(exact: nothing below a set's lowest layer changes), and the sets of one layer are stacked as rows
-of one forward, a block of prompt rows per set. Prompts run ``prompts_per_pass`` at a time, which
-bounds the stored residual streams. Used for per-head utility and bias (FASP) and for re-scoring
-top candidates exactly.
+``mean`` values, over all positions or per position). The machinery is ``interp.patching``'s
+(``patch_sweep``): the unablated forward runs once and keeps the residual stream entering each
+set's lowest layer (``blocks.L.hook_resid_pre``); the ablated runs resume from there with the
+lower blocks passed through (exact: nothing below a set's lowest layer changes); the sets of one
+start layer are stacked as rows of one forward, one row per (set, expanded prompt row), with a
+hook that ablates, in each row, that row's set only; and for the library's metrics only the logit
+positions the metric reads are unembedded. Microbatches halve on out-of-memory (``Backoff``).
+
+- :func:`metric_sweep`: any ``interp.metrics.Metric`` (a batch-expanding one, such as packed
+  candidate answers, runs on ``metric.expand(batch)``), one value per (set, prompt), with the
+  unablated values from the same clean pass. Used by the study's evaluation stage
+  (``circuits.evaluation.evaluate``).
+- :func:`ablation_sweep`: a free-form ``score(logits, prompt_rows)`` on every position (per-head
+  utility, exact re-scoring of top candidates).
+
+Prompts run ``prompts_per_pass`` at a time, which bounds the stored residual streams.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.batching import TokenBatch
+from interp.batching import TokenBatch, microbatches
 from interp.components import Component, ComponentSet, ComponentShape
 from interp.hooks import HookSpec, hooked
-from interp.memory import backoff_batches
-from interp.patching import _blocks_skipped_below
+from interp.memory import Backoff
+from interp.metrics import Metric
+from interp.patching import _LogitReader, _Prefix, _evaluate, _resume, _rows_per_batch, _run_unpatched, variant_label
 
 Score = Callable[[Float[Tensor, "row pos vocab"], Int[Tensor, "row"]], Float[Tensor, "row"]]
+# values of a stack of items from their logits: (logits, expanded rows, prompt of each item) -> [item, ...]
+_ValueOf = Callable[[Tensor, Int[Tensor, "row"], Int[Tensor, "item"]], Tensor]
 
 
-def _zeroing_hooks(
+@dataclass(frozen=True)
+class AblationSweep:
+    """The metric with each set ablated alone, on every prompt, and without any ablation."""
+
+    values: Float[Tensor, "variant prompt"]
+    baseline: Float[Tensor, "prompt"]
+    variants: list[ComponentSet]
+    how: str = "zero"
+
+    @property
+    def effects(self) -> Float[Tensor, "variant prompt"]:
+        """Ablated minus unablated metric."""
+        return self.values - self.baseline
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long form: ``variant``, ``label``, ``n_components``, ``prompt``, ``value``, ``effect``."""
+        n_variant, n_prompt = self.values.shape
+        return pd.DataFrame({
+            "variant": np.repeat(np.arange(n_variant), n_prompt),
+            "label": np.repeat([variant_label(v) for v in self.variants], n_prompt),
+            "n_components": np.repeat([len(v) for v in self.variants], n_prompt),
+            "prompt": np.tile(np.arange(n_prompt), n_variant),
+            "value": self.values.numpy().reshape(-1),
+            "effect": self.effects.numpy().reshape(-1),
+        })
+
+
+def _as_sets(variants: Sequence[Component | ComponentSet], shape: ComponentShape) -> list[ComponentSet]:
+    sets = [ComponentSet([v]) if isinstance(v, Component) else ComponentSet(v) for v in variants]
+    if not sets or any(len(s) == 0 for s in sets):
+        raise ValueError("an ablation sweep needs at least one variant, each with at least one component")
+    for s in sets:
+        s.validate(shape)
+    return sets
+
+
+def _check_means(sets: list[ComponentSet], means: Mapping[str, Tensor] | None, shape: ComponentShape) -> None:
+    if means is None:
+        return
+    missing = sorted({h for s in sets for h in s.by_hook()} - set(means))
+    if missing:
+        raise ValueError(f"means lack {missing[:3]}; compute them with mean_activations(model, batch, hook_names)")
+
+
+def _ablation_hooks(
     sets: list[ComponentSet], variant_of_row: Int[Tensor, "row"], shape: ComponentShape,
     means: Mapping[str, Tensor] | None = None,
 ) -> list[HookSpec]:
@@ -38,17 +98,142 @@ def _zeroing_hooks(
         for v, s in enumerate(sets):
             units[v, s.by_hook().get(hook, [])] = True
 
-        def zero(act, hook, units=units, mean=None if means is None else means[hook]):
+        def ablate(act, hook, name=hook, units=units, mean=None if means is None else means[hook]):
             mask = units.to(act.device)[variant_of_row.to(act.device)]  # row unit
             mask = mask.reshape(mask.shape[0], 1, mask.shape[1], *([1] * (act.ndim - 3)))
             if mean is None:
                 return act.masked_fill(mask, 0.0)
-            mean = mean.to(act.device, act.dtype)
-            mean = mean[: act.shape[1]] if mean.ndim == act.ndim - 1 else mean  # per position or not
+            mean = torch.as_tensor(mean).to(act.device, act.dtype)
+            if mean.ndim == act.ndim - 1:  # per position
+                if mean.shape[0] < act.shape[1]:
+                    raise ValueError(
+                        f"per-position means of {name} cover {mean.shape[0]} positions but the run has "
+                        f"{act.shape[1]}; compute them on a batch at least as long, or use per_position=False")
+                mean = mean[: act.shape[1]]
             return torch.where(mask, mean.expand_as(act), act)
 
-        hooks.append((hook, zero))
+        hooks.append((hook, ablate))
     return hooks
+
+
+def _clean_residuals(model, run: TokenBatch, layers: list[int], rows: int) -> dict[int, Tensor]:
+    """The unablated residual stream entering each of ``layers``, stopping after the highest."""
+    pieces: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+
+    def keep(layer: int) -> HookSpec:
+        return f"blocks.{layer}.hook_resid_pre", lambda act, hook: pieces[layer].append(act.detach().clone())
+
+    with hooked(model, [keep(layer) for layer in layers]):
+        for part in microbatches(len(run), rows):
+            chunk = run.take(torch.arange(part.start, part.stop, device=run.tokens.device))
+            model(chunk.tokens, stop_at_layer=layers[-1] + 1, **chunk.forward_kwargs())
+    return {layer: torch.cat(p) for layer, p in pieces.items()}
+
+
+def _stacked(
+    model, run: TokenBatch, sets: list[ComponentSet], shape: ComponentShape, means, *,
+    residuals: Mapping[int, Tensor], reader: _LogitReader, value_of: _ValueOf, rows_per_prompt: int,
+    backoff: Backoff, bar,
+) -> Tensor:
+    """``[variant, prompt, ...]``: every set ablated alone on every prompt of ``run``, stacked by start layer."""
+    device = run.tokens.device
+    n_prompts = len(run) // rows_per_prompt
+    start_of = [min(c.layer for c in s) for s in sets]
+    out: Tensor | None = None
+    for layer in sorted(set(start_of)):
+        items = [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
+
+        def run_items(chunk: slice, layer=layer, items=items) -> None:
+            nonlocal out
+            part = items[chunk]
+            variant_idx = torch.tensor([v for v, _ in part])
+            prompt_idx = torch.tensor([p for _, p in part], device=device)
+            own_rows = (prompt_idx[:, None] * rows_per_prompt + torch.arange(rows_per_prompt, device=device))
+            own_rows = own_rows.reshape(-1)  # the expanded rows each stacked row repeats
+            chosen = sorted(set(variant_idx.tolist()))
+            local = {v: i for i, v in enumerate(chosen)}
+            variant_of_row = torch.tensor([local[v] for v, _ in part]).repeat_interleave(rows_per_prompt)
+            hooks = _ablation_hooks([sets[v] for v in chosen], variant_of_row, shape, means)
+            with hooked(model, hooks):
+                logits = _resume(model, residuals[layer][own_rows], layer, run, own_rows, reader, _Prefix())
+            got = value_of(logits, own_rows, prompt_idx).detach().float().cpu()
+            if out is None:
+                out = torch.full((len(sets), n_prompts, *got.shape[1:]), float("nan"))
+            out[variant_idx, prompt_idx.cpu()] = got
+            bar.update(len(part))
+
+        for _ in backoff.batches(len(items), run_items):
+            pass
+    return out
+
+
+def metric_sweep(
+    model,
+    batch: TokenBatch,
+    metric: Metric,
+    variants: Sequence[Component | ComponentSet],
+    *,
+    means: Mapping[str, Tensor] | None = None,
+    max_batch_rows: int | None = None,
+    memory_budget_bytes: int | None = None,
+    prompts_per_pass: int | None = None,
+    backoff: Backoff | None = None,
+    progress: bool = False,
+    desc: str = "ablation sweep",
+) -> AblationSweep:
+    """``metric`` on every prompt of ``batch`` with each variant ablated on its own, and unablated.
+
+    Zero ablation, or mean ablation with ``means`` (``{hook: [d...] or [pos, d...]}``, as from
+    ``interp.activations.mean_activations``; per-position means must cover the expanded batch).
+    The model runs ``metric.expand(batch)``, which must hold a whole number of rows per prompt.
+    Equal, to float tolerance, to one ablated forward per variant (``interp.ablation.ablated`` and
+    ``run_metric``), with the blocks below each variant's lowest layer run once for all of them.
+
+    Args:
+        max_batch_rows / memory_budget_bytes: rows per forward, as for ``patch_sweep`` (a prompt's
+            expanded rows go together); ``backoff`` (a ``Backoff`` counting (variant, prompt) items)
+            shares a size found too large across calls instead.
+        prompts_per_pass: prompts whose residual streams are kept at once (default all).
+    """
+    shape = ComponentShape.of(model)
+    sets = _as_sets(variants, shape)
+    _check_means(sets, means, shape)
+    device = torch.device(model.cfg.device)
+    batch = batch.to(device)
+    n_all = len(batch)
+    step = n_all if prompts_per_pass is None else max(1, prompts_per_pass)
+    values, baseline = torch.empty(len(sets), n_all), torch.empty(n_all)
+    bar = tqdm(total=len(sets) * n_all, desc=desc, disable=not progress)
+    starts = sorted({min(c.layer for c in s) for s in sets})
+    with torch.no_grad():
+        for begin in range(0, n_all, step):
+            chunk = torch.arange(begin, min(begin + step, n_all), device=device)
+            prompts = batch.take(chunk)
+            run = metric.expand(prompts)
+            if len(run) % len(prompts):
+                raise ValueError(f"the metric expanded {len(prompts)} prompts to {len(run)} rows; an ablation "
+                                 "sweep needs a whole number of rows per prompt")
+            k = len(run) // len(prompts)
+            reader = _LogitReader.for_metric(model, metric, run)
+            width = run.tokens.shape[1]
+            rows = _rows_per_batch(model, width, width if reader.keep is None else len(reader.keep),
+                                   max_batch_rows, memory_budget_bytes)
+            backoff = backoff or Backoff(max(1, rows // k), what="ablation batch")
+            capture = {f"blocks.{layer}.hook_resid_pre": torch.clone for layer in starts}
+            captured, clean = _run_unpatched(model, run, metric, reader, capture, k, rows)
+            residuals = {layer: captured[f"blocks.{layer}.hook_resid_pre"] for layer in starts}
+            del captured
+
+            def value_of(logits, own_rows, prompt_idx, run=run, reader=reader):
+                return _evaluate(metric, logits, reader.renumber(run.take(own_rows)), len(prompt_idx))
+
+            chunk = chunk.cpu()
+            values[:, chunk] = _stacked(model, run, sets, shape, means, residuals=residuals, reader=reader,
+                                        value_of=value_of, rows_per_prompt=k, backoff=backoff, bar=bar)
+            baseline[chunk] = clean.float().cpu()
+            del residuals
+    bar.close()
+    return AblationSweep(values, baseline, sets, "zero" if means is None else "mean")
 
 
 def ablation_sweep(
@@ -62,74 +247,42 @@ def ablation_sweep(
     prompts_per_pass: int | None = None,
     progress: bool = False,
     desc: str = "ablation sweep",
-) -> Float[Tensor, "variant prompt"]:
+) -> Float[Tensor, "variant prompt ..."]:
     """``score(logits, prompt_rows)`` for ``batch`` with each variant ablated on its own.
 
     Zero ablation, or mean ablation with ``means`` (``{hook: [d...] or [pos, d...]}``, as from
     ``interp.activations.mean_activations``). ``score`` gets the logits of a stack of rows (every
-    position) and, per row, the index of its prompt in ``batch``; it returns one value per row.
-    ``batch`` is what the model runs: for a batch-expanding metric pass its expansion, one row per
-    prompt. ``rows_per_forward`` (halved on out-of-memory) bounds the rows of one forward; each
-    variant's prompts stay together. ``prompts_per_pass`` (default all) bounds the prompts whose
-    residual streams are kept at once.
+    position) and, per row, the index of its prompt in ``batch``; it returns one value per row (or
+    a fixed-shape vector per row, kept as trailing axes). ``batch`` is what the model runs: for a
+    batch-expanding metric pass its expansion, one row per prompt (or use :func:`metric_sweep`).
+    ``rows_per_forward`` (halved on out-of-memory) bounds the rows of one forward.
+    ``prompts_per_pass`` (default all) bounds the prompts whose residual streams are kept at once.
     """
     shape = ComponentShape.of(model)
-    sets = [ComponentSet([v]) if isinstance(v, Component) else ComponentSet(v) for v in variants]
-    if not sets or any(len(s) == 0 for s in sets):
-        raise ValueError("ablation_sweep needs at least one variant, each with at least one component")
-    for s in sets:
-        s.validate(shape)
-    missing = sorted({h for s in sets for h in s.by_hook()} - set(means or {})) if means is not None else []
-    if missing:
-        raise ValueError(f"means lack {missing[:3]}; compute them with mean_activations(model, batch, hook_names)")
+    sets = _as_sets(variants, shape)
+    _check_means(sets, means, shape)
     device = torch.device(model.cfg.device)
     batch = batch.to(device)
     n_all = len(batch)
     step = n_all if prompts_per_pass is None else max(1, prompts_per_pass)
-    values = torch.empty(len(sets), n_all)
+    starts = sorted({min(c.layer for c in s) for s in sets})
+    backoff = Backoff(max(1, rows_per_forward), what="ablation batch")
     bar = tqdm(total=len(sets) * n_all, desc=desc, disable=not progress)
-    for start in range(0, n_all, step):
-        chunk = torch.arange(start, min(start + step, n_all))
-        values[:, chunk] = _sweep_prompts(model, batch.take(chunk.to(device)), sets, shape, means,
-                                          lambda logits, rows, start=start: score(logits, rows + start),
-                                          rows_per_forward, bar)
-    bar.close()
-    return values
-
-
-def _sweep_prompts(model, batch: TokenBatch, sets: list[ComponentSet], shape: ComponentShape, means,
-                   score: Score, rows_per_forward: int, bar) -> Float[Tensor, "variant prompt"]:
-    device = torch.device(model.cfg.device)
-    n_prompts = len(batch)
-    start_of = [min(c.layer for c in s) for s in sets]
-    layers = sorted(set(start_of))
-    residuals: dict[int, Tensor] = {}
-
-    def keep(layer: int) -> HookSpec:
-        return f"blocks.{layer}.hook_resid_pre", lambda act, hook: residuals.__setitem__(layer, act.detach().clone())
-
-    values = torch.empty(len(sets), n_prompts)
+    parts = []
     with torch.no_grad():
-        with hooked(model, [keep(layer) for layer in layers]):
-            model(batch.tokens, stop_at_layer=layers[-1] + 1, **batch.forward_kwargs())
-        for layer in layers:
-            members = [v for v in range(len(sets)) if start_of[v] == layer]
+        for begin in range(0, n_all, step):
+            chunk = torch.arange(begin, min(begin + step, n_all), device=device)
+            run = batch.take(chunk)
+            residuals = _clean_residuals(model, run, starts, max(1, rows_per_forward))
 
-            def run(chunk: slice, layer=layer, members=members) -> None:
-                chosen = members[chunk]
-                variant_of_row = torch.arange(len(chosen)).repeat_interleave(n_prompts)
-                prompt_rows = torch.arange(n_prompts).repeat(len(chosen)).to(device)
-                rows = batch.take(prompt_rows)
-                hooks = _zeroing_hooks([sets[v] for v in chosen], variant_of_row, shape, means)
-                with hooked(model, hooks), _blocks_skipped_below(model, layer):
-                    logits = model(residuals[layer][prompt_rows], start_at_layer=layer, **rows.forward_kwargs())
-                out = score(logits, prompt_rows).detach().float().cpu()
-                values[chosen] = out.reshape(len(chosen), n_prompts)
-                bar.update(len(chosen) * n_prompts)
+            def value_of(logits, own_rows, prompt_idx, begin=begin):
+                return score(logits, prompt_idx + begin)
 
-            for _ in backoff_batches(len(members), max(1, rows_per_forward // n_prompts), run, what="ablation batch"):
-                pass
-    return values
+            parts.append(_stacked(model, run, sets, shape, means, residuals=residuals, reader=_LogitReader(),
+                                  value_of=value_of, rows_per_prompt=1, backoff=backoff, bar=bar))
+            del residuals
+    bar.close()
+    return torch.cat(parts, dim=1)
 
 
-__all__ = ["ablation_sweep"]
+__all__ = ["AblationSweep", "ablation_sweep", "metric_sweep"]

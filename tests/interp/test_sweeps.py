@@ -91,3 +91,129 @@ def test_mean_sweep_in_prompt_chunks_equals_one_mean_ablated_run_per_variant(tin
         torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="means lack"):
         ablation_sweep(tiny_model, batch, variants, score, means={names[0]: means[names[0]]})
+
+
+# -- metric_sweep: stacked evaluation of many sets through the Metric protocol ----------------------
+from interp.metrics import CandidateAnswers, ExpectedValue, LogitDiff, run_metric  # noqa: E402
+from interp.sweeps import metric_sweep  # noqa: E402
+
+PROMPTS = ["The loan officer offered", "A bike costs", "She paid the seller for the old car exactly",
+           "Rent is", "The salary offered to the new hire was"]  # different lengths: padding in every batch
+SETS = [ComponentSet([Head(2, 3)]), ComponentSet([Neuron(0, 5), Neuron(2, 9)]), ComponentSet([Head(1, 0), Neuron(2, 7)]),
+        ComponentSet([Neuron(2, 11)]), ComponentSet([Head(0, 1), Head(0, 2), Neuron(1, 90)])]  # start layers 0, 1, 2
+
+
+def _metrics(model):
+    tok = model.tokenizer
+    texts, values = [" 5", " 50", " 1,000", " 12,500"], [5.0, 50.0, 1000.0, 12500.0]
+    packed = CandidateAnswers.from_texts(tok, texts, values)
+    unpacked = CandidateAnswers.from_texts(tok, texts, values, packed=False)
+    assert not packed.single_token  # multi-token answers: the batch is expanded
+    return {"packed": ExpectedValue(packed), "unpacked": ExpectedValue(unpacked), "logit_diff": LogitDiff([300], [302])}
+
+
+def _one_forward_per_set(model, batch, metric, sets, how="zero", means=None):
+    with torch.no_grad():
+        base = run_metric(model, metric, batch)
+        per_set = []
+        for s in sets:
+            with ablated(model, s, how, means=means):
+                per_set.append(run_metric(model, metric, batch))
+    return torch.stack(per_set), base
+
+
+@pytest.mark.parametrize("name", ["packed", "unpacked", "logit_diff"])
+def test_metric_sweep_equals_one_full_forward_per_set(tiny_model, name):
+    metric = _metrics(tiny_model)[name]
+    batch = tokenize(tiny_model, PROMPTS)
+    before = attached_hook_count(tiny_model)
+    got = metric_sweep(tiny_model, batch, metric, SETS, max_batch_rows=3, prompts_per_pass=3)  # several forwards
+    want, base = _one_forward_per_set(tiny_model, batch, metric, SETS)
+    assert got.values.shape == (len(SETS), len(PROMPTS))
+    torch.testing.assert_close(got.baseline, base.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.values, want.float(), rtol=1e-4, atol=1e-4)
+    assert (got.values - got.baseline).abs().max() > 1e-3  # the ablations change something
+    assert attached_hook_count(tiny_model) == before
+    assert not any("forward" in vars(b) for b in tiny_model.blocks)
+    frame = got.to_dataframe()
+    assert len(frame) == len(SETS) * len(PROMPTS) and frame["effect"].to_numpy() == pytest.approx(
+        got.effects.numpy().reshape(-1))
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_mean_metric_sweep_equals_one_mean_ablated_forward_per_set(tiny_model, per_position):
+    from interp.activations import mean_activations
+    from interp.components import hook_name
+
+    metric = _metrics(tiny_model)["packed"]
+    batch = tokenize(tiny_model, PROMPTS)
+    names = [hook_name(k, layer) for k in ("neuron", "head") for layer in range(tiny_model.cfg.n_layers)]
+    if per_position:  # per-position means must cover the expanded rows
+        width = metric.expand(batch).tokens.shape[1]
+        generator = torch.Generator().manual_seed(0)
+        means = {n: torch.randn(width, *mean_activations(tiny_model, batch, [n])[n].shape, generator=generator)
+                 for n in names}
+    else:
+        means = mean_activations(tiny_model, batch, names)
+    got = metric_sweep(tiny_model, batch, metric, SETS, means=means, max_batch_rows=4)
+    want, _ = _one_forward_per_set(tiny_model, batch, metric, SETS, "mean", means)
+    torch.testing.assert_close(got.values, want.float(), rtol=1e-4, atol=1e-4)
+    assert got.how == "mean"
+    with pytest.raises(ValueError, match="means lack"):
+        metric_sweep(tiny_model, batch, metric, SETS, means={names[0]: means[names[0]]})
+    if per_position:
+        short = {n: m[:3] for n, m in means.items()}
+        with pytest.raises(ValueError, match="cover 3 positions"):
+            metric_sweep(tiny_model, batch, metric, SETS, means=short)
+        assert not any("forward" in vars(b) for b in tiny_model.blocks)
+
+
+def test_metric_sweep_leaves_no_hooks_after_an_error(tiny_model):
+    batch = tokenize(tiny_model, PROMPTS)
+    good = LogitDiff([300], [302])
+    before = attached_hook_count(tiny_model)
+    calls = []
+
+    class Broken:  # runs clean, fails on the first ablated stack
+        def expand(self, b):
+            return b
+
+        def __call__(self, logits, b):
+            calls.append(len(b))
+            if len(calls) > 1:
+                raise RuntimeError("boom")
+            return good(logits, b)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        metric_sweep(tiny_model, batch, Broken(), SETS)
+    assert len(calls) == 2
+    assert attached_hook_count(tiny_model) == before
+    assert not any("forward" in vars(b) for b in tiny_model.blocks)
+    assert not any("forward" in vars(b.attn) for b in tiny_model.blocks)
+
+
+def test_metric_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
+    import warnings
+
+    import interp.sweeps as sweeps
+
+    metric = _metrics(tiny_model)["packed"]
+    batch = tokenize(tiny_model, PROMPTS)
+    reference = metric_sweep(tiny_model, batch, metric, SETS, max_batch_rows=8)
+    real = sweeps._resume
+    seen = []
+
+    def small_memory(model, residual, *args, **kwargs):
+        seen.append(residual.shape[0])
+        if residual.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, residual, *args, **kwargs)
+
+    monkeypatch.setattr(sweeps, "_resume", small_memory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shrunk = metric_sweep(tiny_model, batch, metric, SETS, max_batch_rows=8)
+    assert sum("out of memory" in str(w.message) for w in caught) == 1
+    assert max(seen[seen.index(2):]) <= 2
+    torch.testing.assert_close(shrunk.values, reference.values, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(b) for b in tiny_model.blocks)
