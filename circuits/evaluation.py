@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -224,6 +225,7 @@ def evaluate(
     seed: int = 0,
     n_bootstrap: int = 1000,
     progress: bool = True,
+    stacked: bool = True,
 ) -> Evaluation:
     """Ablate each component set in turn and measure every prompt of the evaluation sets, plus utility.
 
@@ -239,6 +241,12 @@ def evaluate(
     under the label ``"none"``. ``plan`` maps a set's label to the names of the evaluation sets it
     is measured on (default: all). Under ``torch.distributed`` the prompts of each evaluation set are
     sharded across ranks and every rank returns the same table; utility is measured on every rank.
+
+    With ``stacked`` (the default; zero and mean ablation) the sets measured on one evaluation set
+    run together (``interp.sweeps.metric_sweep``, and ``ablation_sweep`` for utility): the unablated
+    forward once, each set's ablated rows resumed from its lowest layer, stacked into shared
+    forwards. The numbers equal ``stacked=False`` (one ablated forward per set and prompt) to float
+    tolerance.
     """
     if "none" in sets:
         raise ValueError("'none' is reserved for the unablated baseline; rename that component set")
@@ -250,23 +258,90 @@ def evaluate(
         if label not in sets or unknown:
             raise ValueError(f"plan for {label!r} names unknown sets: {unknown or [label]}; known {sorted(known)}")
     probe = probe or UtilityProbe.build(model)
+    stacked = stacked and how in ("zero", "mean")
     rows = []
     labelled = {"none": ComponentSet(), **sets}
     baseline: dict[str, Tensor] = {}  # per-prompt values of the unablated model
     backoff = Backoff(batch_size, what="evaluation batch")  # a size that ran out of memory is not retried
-    for label, components in tqdm(labelled.items(), desc="evaluate", disable=not progress):
-        with ablated(model, components, how, means=means):
-            utility = probe.measure(model)
+    def measured_on(label: str, es: EvalSet) -> bool:
+        return label == "none" or plan is None or label not in plan or es.name in plan[label]
+
+    if stacked and how in ("zero", "mean"):
+        if how == "mean" and means is None:
+            raise ValueError("mean ablation needs means=mean_activations(model, batch, hook_names)")
+        means = means if how == "mean" else None
+        stacked_values = {es.name: _stacked_prompt_values(
+            model, es, {label: c for label, c in sets.items() if measured_on(label, es)}, means, backoff,
+            batch_size, progress) for es in eval_sets}
+        utilities = _stacked_utility(model, probe, sets, means, batch_size)
+    for label, components in tqdm(labelled.items(), desc="evaluate", disable=not progress or stacked):
+        with ablated(model, components, how, means=means) if not stacked else nullcontext():
+            utility = utilities[label] if stacked else probe.measure(model)
             for es in eval_sets:
-                if label != "none" and plan is not None and label in plan and es.name not in plan[label]:
+                if not measured_on(label, es):
                     continue
-                values = prompt_values(model, es, backoff=backoff)
+                values = stacked_values[es.name][label] if stacked else prompt_values(model, es, backoff=backoff)
                 base = baseline.setdefault(es.name, values)
                 rows.append({"set": label, "n_components": len(components), "eval": es.name,
                              **_endpoints(es, base, values, seed=seed, n_bootstrap=n_bootstrap), **utility})
     settings = {"how": how, "sets": {k: len(v) for k, v in sets.items()}, "eval_sets": [e.name for e in eval_sets],
                 "n_bootstrap": n_bootstrap, "seed": seed}
     return Evaluation(pd.DataFrame(rows), settings)
+
+
+def _stacked_prompt_values(model, eval_set: EvalSet, sets: Mapping[str, ComponentSet], means, backoff: Backoff,
+                           batch_size: int, progress: bool) -> dict[str, Tensor]:
+    """Per-prompt metric values of ``eval_set`` unablated (``"none"``) and with each set ablated alone,
+    in stacked forwards; under torch.distributed each rank runs a block of the prompts."""
+    from interp.sweeps import metric_sweep
+
+    batch, _ = eval_set.rows()
+    ablated_sets = {label: c for label, c in sets.items() if len(c)}
+    if not ablated_sets:
+        none = _sharded_values(model, eval_set.metric, batch, backoff)
+        return {"none": none} | {label: none for label in sets}
+    n = len(batch)
+    shard = current_shard()
+    local = shard.indices(n)
+    device = torch.device(model.cfg.device) if shard.world_size > 1 else torch.device("cpu")
+    out = torch.zeros(len(local), 1 + len(ablated_sets), dtype=torch.float32, device=device)  # none, then the sets
+    if len(local):
+        sweep = metric_sweep(model, batch.take(local.to(batch.tokens.device)), eval_set.metric,
+                             list(ablated_sets.values()), means=means, max_batch_rows=batch_size, backoff=backoff,
+                             progress=progress, desc=f"evaluate {eval_set.name}")
+        out[:] = torch.cat([sweep.baseline[None], sweep.values]).T.to(device)
+    if shard.world_size > 1:
+        out = all_gather_rows(out, n)
+    out = out.cpu()
+    values = {"none": out[:, 0]} | {label: out[:, 1 + i] for i, label in enumerate(ablated_sets)}
+    return values | {label: values["none"] for label, c in sets.items() if not len(c)}
+
+
+def _stacked_utility(model, probe: UtilityProbe, sets: Mapping[str, ComponentSet], means,
+                     batch_size: int) -> dict[str, dict[str, float]]:
+    """``probe.measure`` of the unablated model and of each set ablated alone, in stacked forwards."""
+    from interp.sweeps import ablation_sweep
+
+    utilities = {"none": probe.measure(model)}
+    ablated_sets = {label: c for label, c in sets.items() if len(c)}
+    if ablated_sets:
+        tokens = probe.batch.tokens
+        mask = probe.batch.attention_mask.float()
+
+        def score(logits, prompts):  # per text: mean KL over its tokens, summed next-token NLL
+            logp = logits.float().log_softmax(-1)
+            per_pos = F.kl_div(logp, probe.reference[prompts], log_target=True, reduction="none").sum(-1)
+            m = mask[prompts].to(logp.device)
+            nll = -logp[:, :-1].gather(-1, tokens[prompts, 1:, None].to(logp.device)).squeeze(-1)
+            return torch.stack([(per_pos * m).sum(-1) / m.sum(-1), (nll * m[:, 1:]).sum(-1)], -1)
+
+        values = ablation_sweep(model, probe.batch, list(ablated_sets.values()), score, means=means,
+                                rows_per_forward=batch_size)
+        n_tokens = mask[:, 1:].sum().cpu()
+        for i, label in enumerate(ablated_sets):
+            utilities[label] = {"kl": float(values[i, :, 0].mean()),
+                                "perplexity": float(torch.exp(values[i, :, 1].sum() / n_tokens))}
+    return utilities | {label: utilities["none"] for label, c in sets.items() if not len(c)}
 
 
 def _endpoints(eval_set: EvalSet, before: Tensor, after: Tensor, *, seed: int, n_bootstrap: int) -> dict:

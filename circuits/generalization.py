@@ -126,12 +126,14 @@ def generalize(
     seed: int = 0,
     shape: ComponentShape | None = None,
     progress: bool = True,
+    stacked: bool = True,
 ) -> Generalization:
     """Measure every candidate on its own context's L0/names/L1 sets and every other context's L1.
 
     ``null_draws`` random sets of each candidate's kind and size (seeded by ``seed`` and the
     candidate's position) are measured on the same sets (see the module docstring); ``shape``
-    defaults to the model's.
+    defaults to the model's. ``stacked`` (default) evaluates every set of one evaluation set in
+    stacked forwards (``circuits.evaluation.evaluate``); the numbers are those of one forward per set.
     """
     labels = [c.label for c in candidates]
     if len(set(labels)) != len(labels):
@@ -163,7 +165,7 @@ def generalize(
                 label = f"{c.label}#null{d}"
                 sets[label], plan[label], null_of[label] = drawn, plan[c.label], c.label
     result = evaluate(model, sets, eval_sets, probe=probe, how=how, means=means, plan=plan, batch_size=batch_size,
-                      seed=seed, n_bootstrap=n_bootstrap, progress=progress)
+                      seed=seed, n_bootstrap=n_bootstrap, progress=progress, stacked=stacked)
     meta = {c.label: c for c in candidates}
     rows, nulls = [], []
     for row in result.frame.to_dict("records"):
