@@ -12,6 +12,9 @@ result is deterministic for given arguments (``batch_size`` included) and leaves
 
 A row stops at a special token (end of sequence / end of turn, not kept in the text), at the first
 newline after some non-blank text (the text is cut there), or after ``max_new_tokens`` tokens.
+Beside each reply's text, ``token_ids`` keeps its generated tokens up to and including the token that
+stopped it (a special token, or the one holding the newline); a reply cut by ``max_new_tokens``
+keeps all of them. So a reply can be read token by token, as the deterministic metric reads answers.
 """
 from __future__ import annotations
 
@@ -51,12 +54,14 @@ def parse_answer(text: str, answer_type: AnswerType) -> float:
 
 @dataclass(frozen=True, eq=False)
 class SampledAnswers:
-    """Sampled replies to each prompt: ``texts[p][s]`` and parsed ``values[p, s]`` (NaN = invalid)."""
+    """Sampled replies to each prompt: ``texts[p][s]`` and parsed ``values[p, s]`` (NaN = invalid);
+    ``token_ids[p][s]``, when given, the reply's generated tokens (see the module docstring)."""
 
     prompts: tuple[str, ...]
     texts: tuple[tuple[str, ...], ...]
     values: Float[np.ndarray, "prompt sample"]
     settings: dict = field(default_factory=dict)
+    token_ids: tuple[tuple[tuple[int, ...], ...], ...] | None = None
 
     def __post_init__(self):
         values = np.array(self.values, dtype=float)
@@ -68,6 +73,11 @@ class SampledAnswers:
                              f"must both be {n_prompts} prompts x n_samples")
         values.flags.writeable = False
         object.__setattr__(self, "values", values)
+        if self.token_ids is not None:
+            if len(self.token_ids) != n_prompts or any(len(row) != values.shape[1] for row in self.token_ids):
+                raise ValueError(f"token_ids must be {n_prompts} prompts x {values.shape[1]} samples")
+            object.__setattr__(self, "token_ids", tuple(tuple(tuple(int(t) for t in ids) for ids in row)
+                                                        for row in self.token_ids))
 
     @property
     def n_samples(self) -> int:
@@ -83,15 +93,19 @@ class SampledAnswers:
         return float(1 - self.valid.mean()) if self.values.size else float("nan")
 
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per sample: prompt_id, sample, text, value, valid."""
+        """One row per sample: prompt_id, sample, text, value, valid and, when kept, ``token_ids``
+        (the reply's tokens as space-separated ids)."""
         n_prompts, n_samples = self.values.shape
-        return pd.DataFrame({
+        frame = pd.DataFrame({
             "prompt_id": np.repeat(np.arange(n_prompts), n_samples),
             "sample": np.tile(np.arange(n_samples), n_prompts),
             "text": [text for row in self.texts for text in row],
             "value": self.values.ravel(),
             "valid": self.valid.ravel(),
         })
+        if self.token_ids is not None:
+            frame["token_ids"] = [format_ids(ids) for row in self.token_ids for ids in row]
+        return frame
 
     def save(self, directory: str | Path) -> Path:
         """Write answers.parquet, prompts.parquet and settings.json into ``directory``."""
@@ -113,12 +127,27 @@ class SampledAnswers:
         answers = pd.read_parquet(directory / "answers.parquet").sort_values(["prompt_id", "sample"])
         n_prompts, n_samples = len(prompts), int(answers["sample"].max()) + 1 if len(answers) else 0
         texts = answers["text"].to_numpy().reshape(n_prompts, n_samples)
+        ids = None
+        if "token_ids" in answers:
+            flat = [parse_ids(t) for t in answers["token_ids"]]
+            ids = tuple(tuple(flat[p * n_samples:(p + 1) * n_samples]) for p in range(n_prompts))
         return cls(
             prompts=tuple(prompts["prompt"]),
             texts=tuple(tuple(row) for row in texts),
             values=answers["value"].to_numpy().reshape(n_prompts, n_samples),
             settings=json.loads((directory / "settings.json").read_text()),
+            token_ids=ids,
         )
+
+
+def format_ids(ids: Sequence[int]) -> str:
+    """Token ids as one string (``"12 7 0"``), the form the saved tables keep."""
+    return " ".join(str(int(i)) for i in ids)
+
+
+def parse_ids(text: str) -> tuple[int, ...]:
+    """The inverse of ``format_ids``."""
+    return tuple(int(i) for i in text.split())
 
 
 class _LineEnded(StoppingCriteria):
@@ -130,6 +159,18 @@ class _LineEnded(StoppingCriteria):
     def __call__(self, input_ids: Int[Tensor, "row pos"], scores, **kwargs) -> Bool[Tensor, "row"]:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
         return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+
+
+def reply_ids(tokenizer, new_ids: Sequence[int], stop_ids: set[int]) -> tuple[int, ...]:
+    """A generated row's tokens up to and including the one that stopped it: the first stop token or
+    the first token completing a newline after some non-blank text (all of them if neither)."""
+    ids = [int(t) for t in new_ids]
+    for i, t in enumerate(ids):
+        if t in stop_ids:
+            return tuple(ids[: i + 1])
+        if "\n" in tokenizer.decode(ids[: i + 1]).lstrip():
+            return tuple(ids[: i + 1])
+    return tuple(ids)
 
 
 def reply_text(tokenizer, new_ids: Sequence[int], stop_ids: set[int]) -> str:
@@ -218,6 +259,7 @@ def sample_answers(
     per_batch, chunk = max(1, batch_size // n_samples), min(n_samples, batch_size)
     batches = [(p, s) for p in range(0, len(prompts), per_batch) for s in range(0, n_samples, chunk)]
     texts: list[list[str]] = [[] for _ in prompts]
+    kept: list[list[tuple[int, ...]]] = [[] for _ in prompts]
     device = torch.device(hf.device)
     for p, s in tqdm(batches, desc="sampling", disable=not progress):
         chosen = range(p, min(p + per_batch, len(prompts)))
@@ -230,13 +272,14 @@ def sample_answers(
                                   stopping=stopping)
         for row, ids in enumerate(new.tolist()):
             texts[chosen[row // n]].append(reply_text(tokenizer, ids, stop_ids))
+            kept[chosen[row // n]].append(reply_ids(tokenizer, ids, stop_ids))
     by_prompt = [tuple(row) for row in texts]
     values = np.array([[parse_answer(t, answer_type) for t in row] for row in by_prompt], dtype=float)
     settings = {
         "model": str(getattr(model.cfg, "model_name", "")), "n_samples": n_samples, "temperature": temperature,
         "max_new_tokens": max_new_tokens, "seed": seed, "answer_type": answer_type,
     }
-    return SampledAnswers(tuple(prompts), tuple(by_prompt), values, settings)
+    return SampledAnswers(tuple(prompts), tuple(by_prompt), values, settings, tuple(tuple(row) for row in kept))
 
 
 @dataclass(frozen=True)
@@ -284,5 +327,5 @@ def sampled_gap(values_a, values_b) -> SampledGap:
     )
 
 
-__all__ = ["AnswerType", "SampledAnswers", "SampledGap", "parse_answer", "reply_text", "sample_answers",
-           "sampled_gap"]
+__all__ = ["AnswerType", "SampledAnswers", "SampledGap", "format_ids", "parse_answer", "parse_ids", "reply_ids",
+           "reply_text", "sample_answers", "sampled_gap"]

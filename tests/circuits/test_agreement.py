@@ -3,10 +3,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from circuits.agreement import Agreement, cap_prompts, compare, read_reply, run_agreement, value_tv
+from circuits.agreement import (
+    READINGS, Agreement, _prompt_candidates, cap_prompts, compare, metric_reading, read_reply, reading_of, readings, run_agreement,
+    value_tv,
+)
+from circuits.bias import context_metric
 from circuits.cli import build_parser, main
 from circuits.prompts import build_prompts
 from circuits.stats import UndefinedStatisticWarning, correlation
+from interp.metrics import CandidateAnswers
 from interp.testing import tiny_model_dir
 
 SETTINGS = {"max_prompts": 4, "n_samples": 2, "max_new_tokens": 2, "n_resamples": 50, "progress": False}
@@ -151,7 +156,20 @@ def test_frames_are_well_formed(agreement):
     assert table["tv"].between(0, 1).all() and table["tv_noise_p95"].between(0, 1).all()
     assert (table["tv_within_noise"] == (table["tv"] <= table["tv_noise_p95"])).all()
     assert set(agreement.bins["context"]) == set(table["context"])
-    assert np.allclose(agreement.bins.groupby("context")[["metric", "sampled"]].sum(), 1)
+    assert set(agreement.bins["reading"]) == {"metric", "parsed"}
+    assert np.allclose(agreement.bins.groupby(["context", "reading"])[["metric", "sampled"]].sum(), 1)
+    assert table["tv_parsed"].between(0, 1).all()
+    shares = table[[f"{k}_share" for k in READINGS]]
+    assert np.allclose(shares.sum(1), 1)
+    samples = agreement.samples
+    assert set(samples["reading"]) <= set(READINGS)
+    assert (samples["reading"] == reading_of(samples["metric_value"], samples["value"])).all()
+    # every reply the metric covers holds one of its prompt's scored values
+    dist = agreement.distribution
+    covered = samples.dropna(subset=["metric_value"])
+    scored = set(zip(dist["prompt_id"], dist["candidate_value"].round(6)))
+    assert all((p, round(v, 6)) in scored for p, v in zip(covered["prompt_id"], covered["metric_value"]))
+    assert set(dist["prompt_id"]) == set(per_prompt["prompt_id"])
     assert table["det_ci_low"].le(table["det_gap"]).all() and table["det_gap"].le(table["det_ci_high"]).all()
 
 
@@ -160,6 +178,7 @@ def test_save_and_load_round_trip(agreement, tmp_path):
     pd.testing.assert_frame_equal(loaded.to_dataframe(), agreement.to_dataframe())
     pd.testing.assert_frame_equal(loaded.samples, agreement.samples)
     pd.testing.assert_frame_equal(loaded.bins, agreement.bins)
+    pd.testing.assert_frame_equal(loaded.distribution, agreement.distribution)
     assert loaded.settings == agreement.settings
     with pytest.raises(FileNotFoundError, match="not a saved Agreement"):
         Agreement.load(tmp_path / "missing")
@@ -197,3 +216,58 @@ def test_cli_help_explains_agreement(capsys):
     assert "Spearman" in text and "--max-prompts" in text and "lending_amount" in text
     flat = " ".join(text.replace("-\n", "-").split())
     assert "total-variation distance" in flat and "within noise" in flat
+
+
+def test_metric_reading_is_the_metric_event():
+    """A reply is a candidate when its tokens start with the candidate's and the stop term holds (the
+    next token continues no number there); a final candidate needs no stop term; a reply cut right
+    after a candidate that needs one is not read."""
+    cands = CandidateAnswers(("1", "10", "5", "12"), (1.0, 10.0, 5.0, 12.0), ((1,), (1, 0), (5,), (1, 2, 4)),
+                             ends=((0, 2), None, (7,), (9,)))
+    replies = [(1, 9), (1, 0, 3), (1, 2, 4, 8), (1, 2, 4, 9), (1, 2, 3), (1,), (1, 50), (5, 7), (8,), (5,), ()]
+    got = metric_reading(cands, replies, {50})
+    assert got.tolist() == [0, 1, 3, -1, -1, -1, 0, -1, -1, -1, -1]
+
+
+def test_metric_reading_matches_the_scored_answers(tiny_model):
+    """On the tiny model's own answer set: each candidate followed by a stop token reads as itself,
+    followed by one of its continuations as another candidate or none; yes/no forms read as themselves."""
+    eos = tiny_model.tokenizer.eos_token_id
+    for context in ("chess", "lending_approval"):
+        prompts = build_prompts(tiny_model, [context], details=["low"]).frame["prompt_text"][:2].tolist()
+        cands = _prompt_candidates(tiny_model, context_metric(tiny_model, context).candidates, prompts)[1]
+        paths = [tuple(p) for p in cands.token_ids]
+        stopped = metric_reading(cands, [p + (eos,) for p in paths], {eos})
+        assert stopped.tolist() == list(range(len(paths)))
+        ends = cands.ends or (None,) * len(paths)
+        continued = [(i, p + (e[0],)) for i, (p, e) in enumerate(zip(paths, ends)) if e]
+        if continued:
+            other = metric_reading(cands, [r for _, r in continued], {eos})
+            assert all(j != i for (i, _), j in zip(continued, other))
+
+
+def test_reading_categories_and_examples():
+    metric = [1.0, 1.0, np.nan, 0.0, np.nan, np.nan]
+    parsed = [1.0, 1.5, 7.0, np.nan, np.nan, 3.0]
+    kinds = reading_of(metric, parsed).tolist()
+    assert kinds == ["same", "value_differs", "parsed_only", "metric_only", "neither", "parsed_only"]
+    samples = pd.DataFrame({"prompt_id": ["c|a"] * 6, "text": ["1", "1.50", "x 7", "0", "hm", "x 7"],
+                            "reading": kinds})
+    table = readings(samples).set_index("reading")
+    assert table.loc["parsed_only", "n"] == 2 and table.loc["parsed_only", "share"] == pytest.approx(2 / 6)
+    assert table.loc["parsed_only", "examples"] == "'x 7' x2" and table["share"].sum() == pytest.approx(1)
+
+
+def test_compare_reads_tv_by_the_metric_reading_when_given():
+    """With ``metric_value``, ``tv`` bins replies as the metric reads them and ``tv_parsed`` as parsed."""
+    prompts, samples, distribution = _constructed([10.0, 20.0], [[10, 15, np.nan], [20, 20.5, 30]],
+                                                  ["White", "Black"])
+    samples["metric_value"] = [10, 10, np.nan, 20, 20, 30]  # "15" is a range read as 10, "20.5" as 20
+    with pytest.warns(UserWarning):
+        row = compare(prompts, samples, distribution, n_resamples=20, n_noise=50)[0].iloc[0]
+    assert row["sampled_uncovered"] == pytest.approx(1 / 6)
+    assert row["sampled_uncovered_parsed"] == pytest.approx(3 / 6)
+    assert row["value_differs_share"] == pytest.approx(2 / 6) and row["same_share"] == pytest.approx(3 / 6)
+    # metric bins: 1/24 on each of 10 ... 60, 0.75 other; read by the metric 10, 10, 20, 20, 30 and one other
+    assert row["tv"] == pytest.approx(0.5 * (2 * (2 / 6 - 1 / 24) + (1 / 6 - 1 / 24) + 3 / 24 + (0.75 - 1 / 6)))
+    assert row["tv_parsed"] == pytest.approx(0.5 * (3 * (1 / 6 - 1 / 24) + 3 / 24 + (0.75 - 3 / 6)))

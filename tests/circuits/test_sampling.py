@@ -9,7 +9,10 @@ import torch
 from circuits.sampling import (
     SampledAnswers,
     SampledGap,
+    format_ids,
     parse_answer,
+    parse_ids,
+    reply_ids,
     reply_text,
     sample_answers,
     sampled_gap,
@@ -118,6 +121,11 @@ def test_replies_stop_at_special_tokens_and_lines(tiny_model):
     assert reply_text(tokenizer, [tok("x"), tok("y"), tok("z")], stops) == "xyz"
     assert reply_text(tokenizer, [newline, tok("7"), newline, tok("8")], stops) == "\n7"  # leading newline kept
     assert reply_text(tokenizer, [eos], stops) == ""
+    # the kept tokens end with the one that stopped the reply (a stop token, or the newline)
+    assert reply_ids(tokenizer, [tok("4"), tok("2"), eos, tok("9")], stops) == (tok("4"), tok("2"), eos)
+    assert reply_ids(tokenizer, [tok("x"), tok("y"), tok("z")], stops) == (tok("x"), tok("y"), tok("z"))
+    assert reply_ids(tokenizer, [newline, tok("7"), newline, tok("8")], stops) == (newline, tok("7"), newline)
+    assert parse_ids(format_ids((5, 0, 12))) == (5, 0, 12) and format_ids(()) == ""
 
 
 def test_rows_stop_at_a_newline_after_text(tiny_model):
@@ -133,6 +141,8 @@ def test_rows_stop_at_a_newline_after_text(tiny_model):
     with hooked(tiny_model, [("unembed.hook_out", script)]):
         answers = sample_answers(tiny_model, PROMPTS[:1], n_samples=1, max_new_tokens=6, progress=False)
     assert answers.texts == (("11",),)
+    assert answers.token_ids == (((one, one, newline),),)
+    assert answers.to_dataframe()["token_ids"].tolist() == [format_ids((one, one, newline))]
     assert len(steps) == 4  # the prefill and three steps, not six
 
 
@@ -143,6 +153,7 @@ def test_save_load_round_trip(tiny_model, tmp_path):
     np.testing.assert_array_equal(loaded.values, answers.values)
     assert loaded.settings == answers.settings
     pd.testing.assert_frame_equal(loaded.to_dataframe(), answers.to_dataframe())
+    assert loaded.token_ids == answers.token_ids and len(answers.token_ids[0][0]) >= 1
     with pytest.raises(FileNotFoundError, match="missing"):
         SampledAnswers.load(tmp_path / "nothing")
 
@@ -153,6 +164,8 @@ def test_results_are_frozen_and_validated():
         answers.values[0, 0] = 5.0
     with pytest.raises(ValueError, match="n_samples"):
         SampledAnswers(("p", "q"), (("1",),), np.array([[1.0]]))
+    with pytest.raises(ValueError, match="token_ids"):
+        SampledAnswers(("p",), (("1", "x"),), np.array([[1.0, np.nan]]), token_ids=(((3,),),))
 
 
 @pytest.mark.parametrize("kwargs,match", [
