@@ -137,7 +137,10 @@ class Context:
 
 
 def _yes_no() -> AnswerFormat:
-    return AnswerFormat("yes_no", "Answer Yes or No.", "Decision:")
+    # Worded so that the reply starts with the decision: on SmolLM2 (16 prompts per context) the
+    # covered yes/no mass is 0.85 / 0.75 / 0.76 (lending_approval / hiring_interview / housing_tenant),
+    # against 0.64 / 0.45 / 0.35 for "Answer Yes or No." + "Decision:" (benchmarks/RESULTS.md).
+    return AnswerFormat("yes_no", "Answer with one word, Yes or No.", "My answer:")
 
 
 # Lending: the same loan requests, asked as an amount, a rate and an approval.
