@@ -43,8 +43,8 @@ from circuits.parsing import parse_number
 from circuits.prompts import PairSet, PromptSet, build_prompts, uses_chat
 from circuits.stats import cluster_bootstrap, mann_whitney, permutation_pvalue, smd
 from interp.batching import encode, microbatches, pad_ids, pad_token_id
-from interp.metrics import SUMMARIES, CandidateAnswers, ExpectedValue, takes_layout
-from interp.numeric import NumberGrammar, expand, weighted_median
+from interp.metrics import SUMMARIES, CandidateAnswers, ExpectedValue, PromptCandidates, takes_layout
+from interp.numeric import NumberGrammar, expand, expand_each
 
 CONTRASTS = {"race": ("group", "White", "Black"), "gender": ("gender", "woman", "man")}
 # The default summary per answer type (``value``; the attribution target of ``context_metric``).
@@ -57,18 +57,17 @@ YES_NO_FORMS = (" {}", "{}", " {lower}", "{lower}", " {upper}", "{upper}", "**{}
 
 @dataclass(frozen=True)
 class Expansion:
-    """How a numeric context's answers are found: ``pilots`` seeded prompts of the context, the
-    number tree expanded best-first (``per_round`` nodes a round) until ``target`` of their mean
-    numeric mass (the probability that the reply is a number) is covered or ``max_nodes`` nodes
-    are evaluated; answers under ``min_mass`` of it (mean over the pilots) are dropped, which
-    keeps the trie, and so every scored row, short (see ``interp.numeric.expand``)."""
+    """How each prompt's numeric answers are found: the prompt's own number tree, expanded
+    best-first (``per_round`` nodes a round, ``batch_size`` prompts at once on their key/value
+    cache) until ``target`` of its numeric mass (the probability that the reply is a number) is
+    covered, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it;
+    final answers under ``min_mass`` are dropped (see ``interp.numeric.expand_each``)."""
 
-    pilots: int = 16
-    target: float = 0.97
-    max_nodes: int = 320
-    per_round: int = 16
+    target: float = 0.99
+    max_nodes: int = 192
+    per_round: int = 32
     min_mass: float = 1e-4
-    seed: int = 0
+    batch_size: int = 32
 
 
 _DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -106,8 +105,13 @@ def _fixed_grid(model_or_tokenizer, answer: AnswerFormat, chat: bool) -> Candida
 
 
 @functools.lru_cache(maxsize=16)
-def _grammar(tokenizer, max_decimals: int) -> NumberGrammar:
-    return NumberGrammar.of(tokenizer, max_decimals=max_decimals)
+def _grammar(tokenizer, answer_type: str) -> NumberGrammar:
+    """The number grammar of an answer type: ``DECIMALS`` decimals; multipliers (``k``, ``million``)
+    for dollars only (``"0.5 million"`` is no probability), so a number that has all its decimals
+    ends there."""
+    if answer_type == "dollars":
+        return NumberGrammar.of(tokenizer, max_decimals=DECIMALS[answer_type])
+    return NumberGrammar.of(tokenizer, max_decimals=DECIMALS[answer_type], words=(), short=())
 
 
 def number_start(prefix: str) -> str:
@@ -136,7 +140,7 @@ def answer_candidates(
     if not pilots:
         raise ValueError(f"a {answer.type} answer needs pilot prompts to find the model's answers")
     start = number_start(answer.prefix)
-    grammar = _grammar(tokenizer, DECIMALS[answer.type])
+    grammar = _grammar(tokenizer, answer.type)
     batch = pad_ids([encode(model, t) for t in pilots], pad_token_id(tokenizer))
     tree = expand(model, batch, grammar, start=grammar.state_of(start), target=expansion.target,
                   max_nodes=expansion.max_nodes, per_round=expansion.per_round, min_mass=expansion.min_mass)
@@ -150,17 +154,83 @@ def answer_candidates(
     return cands
 
 
-def _pilot_texts(model, name: str, answer: AnswerFormat, prompts: PromptSet | None, chat: bool, n: int,
-                 seed: int) -> list[str]:
-    """Seeded pilot prompts: from the whole registered context when ``answer`` is its own (so any
-    subset of prompts gets the same answers), else from ``prompts``' rows of the context."""
-    if name in CONTEXTS and CONTEXTS[name].answer == answer:
-        frame = build_prompts(model, [name], chat=chat).frame
-    elif prompts is not None:
-        frame = prompts.frame[prompts.frame["context"] == name]
-    else:
-        raise ValueError(f"context {name!r} is not registered; pass its prompts")
-    return frame.sample(min(n, len(frame)), random_state=seed)["prompt_text"].tolist()
+@dataclass(frozen=True, eq=False)
+class _Answers:
+    """One prompt's expanded answers: candidates (with stop terms), absolute masses, other mass."""
+
+    candidates: CandidateAnswers
+    mass: np.ndarray
+    other: float
+
+
+def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]], expansion: Expansion,
+                     batch_size: int | None = None) -> dict[tuple[int, ...], _Answers]:
+    """Every prompt's own answers (prompts given as token tuples), expanded ``expansion.batch_size``
+    prompts at a time; each answer valued by ``parse_number`` of the prefix's number start plus it."""
+    from interp.hooks import attached_hook_count
+
+    if attached_hook_count(model):
+        raise RuntimeError(
+            f"{len(keys)} prompts have no derived answers yet and the model has hooks attached; derive them "
+            "on the unmodified model first (context_metric(model, context, prompts=...) or measure)"
+        )
+    tokenizer = _tokenizer(model)
+    start = number_start(answer.prefix)
+    grammar = _grammar(tokenizer, answer.type)
+    values = _VALUES.setdefault((tokenizer, start), {})
+    pad, packed = pad_token_id(tokenizer), takes_layout(model)
+    order = sorted(range(len(keys)), key=lambda i: len(keys[i]))  # similar lengths batch together
+    out = {}
+    for part in microbatches(len(order), batch_size or expansion.batch_size):
+        chunk = [keys[i] for i in order[part]]
+        batch = pad_ids([list(k) for k in chunk], pad).to(model.cfg.device)
+        trees = expand_each(model, batch, grammar, start=grammar.state_of(start), target=expansion.target,
+                            max_nodes=expansion.max_nodes, per_round=expansion.per_round,
+                            min_mass=expansion.min_mass)
+        for key, tree in zip(chunk, trees):
+            keep = []
+            for i, path in enumerate(tree.paths):
+                if path not in values:
+                    values[path] = parse_number(start + tokenizer.decode(list(path)))
+                if values[path] is not None:
+                    keep.append(i)
+            if not keep:
+                raise ValueError(f"the model gives no {answer.type} answer after a prompt (non-numeric mass "
+                                 f"{tree.other:.3g}); check the answer prefix {answer.prefix!r}")
+            paths = tuple(tree.paths[i] for i in keep)
+            cands = CandidateAnswers(tuple(tokenizer.decode(list(p)) for p in paths),
+                                     tuple(float(values[p]) for p in paths), paths, packed,
+                                     tuple(tree.ends[i] for i in keep), tree.root_continuations)
+            out[key] = _Answers(cands, np.array([tree.mass[i] for i in keep]), tree.other)
+    return out
+
+
+_VALUES: dict = {}  # (tokenizer, number start) -> {token path: parse_number value}
+
+
+def _context_answer(model, context: str | Context, prompts: PromptSet | None) -> tuple[str, AnswerFormat, bool]:
+    name = context if isinstance(context, str) else context.name
+    if prompts is not None and name in prompts.answers:
+        return name, prompts.answers[name], prompts.chat
+    return name, get_context(context).answer, uses_chat(model.tokenizer)
+
+
+def _metric_candidates(model, name: str, answer: AnswerFormat, chat: bool, expansion: Expansion):
+    """The context's candidates for this model, cached: shared ones (yes/no, a fixed grid) or, for a
+    numeric type, a ``PromptCandidates`` that derives each prompt's own answers on first sight."""
+    key = (name, answer, chat, expansion)
+    cache = _DERIVED.setdefault(model, {})
+    if key not in cache:
+        if answer.grid is not None or answer.type == "yes_no":
+            cache[key] = answer_candidates(model, answer, chat=chat)
+        else:
+            ref = weakref.ref(model)
+
+            def derive(keys, ref=ref, answer=answer, expansion=expansion):
+                return {k: a.candidates for k, a in _numeric_answers(ref(), answer, keys, expansion).items()}
+
+            cache[key] = PromptCandidates({}, derive)
+    return cache[key]
 
 
 def context_metric(
@@ -168,28 +238,24 @@ def context_metric(
     expansion: Expansion = Expansion(),
 ) -> ExpectedValue:
     """The differentiable per-prompt metric of a context: ``summary`` (default: the answer type's,
-    ``SUMMARY``) of the model's distribution over the context's answers, renormalized over them.
+    ``SUMMARY``) of the model's distribution over each prompt's answers, renormalized over them.
 
     An ``interp.metrics`` Metric: run the model on ``expanded = metric.expand(batch)`` as
     ``model(expanded.tokens, **expanded.forward_kwargs())`` (the keywords carry the packed layout)
-    and call the metric on the logits, or use ``interp.metrics.run_metric``. ``prompts`` supplies
-    the answer format of imported contexts and the chat setting. The answer set is derived once per
-    model, context, answer format and chat setting (cached): an imported context takes its pilots
-    from the first ``prompts`` it is called with.
+    and call the metric on the logits, or use ``interp.metrics.run_metric``. For a numeric type the
+    candidates are a ``PromptCandidates``: every prompt has its own answers (``Expansion``), derived
+    once per model, context, answer format and chat setting on the unmodified model and cached;
+    ``prompts`` (the context's rows) are derived right away, others on first sight (an error if
+    hooks are attached then: derive before patching or ablating). ``prompts`` also supplies the
+    answer format of imported contexts and the chat setting.
     """
-    name = context if isinstance(context, str) else context.name
-    if prompts is not None and name in prompts.answers:
-        answer, chat = prompts.answers[name], prompts.chat
-    else:
-        answer, chat = get_context(context).answer, uses_chat(model.tokenizer)
-    key = (name, answer, chat, expansion)
-    cache = _DERIVED.setdefault(model, {})
-    if key not in cache:
-        pilots = None
-        if answer.grid is None and answer.type != "yes_no":
-            pilots = _pilot_texts(model, name, answer, prompts, chat, expansion.pilots, expansion.seed)
-        cache[key] = answer_candidates(model, answer, pilots=pilots, chat=chat, expansion=expansion)
-    return ExpectedValue(cache[key], summary or SUMMARY[answer.type])
+    name, answer, chat = _context_answer(model, context, prompts)
+    cands = _metric_candidates(model, name, answer, chat, expansion)
+    if isinstance(cands, PromptCandidates) and prompts is not None:
+        rows = prompts.frame[prompts.frame["context"] == name]
+        if len(rows):
+            cands.of(pad_ids([encode(model, t) for t in rows["prompt_text"]], pad_token_id(model.tokenizer)))
+    return ExpectedValue(cands, summary or SUMMARY[answer.type])
 
 
 def check_answer_alignment(model, prompt_text: str, candidates: CandidateAnswers) -> None:
@@ -267,47 +333,41 @@ def measure(
     dist_parts, summaries, nodes = [], {}, {}
     bar = tqdm(total=len(frame), desc="measuring", disable=not progress)
     for context in prompts.contexts:
-        metric = context_metric(model, context, prompts=prompts, expansion=expansion)
-        cands, answer_type = metric.candidates, prompts.answers[context].type
-        summaries[context], nodes[context] = metric.summary, cands.n_nodes
+        name, answer, chat = _context_answer(model, context, prompts)
+        cands = _metric_candidates(model, name, answer, chat, expansion)
+        summary, answer_type = SUMMARY[answer.type], answer.type
+        summaries[context] = summary
         rows = np.flatnonzero((frame["context"] == context).to_numpy())
         texts = frame["prompt_text"].to_numpy()[rows]
-        check_answer_alignment(model, texts[0], cands)
         ids = [encode(model, t) for t in texts]
-        if not cands.packed and not cands.single_token:
-            per_forward = max(1, batch_size // len(cands.texts))
+        if isinstance(cands, PromptCandidates):
+            keys = [tuple(i) for i in ids]
+            found = _numeric_answers(model, answer, list(dict.fromkeys(keys)), expansion, batch_size)
+            cands.sets.update({k: a.candidates for k, a in found.items()})
+            check_answer_alignment(model, texts[0], found[keys[0]].candidates)
+            per_prompt = [(found[k].candidates.texts, found[k].mass, np.array(found[k].candidates.values),
+                           found[k].other) for k in keys]
+            nodes[context] = float(np.mean([found[k].candidates.n_nodes for k in keys]))
+            bar.update(len(rows))
         else:
-            per_forward = max(1, min(batch_size, _READ_BUDGET // (cands.n_nodes + 1)))
-        values = torch.tensor(cands.values, dtype=torch.float64)
-        mass = np.zeros((len(rows), len(cands.texts)))
-        for part in microbatches(len(rows), per_forward):
-            batch = pad_ids(ids[part], pad).to(model.cfg.device)
-            if cands.answer_tokens is None:
-                logp, other = cands.score(model, batch).double().cpu(), None
-            else:
-                logp, other = (x.double().cpu() for x in cands.score(model, batch, other=True))
-                columns["other_mass"][rows[part]] = other.exp().numpy()
-            p = logp.softmax(-1)
-            mass[part] = logp.exp().numpy()
-            columns["value_mean"][rows[part]] = (p @ values).numpy()
-            columns["value_median"][rows[part]] = weighted_median(p, values).numpy()
+            check_answer_alignment(model, texts[0], cands)
+            nodes[context] = cands.n_nodes
+            per_prompt = _score_shared(model, cands, ids, batch_size, pad)
+            bar.update(len(rows))
+        for r, (cand_texts, mass, values, other) in zip(rows, per_prompt):
+            grid = float(mass.sum())
+            p = mass / grid
+            columns["grid_mass"][r], columns["other_mass"][r] = grid, other
+            columns["value_mean"][r] = float(p @ values)
+            columns["value_median"][r] = _median(p, values)
             if answer_type != "yes_no":
-                columns["value_log10"][rows[part]] = (p @ SUMMARIES["log10"](values)).numpy()
-            columns["value"][rows[part]] = (p @ SUMMARIES[metric.summary](values)).numpy()
-            columns["grid_mass"][rows[part]] = logp.logsumexp(-1).exp().numpy()
-            bar.update(part.stop - part.start)
-        dist_parts.append(
-            pd.DataFrame(
-                {
-                    "prompt_id": np.repeat(frame["prompt_id"].to_numpy()[rows], len(cands.texts)),
-                    "context": context,
-                    "candidate": np.tile(list(cands.texts), len(rows)),
-                    "candidate_value": np.tile(cands.values, len(rows)),
-                    "probability": (mass / mass.sum(-1, keepdims=True)).reshape(-1),
-                    "mass": mass.reshape(-1),
-                }
-            )
-        )
+                columns["value_log10"][r] = float(p @ np.log10(1 + np.clip(values, 0, None)))
+            columns["value"][r] = float(p @ SUMMARIES[summary](torch.from_numpy(values)).numpy())
+            dist_parts.append(pd.DataFrame({
+                "prompt_id": frame["prompt_id"].iat[r], "context": context,
+                "candidate": list(cand_texts),
+                "candidate_value": values, "probability": p, "mass": mass,
+            }))
     bar.close()
     keep = [c for c in frame.columns if c not in ("user_text", "prompt_text")]
     table = frame[keep].assign(**columns)
@@ -324,6 +384,33 @@ def measure(
         "expansion": asdict(expansion),
     }
     return Measurement(table, pd.concat(dist_parts, ignore_index=True), settings)
+
+
+def _score_shared(model, cands: CandidateAnswers, ids: list, batch_size: int, pad: int) -> list:
+    """Per prompt ``(texts, mass, values, other)`` of a candidate set shared by every prompt."""
+    if not cands.packed and not cands.single_token:
+        per_forward = max(1, batch_size // len(cands.texts))
+    else:
+        per_forward = max(1, min(batch_size, _READ_BUDGET // (cands.n_nodes + 1)))
+    values = np.array(cands.values, dtype=np.float64)
+    out = []
+    for part in microbatches(len(ids), per_forward):
+        batch = pad_ids(ids[part], pad).to(model.cfg.device)
+        if cands.answer_tokens is None:
+            logp, other = cands.score(model, batch).double().cpu(), None
+        else:
+            logp, other = (x.double().cpu() for x in cands.score(model, batch, other=True))
+        for i in range(len(logp)):
+            out.append((cands.texts, logp[i].exp().numpy(), values,
+                        float("nan") if other is None else float(other[i].exp())))
+    return out
+
+
+def _median(p: np.ndarray, values: np.ndarray) -> float:
+    """The smallest value whose cumulative probability reaches half (``p`` sums to 1)."""
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(p[order])
+    return float(values[order][min(int(np.searchsorted(cum, 0.5 - 1e-9)), len(cum) - 1)])
 
 
 _READ_BUDGET = 4096  # logit rows (prompts x read positions) per forward pass

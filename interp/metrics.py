@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import einops
 import torch
@@ -357,11 +357,163 @@ class CandidateAnswers:
         logp = self.log_probs_at(logits, expanded)
         return (logp, self.other_log_prob_at(logits, expanded)) if other else logp
 
+    def values_of(self, batch: TokenBatch) -> Float[Tensor, "1 cand"]:
+        """The candidates' values, one row shared by every prompt."""
+        return torch.tensor(self.values, dtype=torch.float64)[None]
+
     def distribution(self, logits, batch) -> Float[Tensor, "prompt cand"]:
         return self.log_probs(logits, batch).softmax(-1)
 
     def grid_mass(self, logits, batch) -> Float[Tensor, "prompt"]:
         """Total (unrenormalized) probability the model puts on the candidates."""
+        return self.log_probs(logits, batch).logsumexp(-1).exp()
+
+
+@dataclass(frozen=True)
+class RowCandidateBatch(PackedCandidateBatch):
+    """A packed batch whose every row holds the trie of its own prompt's candidates (see
+    ``PromptCandidates``): per row, candidate ``c``'s token ``j`` is read at column
+    ``cand_read[row, c, j]`` of ``read_pos``, its stop term at ``end_read[row, c]``; -1 pads ids."""
+
+    cand_read: Int[Tensor, "row cand k"] = field(default=None)
+    cand_ids: Int[Tensor, "row cand k"] = field(default=None)
+    end_read: Int[Tensor, "row cand"] = field(default=None)
+    end_ids: Int[Tensor, "row cand m"] = field(default=None)
+    cand_valid: Bool[Tensor, "row cand"] = field(default=None)
+    values: Float[Tensor, "row cand"] = field(default=None)
+    answer_ids: Int[Tensor, "row a"] = field(default=None)
+
+
+def _padded(rows: Sequence[Tensor], fill, dims: int) -> Tensor:
+    """Stack tensors of ``dims`` dimensions, padding each dimension to its largest size with ``fill``."""
+    shape = [len(rows)] + [max(max(r.shape[d] for r in rows), 1) for d in range(dims)]
+    out = torch.full(shape, fill, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[(i, *[slice(0, n) for n in r.shape])] = r
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class PromptCandidates:
+    """Each prompt's own candidate answers, looked up by the prompt's token ids.
+
+    ``sets`` maps a prompt's tokens (a tuple of ids, padding excluded) to its ``CandidateAnswers``;
+    a prompt not there is passed to ``derive`` (a list of token tuples -> their candidate sets),
+    whose sets are kept. ``expand`` packs every row with the trie of its own candidates (the model
+    must take the packed layout, as the TransformerLens bridge does); ``log_probs`` is then
+    ``[prompt, cand]`` padded with ``-inf`` to the largest set, ``values_of`` the values (0 padded).
+    """
+
+    sets: dict = field(default_factory=dict)
+    derive: Callable[[list], dict] | None = None
+    packed: bool = True
+    single_token: bool = False
+
+    @staticmethod
+    def keys(batch: TokenBatch) -> list[tuple[int, ...]]:
+        lengths = batch.attention_mask.sum(-1).tolist()
+        tokens = batch.tokens.tolist()
+        return [tuple(t[:n]) for t, n in zip(tokens, lengths)]
+
+    def of(self, batch: TokenBatch) -> list[CandidateAnswers]:
+        """The candidate set of every prompt of ``batch`` (deriving the missing ones)."""
+        keys = self.keys(batch)
+        missing = list(dict.fromkeys(k for k in keys if k not in self.sets))
+        if missing:
+            if self.derive is None:
+                raise KeyError(f"{len(missing)} prompts have no candidate answers and there is no derive function")
+            self.sets.update(self.derive(missing))
+        return [self.sets[k] for k in keys]
+
+    def expand(self, batch: TokenBatch) -> RowCandidateBatch:
+        cands = self.of(batch)
+        tries = [c._trie for c in cands]
+        device = batch.tokens.device
+        n_nodes = torch.tensor([len(t.tokens) for t in tries], device=device)
+        tokens = _padded([t.tokens for t in tries], 0, 1).to(device)
+        depth = _padded([t.depth for t in tries], 1, 1).to(device)
+        sees = _padded([t.sees for t in tries], False, 2).to(device)
+        lengths = batch.lengths
+        width = int((lengths + n_nodes).max())
+        n_max = tokens.shape[1]
+        positions = torch.arange(width, device=device)
+        node = positions[None, :] - lengths[:, None]
+        in_trie = (node >= 0) & (node < n_nodes[:, None])
+        node_c = node.clamp(0, n_max - 1)
+        rows = torch.arange(len(batch), device=device)
+        out = torch.full((len(batch), width), pad_token_id_of(batch), dtype=torch.long, device=device)
+        out[:, : min(width, batch.tokens.shape[1])] = batch.tokens[:, :width]
+        out = torch.where(in_trie, tokens[rows[:, None], node_c], out)
+        position_ids = torch.where(in_trie, lengths[:, None] - 1 + depth[rows[:, None], node_c], positions[None, :])
+        causal = positions[None, :, None] >= positions[None, None, :]
+        both = in_trie[:, :, None] & in_trie[:, None, :]
+        seen = sees[rows[:, None, None], node_c[:, :, None], node_c[:, None, :]]
+        read_pos = (lengths[:, None] - 1 + torch.arange(n_max + 1, device=device)).clamp(max=width - 1)
+        answers = [torch.tensor(c.answer_tokens if c.answer_tokens else (), dtype=torch.long) for c in cands]
+        return RowCandidateBatch(
+            tokens=out,
+            attention_mask=(positions[None, :] < (lengths + n_nodes)[:, None]).long(),
+            answer_pos=lengths - 1,
+            position_ids=position_ids,
+            key_mask=causal & (~both | seen),
+            read_pos=read_pos,
+            cand_read=_padded([t.read for t in tries], 0, 2).to(device),
+            cand_ids=_padded([t.cand_tokens for t in tries], -1, 2).to(device),
+            end_read=_padded([t.end_read for t in tries], 0, 1).to(device),
+            end_ids=_padded([t.end_tokens for t in tries], -1, 2).to(device),
+            cand_valid=_padded([torch.ones(len(c.token_ids), dtype=torch.bool) for c in cands], False, 1).to(device),
+            values=_padded([torch.tensor(c.values, dtype=torch.float64) for c in cands], 0.0, 1).to(device),
+            answer_ids=_padded(answers, -1, 1).to(device),
+        )
+
+    def read_positions(self, batch: TokenBatch) -> Int[Tensor, "row n"]:
+        if not isinstance(batch, RowCandidateBatch):
+            raise TypeError("run the model on metric.expand(batch)")
+        return batch.read_pos
+
+    def log_probs_at(self, logits: Float[Tensor, "row n vocab"], batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
+        if not isinstance(batch, RowCandidateBatch):
+            raise TypeError("run the model on metric.expand(batch)")
+        logits = logits.float()
+        lse = logits.logsumexp(-1)  # row n
+        rows = torch.arange(logits.shape[0], device=logits.device)[:, None, None]
+        read, ids = batch.cand_read.to(logits.device), batch.cand_ids.to(logits.device)
+        token_logp = logits[rows, read, ids.clamp(min=0)] - lse[rows, read]  # row cand k
+        total = (token_logp * (ids >= 0)).sum(-1)
+        end_read, end_ids = batch.end_read.to(logits.device), batch.end_ids.to(logits.device)
+        end_logp = logits[rows, end_read[..., None], end_ids.clamp(min=0)] - lse[rows[..., 0], end_read][..., None]
+        total = total + _stop(end_logp, end_ids >= 0)
+        return torch.where(batch.cand_valid.to(logits.device), total, torch.full_like(total, float("-inf")))
+
+    def log_probs(self, logits: Float[Tensor, "row pos vocab"], batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
+        rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        return self.log_probs_at(logits[rows, self.read_positions(batch).to(logits.device)], batch)
+
+    def other_log_prob_at(self, logits: Float[Tensor, "row n vocab"], batch: TokenBatch) -> Float[Tensor, "prompt"]:
+        """log P(the reply starts with none of each prompt's answer tokens)."""
+        first = logits[:, 0].float()
+        ids = batch.answer_ids.to(first.device)
+        logp = first.gather(-1, ids.clamp(min=0)) - first.logsumexp(-1, keepdim=True)
+        return _stop(logp, ids >= 0)
+
+    def score(self, model, batch: TokenBatch, *, other: bool = False):
+        """Per prompt, the exact log-probability of each of its candidates (``-inf`` padded), with
+        the packed batch they were read on: ``(log_probs, expanded)``, or with ``other``
+        ``(log_probs, other_log_prob, expanded)``."""
+        expanded = self.expand(batch)
+        logits = logits_at(model, expanded, self.read_positions(expanded))
+        logp = self.log_probs_at(logits, expanded)
+        return (logp, self.other_log_prob_at(logits, expanded), expanded) if other else (logp, expanded)
+
+    def values_of(self, batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
+        if not isinstance(batch, RowCandidateBatch):
+            raise TypeError("run the model on metric.expand(batch)")
+        return batch.values
+
+    def distribution(self, logits, batch) -> Float[Tensor, "prompt cand"]:
+        return self.log_probs(logits, batch).softmax(-1)
+
+    def grid_mass(self, logits, batch) -> Float[Tensor, "prompt"]:
         return self.log_probs(logits, batch).logsumexp(-1).exp()
 
 
@@ -423,7 +575,7 @@ class ExpectedValue:
     over the candidates: ``summary="mean"`` the expected value, ``"log10"`` the expected
     ``log10(1 + value)`` (negative values count as 0), which suits heavy-tailed amounts."""
 
-    candidates: CandidateAnswers
+    candidates: CandidateAnswers | PromptCandidates
     summary: str = "mean"
 
     def __post_init__(self):
@@ -434,15 +586,17 @@ class ExpectedValue:
         return self.candidates.expand(batch)
 
     def __call__(self, logits, batch):
-        return self._expect(self.candidates.distribution(logits, batch))
+        return self._expect(self.candidates.distribution(logits, batch), batch)
 
     def evaluate(self, model, batch: TokenBatch) -> Float[Tensor, "prompt"]:
         """Per-prompt value straight from the model, unembedding only the positions read."""
-        return self._expect(self.candidates.score(model, batch).softmax(-1))
+        expanded = self.candidates.expand(batch)
+        logits = logits_at(model, expanded, self.candidates.read_positions(expanded))
+        return self._expect(self.candidates.log_probs_at(logits, expanded).softmax(-1), expanded)
 
-    def _expect(self, probs: Float[Tensor, "prompt cand"]) -> Float[Tensor, "prompt"]:
-        values = torch.tensor(self.candidates.values, device=probs.device, dtype=probs.dtype)
-        return probs @ SUMMARIES[self.summary](values)
+    def _expect(self, probs: Float[Tensor, "prompt cand"], batch: TokenBatch) -> Float[Tensor, "prompt"]:
+        values = self.candidates.values_of(batch).to(device=probs.device, dtype=probs.dtype)
+        return (probs * SUMMARIES[self.summary](values)).sum(-1)
 
 
 def run_metric(model, metric: Metric, batch: TokenBatch, **kwargs) -> Float[Tensor, "prompt"]:
@@ -461,6 +615,8 @@ __all__ = [
     "CandidateAnswers",
     "CandidateBatch",
     "PackedCandidateBatch",
+    "PromptCandidates",
+    "RowCandidateBatch",
     "ExpectedValue",
     "SUMMARIES",
     "answer_logits",

@@ -18,6 +18,7 @@ prompt like any other candidate grid. Characters that are not part of a number, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -105,7 +106,7 @@ class NumberGrammar:
             return ("int", lead, True, 0, ""), False
         if c == "." and phase == "int" and self.max_decimals > 0:
             return ("dot", lead, comma, 0, ""), False
-        if c == " " and phase in ("int", "frac"):
+        if c == " " and phase in ("int", "frac") and self.words:
             return ("space", lead, comma, count, ""), False
         spaced = " " if phase == "space" else ""
         if c.isalpha() and self._word_prefix(spaced + c):
@@ -125,9 +126,14 @@ class NumberGrammar:
             state, digits = nxt, digits or digit
             if state == DONE:
                 break
-        if text and not ended and state != DONE:
+        if text and not ended and state != DONE and not self._final(state):
             return state
         return DONE if digits or self._scaled(state) != start else None
+
+    def _final(self, state: State) -> bool:
+        """Whether no character can continue ``state`` (all its decimals read, no multiplier)."""
+        phase, _, _, count, word = state
+        return phase == "frac" and count >= self.max_decimals and not word and not self.words and not self.short
 
     def state_of(self, text: str) -> State:
         """The state after the characters of ``text`` (e.g. an answer prefix's ``"0."``)."""
@@ -285,6 +291,182 @@ def expand(
                       float(uncovered.mean()), evaluated)
 
 
+class _GrowingCache:
+    """The prompts' key/value cache, grown by every evaluated node (never recomputed): a node is
+    fed its last token at the position id it would have right after the prompt and its ancestors,
+    and attends to its prompt, its ancestors' cached keys and itself."""
+
+    def __init__(self, model, batch: TokenBatch):
+        self.model, self.hf = model, model.original_model
+        self.device = next(self.hf.parameters()).device
+        batch = batch.to(self.device)
+        with _attention_reads_cache(model):
+            out = self.hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, use_cache=True)
+        rows = torch.arange(len(batch), device=self.device)
+        self.root = out.logits[rows, batch.answer_pos].float().log_softmax(-1).cpu()
+        self.cache = out.past_key_values
+        self.keys = batch.attention_mask.bool()  # row key: which cached keys a row's nodes may read
+        self.lengths = batch.lengths
+        self.rows = torch.arange(len(batch))  # the batch rows still in the cache, in cache order
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these batch rows (a subset of ``self.rows``, in order) in the cache."""
+        at = {int(r): i for i, r in enumerate(self.rows)}
+        index = torch.tensor([at[r] for r in rows], dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.keys, self.lengths = self.keys[index], self.lengths[index]
+        self.rows = torch.tensor(list(rows), dtype=torch.long)
+
+    def feed(self, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+        """Feed one token per (row, slot): ``tokens``/``depth`` ``[row, slot]`` (depth 0: a dummy
+        slot), ``ancestors[row, slot, key]`` the cached keys (beyond the prompt) each slot reads.
+        Returns next-token log-probabilities ``[row, slot, vocab]`` (float32, on the CPU)."""
+        rows, slots = tokens.shape
+        width = self.keys.shape[1]
+        prompt = self.keys[:, None, :].expand(-1, slots, -1).clone()
+        prompt[:, :, : ancestors.shape[-1]] |= ancestors.to(self.device)
+        real = (depth > 0).to(self.device)
+        prompt &= real[:, :, None]
+        own = torch.eye(slots, dtype=torch.bool, device=self.device)[None].expand(rows, -1, -1)
+        mask = torch.cat([prompt, own], -1)
+        positions = torch.where(real, self.lengths[:, None] - 1 + depth.to(self.device), 0)
+        with _attention_reads_cache(self.model):
+            out = self.hf(input_ids=tokens.to(self.device), attention_mask=mask[:, None], position_ids=positions,
+                          past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.keys = torch.cat([self.keys, torch.zeros(rows, slots, dtype=torch.bool, device=self.device)], -1)
+        del width
+        return out.logits.float().log_softmax(-1).cpu()
+
+
+@torch.no_grad()
+def expand_each(
+    model,
+    batch: TokenBatch,
+    grammar: NumberGrammar,
+    *,
+    start: State = ROOT,
+    target: float = 0.97,
+    max_nodes: int = 160,
+    per_round: int = 16,
+    min_mass: float = 1e-4,
+    progress: bool = False,
+) -> list[NumberTree]:
+    """Best-first expansion of each prompt's own number tree, all of ``batch``'s prompts at once.
+
+    Per prompt, each round evaluates its ``per_round`` frontier nodes of highest probability (one
+    forward for every prompt still expanding, on the key/value cache of the prompts and of the
+    nodes evaluated so far); a prompt stops when its covered mass reaches ``target`` of its numeric
+    mass, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it (final
+    answers under ``min_mass`` are dropped too). Returns one ``NumberTree`` per prompt, whose
+    ``mass`` is that prompt's probability of each answer. Deterministic: ties break by token ids.
+    """
+    import heapq
+
+    n = len(batch)
+    cache = _GrowingCache(model, batch)
+    root_ids = grammar.continuation_ids(start)
+    root_table = grammar.continuations(start)
+    ids_t = torch.tensor(root_ids, dtype=torch.long)
+    trees: list[dict] = []
+    for r in range(n):
+        logp = cache.root[r, ids_t].double()
+        other = float(torch.log1p(-logp.exp().sum().clamp(max=1 - 1e-12)).exp())
+        t = {"paths": [], "ends": [], "mass": [], "covered": 0.0, "dropped": 0.0, "frontier": [],
+             "col": {}, "other": other, "numeric": 1 - other, "evaluated": 0, "pending": 0.0}
+        floor = min_mass * t["numeric"]
+        for j, token in enumerate(root_ids):
+            _push(t, (token,), root_table[token], float(logp[j]), floor)
+        trees.append(t)
+
+    def active(r):
+        t = trees[r]
+        return (t["frontier"] and t["evaluated"] < max_nodes and t["covered"] < target * t["numeric"]
+                and -t["frontier"][0][0] >= min_mass * t["numeric"])
+
+    bar = tqdm(total=n * max_nodes, desc="expanding answers", disable=not progress)
+    live = [r for r in range(n) if active(r)]
+    while live:
+        if len(live) < len(cache.rows):
+            cache.keep(live)
+        chosen = []
+        for r in live:
+            t, picked = trees[r], []
+            floor = min_mass * t["numeric"]
+            while t["frontier"] and len(picked) < min(per_round, max_nodes - t["evaluated"]):
+                neg, path, state, logp = t["frontier"][0]
+                if -neg < floor:
+                    break
+                heapq.heappop(t["frontier"])
+                t["pending"] -= math.exp(logp)
+                picked.append((path, state, logp))
+            chosen.append(picked)
+        slots = max(len(p) for p in chosen)
+        width = cache.keys.shape[1]
+        tokens = torch.zeros(len(live), slots, dtype=torch.long)
+        depth = torch.zeros(len(live), slots, dtype=torch.long)
+        ancestors = torch.zeros(len(live), slots, width, dtype=torch.bool)
+        for i, (r, picked) in enumerate(zip(live, chosen)):
+            col = trees[r]["col"]
+            for s, (path, _, _) in enumerate(picked):
+                tokens[i, s], depth[i, s] = path[-1], len(path)
+                for d in range(1, len(path)):
+                    ancestors[i, s, col[path[:d]]] = True
+        logps = cache.feed(tokens, depth, ancestors)
+        index = {}
+        for picked in chosen:
+            for _, state, _ in picked:
+                if state not in index:
+                    index[state] = torch.tensor(grammar.continuation_ids(state), dtype=torch.long)
+        for i, (r, picked) in enumerate(zip(live, chosen)):
+            t = trees[r]
+            floor = min_mass * t["numeric"]
+            for s, (path, state, logp) in enumerate(picked):
+                t["col"][path] = width + s
+                table = grammar.continuations(state)
+                ids = grammar.continuation_ids(state)
+                child = logps[i, s, index[state]].double()
+                mass = child.exp()
+                stop = math.log1p(-min(float(mass.sum()), 1 - 1e-12))
+                t["paths"].append(path), t["ends"].append(ids), t["mass"].append(math.exp(logp + stop))
+                t["covered"] += math.exp(logp + stop)
+                kept = (mass * math.exp(logp) >= floor).nonzero().flatten().tolist()
+                t["dropped"] += math.exp(logp) * (float(mass.sum()) - float(mass[kept].sum()))
+                lps = (logp + child[kept]).tolist()
+                for j, lp in zip(kept, lps):
+                    token = ids[j]
+                    _push(t, path + (token,), table[token], lp, floor)
+            t["evaluated"] += len(picked)
+            bar.update(len(picked))
+        live = [r for r in live if active(r)]
+    bar.close()
+    out = []
+    for t in trees:
+        uncovered = t["dropped"] + sum(math.exp(f[3]) for f in t["frontier"])
+        out.append(NumberTree(tuple(t["paths"]), tuple(t["ends"]), tuple(t["mass"]), root_ids, t["covered"],
+                              t["other"], uncovered, t["evaluated"]))
+    return out
+
+
+def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: float) -> None:
+    """File a child: a final answer is covered (or dropped under ``floor``); a partial number joins
+    the frontier (dropped under ``floor``: it could never be chosen)."""
+    import heapq
+
+    mass = math.exp(logp)
+    if state == DONE:
+        if mass >= floor:
+            tree["paths"].append(path), tree["ends"].append(None), tree["mass"].append(mass)
+            tree["covered"] += mass
+        else:
+            tree["dropped"] += mass
+    elif mass >= floor:
+        heapq.heappush(tree["frontier"], (-mass, path, state, logp))
+        tree["pending"] += mass
+    else:
+        tree["dropped"] += mass
+
+
 def weighted_median(probs: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
     """Per row, the smallest value whose cumulative probability reaches half (rows sum to 1)."""
     v = torch.as_tensor(values, dtype=probs.dtype, device=probs.device)
@@ -294,4 +476,4 @@ def weighted_median(probs: torch.Tensor, values: Sequence[float]) -> torch.Tenso
     return v[order][first]
 
 
-__all__ = ["DONE", "ROOT", "NumberGrammar", "NumberTree", "expand", "weighted_median"]
+__all__ = ["DONE", "ROOT", "NumberGrammar", "NumberTree", "expand", "expand_each", "weighted_median"]

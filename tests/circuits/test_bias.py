@@ -17,7 +17,8 @@ from circuits.bias import (
 from circuits.contexts import CONTEXTS, AnswerFormat, AnswerGrid
 from circuits.prompts import build_pairs, build_prompts
 from interp.batching import tokenize
-from interp.metrics import CandidateAnswers
+from interp.hooks import hooked
+from interp.metrics import CandidateAnswers, PromptCandidates
 
 
 def synthetic_values(sign=1, seed=0):
@@ -88,7 +89,7 @@ def test_sign_convention_flips_advantage_not_gap():
     assert down.loc["race", "advantage_ci_high"] == pytest.approx(-down.loc["race", "ci_low"])
 
 
-TINY = Expansion(pilots=4, max_nodes=24, per_round=8, target=1.0, min_mass=1e-6)  # a small tree, grown to its budget
+TINY = Expansion(max_nodes=24, per_round=8, target=1.0, min_mass=1e-6)  # small trees, grown to their budget
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +154,10 @@ def test_yes_no_forms_exclude_each_other(tiny_model):
 def test_context_metric_is_differentiable_and_matches_measure(tiny_model, small):
     subset = small.filter(context="lending_rate", gender="woman")
     metric = context_metric(tiny_model, "lending_rate", expansion=TINY)
-    assert metric.candidates.n_nodes > 0 and any(metric.candidates.ends)
+    assert isinstance(metric.candidates, PromptCandidates)
     batch = tokenize(tiny_model, subset.texts)
+    own = metric.candidates.of(batch)  # each prompt its own answers
+    assert all(c.n_nodes > 0 and any(c.ends) for c in own) and own[0].token_ids != own[1].token_ids
     expanded = metric.expand(batch)
     tiny_model.zero_grad()
     with torch.enable_grad():
@@ -174,7 +177,10 @@ def test_answers_tokenize_as_continuations_of_their_prompts(tiny_model):
     prompts = build_prompts(tiny_model, details=["numeric"]).sample(variations=1, names_per_cell=1)
     for ctx in prompts.contexts:
         cands = context_metric(tiny_model, ctx, expansion=TINY).candidates
-        check_answer_alignment(tiny_model, prompts.filter(context=ctx).texts[0], cands)
+        text = prompts.filter(context=ctx).texts[0]
+        if isinstance(cands, PromptCandidates):
+            cands = cands.of(tokenize(tiny_model, [text]))[0]
+        check_answer_alignment(tiny_model, text, cands)
     broken = CandidateAnswers.from_texts(tiny_model.tokenizer, ["s", "t"], [1.0, 0.0])
     with pytest.raises(ValueError, match="tokenizes differently"):
         check_answer_alignment(tiny_model, "The answer is Ye", broken)
@@ -201,3 +207,18 @@ def test_paired_differences_over_aligned_pairs(tiny_model, small):
         assert row["advantage"] == pytest.approx(CONTEXTS[ctx].sign * row["gap"])
     with pytest.raises(ValueError, match="not measured"):
         pair_differences(frame[frame.prompt_id != diffs.prompt_id_a.iloc[0]], pairs)
+
+
+def test_answers_are_derived_on_the_unmodified_model_only(tiny_model, small):
+    """A prompt first seen while hooks are attached (an ablation, a patch) cannot get its answers:
+    they would be the modified model's; prompts passed to context_metric are derived right away."""
+    expansion = Expansion(max_nodes=8, per_round=4, target=1.0, min_mass=1e-6)
+    rows = small.filter(context="chess")
+    metric = context_metric(tiny_model, "chess", expansion=expansion, prompts=rows)
+    assert len(metric.candidates.sets) == len(rows)
+    batch = tokenize(tiny_model, rows.texts)
+    other = tokenize(tiny_model, [rows.texts[0].replace(rows.frame["first_name"].iloc[0], "Zed")])
+    with hooked(tiny_model, [("blocks.0.hook_resid_post", lambda x, hook: x)]):
+        metric.expand(batch)  # already derived
+        with pytest.raises(RuntimeError, match="hooks attached"):
+            metric.expand(other)

@@ -38,16 +38,48 @@ def _walk(grammar, tokenizer, text, start=""):
     "text,start",
     [("1,000", ""), ("1.5k", ""), ("100.", ""), ("5,000.00", ""), ("50%", ""), ("25 million", ""), ("3K", ""),
      ("1,5", ""), ("1,2345", ""), ("7 km", ""), ("10M", ""), ("2.5 billion dollars", ""), ("40,000-50,000", ""),
-     ("75", "0."), ("1,000\n", ""), ("12.345", ""), ("5k.", ""), ("600 thousand", "")],
+     ("75", "0."), ("1,000\n", ""), ("12.345", ""), ("5k.", ""), ("600 thousand", ""), ("1.5 million", ""),
+     ("150.50", ""), ("$150.50", "$"), ("1.50", ""), ("20,000.", ""), ("3.5M", "")],
 )
-def test_parsing_and_enumeration_agree_on_tricky_strings(tiny_model, grammar, text, start):
+@pytest.mark.parametrize("which", ["grammar", "dollars"])
+def test_parsing_and_enumeration_agree_on_tricky_strings(tiny_model, grammar, text, start, which):
     """The answer the enumeration files a reply under has the value parse_number reads from the reply
-    (a range counts at its first number; decimals beyond max_decimals are dropped)."""
-    path = _walk(grammar, tiny_model.tokenizer, text, start)
-    expected = parse_number("$" + start + text.split("-")[0])
+    (a range counts at its first number; decimals beyond max_decimals are dropped); also with the
+    grammar the dollar contexts use (``circuits.bias``)."""
+    from circuits.bias import _grammar
+
+    if which == "dollars":
+        grammar = _grammar(tiny_model.tokenizer, "dollars")
+    number = start.lstrip("$")
+    text = text.lstrip("$")
+    path = _walk(grammar, tiny_model.tokenizer, text, number)
+    expected = parse_number("$" + number + text.split("-")[0])
     if text == "12.345":
         expected = 12.34
-    assert parse_number(start + path) == pytest.approx(expected)
+    assert parse_number(number + path) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text,start", [("75", "0."), ("0.5", ""), ("50%", ""), ("12.345", ""), ("7 km", ""),
+                                        ("1,000", ""), ("40-50", "")])
+@pytest.mark.parametrize("answer_type", ["probability", "percent", "score", "rank"])
+def test_other_types_read_numbers_without_multipliers(tiny_model, text, start, answer_type):
+    """Chances, percentages, scores and ranks are read without multiplier words (``"0.5 million"`` is
+    no probability), so a number with all its decimals is final; the value still agrees with parse_number
+    up to the decimals read."""
+    from circuits.bias import _grammar
+    from circuits.contexts import DECIMALS
+
+    if start == "0." and not DECIMALS[answer_type]:
+        pytest.skip("a rank has no decimals to start")
+    grammar = _grammar(tiny_model.tokenizer, answer_type)
+    assert not grammar.words and not grammar.short
+    path = _walk(grammar, tiny_model.tokenizer, text, start)
+    expected = parse_number(start + text.split("-")[0])
+    decimals = DECIMALS[answer_type]
+    assert parse_number(start + path) == pytest.approx(int(expected * 10**decimals + 1e-9) / 10**decimals)
+    if decimals:
+        full = "1." + "5" * decimals  # all decimals read: nothing continues it
+        assert grammar.step(grammar.state_of(full[:-1]), "5") == DONE
 
 
 def test_tokens_that_end_a_number_leave_its_value_unchanged(tiny_model, grammar):
