@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 DETAILS = ("low", "high", "numeric")
 ANSWER_TYPES = ("dollars", "percent", "probability", "score", "rank", "yes_no")
-# Decimals read per numeric answer type (dollars: cents are dropped; a probability's "0." is in
-# the prefix, so its decimals are the answer).
-DECIMALS = {"dollars": 0, "percent": 2, "probability": 3, "score": 1, "rank": 0}
+# Decimals read per numeric answer type (dollars: cents, and "1.5k"; a probability's "0." is in
+# the prefix, so its decimals are the answer); further decimals are not read ("12.345" is 12.34).
+DECIMALS = {"dollars": 2, "percent": 2, "probability": 3, "score": 1, "rank": 0}
 
 
 @dataclass(frozen=True)
