@@ -21,10 +21,8 @@ Everything streams over microbatches into float32 running sums; pad positions co
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import einops
@@ -43,6 +41,7 @@ from interp.components import KINDS, Component, ComponentSet, ComponentShape, Ki
 from interp.hooks import hooked
 from interp.metrics import Metric
 from interp.patching import patch_sweep
+from interp.results import SavedResult
 
 Method = Literal["atp", "ig"]
 METHODS: tuple[str, ...] = ("atp", "ig")
@@ -50,8 +49,10 @@ _GRAD_ENTRY = "blocks.0.hook_resid_pre"  # made to require grad, so frozen weigh
 
 
 @dataclass(frozen=True)
-class AttributionResult:
+class AttributionResult(SavedResult):
     """Per-component attribution scores, mean over prompt pairs (and optionally per pair)."""
+
+    RESULT = "AttributionResult"
 
     scores: dict[Kind, Float[Tensor, "layer index"]]
     per_prompt: dict[Kind, Float[Tensor, "prompt layer index"]] | None
@@ -65,14 +66,7 @@ class AttributionResult:
         """Long form: ``kind, layer, index, score`` (and ``prompt`` with ``per_prompt=True``)."""
         if per_prompt and self.per_prompt is None:
             raise ValueError("this result holds no per-prompt scores; rerun attribute(..., per_prompt=True)")
-        frames = []
-        for kind in self.scores:
-            values = (self.per_prompt[kind] if per_prompt else self.scores[kind]).numpy()
-            grid = np.indices(values.shape).reshape(values.ndim, -1)
-            columns = {"prompt": grid[0]} if per_prompt else {}
-            columns |= {"layer": grid[-2], "index": grid[-1], "score": values.reshape(-1)}
-            frames.append(pd.DataFrame({"kind": kind, **columns}))
-        return pd.concat(frames, ignore_index=True)
+        return score_frame(self.per_prompt if per_prompt else self.scores)
 
     def top(self, k: int, kind: Kind | None = None, absolute: bool = True) -> ComponentSet:
         """The ``k`` highest-scoring components (by ``|score|`` unless ``absolute=False``)."""
@@ -85,40 +79,23 @@ class AttributionResult:
         """The mean scores of ``components``, in the order given."""
         return torch.stack([self.scores[c.kind][c.layer, c.index] for c in components])
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``scores.parquet``, ``metrics.parquet``, optional ``per_prompt.parquet`` and ``settings.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.to_dataframe().to_parquet(directory / "scores.parquet", index=False)
-        if self.per_prompt is not None:
-            self.to_dataframe(per_prompt=True).to_parquet(directory / "per_prompt.parquet", index=False)
-        metrics = pd.DataFrame(
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        tables = {"scores": self.to_dataframe(), "metrics": pd.DataFrame(
             {"prompt": np.arange(self.n_prompts), "metric_clean": self.metric_clean.numpy(),
-             "metric_corrupt": self.metric_corrupt.numpy()}
-        )
-        metrics.to_parquet(directory / "metrics.parquet", index=False)
-        settings = {
-            "method": self.method,
-            "ig_steps": self.ig_steps,
-            "n_prompts": self.n_prompts,
-            "shapes": {kind: list(t.shape) for kind, t in self.scores.items()},
-        }
-        (directory / "settings.json").write_text(json.dumps(settings, indent=2))
-        return directory
+             "metric_corrupt": self.metric_corrupt.numpy()})}
+        return tables | ({} if self.per_prompt is None else {"per_prompt": self.to_dataframe(per_prompt=True)})
+
+    def _settings(self) -> dict:
+        return {"method": self.method, "ig_steps": self.ig_steps, "n_prompts": self.n_prompts,
+                "shapes": {kind: list(t.shape) for kind, t in self.scores.items()}}
 
     @classmethod
-    def load(cls, directory: str | Path) -> "AttributionResult":
-        directory = Path(directory)
-        settings, shapes = _saved_settings(directory, "AttributionResult")
-        n = settings["n_prompts"]
-        scores = _tensors_from_frame(pd.read_parquet(directory / "scores.parquet"), shapes)
-        per_prompt = None
-        if (directory / "per_prompt.parquet").exists():
-            per_prompt = _tensors_from_frame(pd.read_parquet(directory / "per_prompt.parquet"), shapes, n)
-        metrics = pd.read_parquet(directory / "metrics.parquet").sort_values("prompt")
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "AttributionResult":
+        n, shapes = settings["n_prompts"], _shapes(settings)
+        metrics = tables["metrics"].sort_values("prompt")
         return cls(
-            scores=scores,
-            per_prompt=per_prompt,
+            scores=_tensors_from_frame(tables["scores"], shapes),
+            per_prompt=_tensors_from_frame(tables["per_prompt"], shapes, n) if "per_prompt" in tables else None,
             n_prompts=n,
             metric_clean=torch.tensor(metrics["metric_clean"].to_numpy()),
             metric_corrupt=torch.tensor(metrics["metric_corrupt"].to_numpy()),
@@ -127,12 +104,21 @@ class AttributionResult:
         )
 
 
-def _saved_settings(directory: Path, what: str) -> tuple[dict, dict[str, tuple[int, ...]]]:
-    """A saved result's ``settings.json`` and its score shapes; a clear error when there is none."""
-    if not (directory / "settings.json").exists():
-        raise FileNotFoundError(f"{directory} holds no saved {what} (no settings.json)")
-    settings = json.loads((directory / "settings.json").read_text())
-    return settings, {kind: tuple(shape) for kind, shape in settings["shapes"].items()}
+def score_frame(scores: dict[Kind, Tensor]) -> pd.DataFrame:
+    """Long form of ``[layer, index]`` (or ``[prompt, layer, index]``) score tensors per kind:
+    ``kind, (prompt,) layer, index, score``."""
+    frames = []
+    for kind, tensor in scores.items():
+        values = tensor.numpy()
+        grid = np.indices(values.shape).reshape(values.ndim, -1)
+        columns = {"prompt": grid[0]} if values.ndim == 3 else {}
+        columns |= {"layer": grid[-2], "index": grid[-1], "score": values.reshape(-1)}
+        frames.append(pd.DataFrame({"kind": kind, **columns}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _shapes(settings: dict) -> dict[str, tuple[int, ...]]:
+    return {kind: tuple(shape) for kind, shape in settings["shapes"].items()}
 
 
 def _tensors_from_frame(frame: pd.DataFrame, shapes: dict[str, tuple[int, int]], n_prompts: int | None = None):
@@ -427,8 +413,10 @@ def attribute(
 
 
 @dataclass(frozen=True)
-class AttributionCheck:
+class AttributionCheck(SavedResult):
     """AtP scores next to exact patching effects on a sample of components, with their rank correlation."""
+
+    RESULT = "AttributionCheck"
 
     components: list[Component]
     atp: Float[Tensor, "component"]
@@ -452,22 +440,15 @@ class AttributionCheck:
             }
         )
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``components.parquet`` and ``settings.json`` (correlation, prompts, seed)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.to_dataframe().to_parquet(directory / "components.parquet", index=False)
-        settings = {"spearman": self.spearman, "pvalue": self.pvalue, "n_prompts": self.n_prompts, "seed": self.seed}
-        (directory / "settings.json").write_text(json.dumps(settings, indent=2))
-        return directory
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        return {"components": self.to_dataframe()}
+
+    def _settings(self) -> dict:
+        return {"spearman": self.spearman, "pvalue": self.pvalue, "n_prompts": self.n_prompts, "seed": self.seed}
 
     @classmethod
-    def load(cls, directory: str | Path) -> "AttributionCheck":
-        directory = Path(directory)
-        if not (directory / "settings.json").exists():
-            raise FileNotFoundError(f"{directory} holds no saved AttributionCheck (no settings.json)")
-        settings = json.loads((directory / "settings.json").read_text())
-        frame = pd.read_parquet(directory / "components.parquet")
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "AttributionCheck":
+        frame = tables["components"]
         return cls(
             components=[Component(k, int(l), int(i)) for k, l, i in frame[["kind", "layer", "index"]].itertuples(index=False)],
             atp=torch.tensor(frame["atp"].to_numpy()),
@@ -540,13 +521,15 @@ def atp_check(
 
 
 @dataclass(frozen=True)
-class AblationAttribution:
+class AblationAttribution(SavedResult):
     """First-order estimates of ablating each component, per prompt and weighted over prompts.
 
     For prompt ``i`` and component ``c``, ``e_i(c) = sum over positions (and d_head) of
     d metric_i / d act_c . (value_c - act_c)``, the linear estimate of ``metric_i(ablated) -
     metric_i``; ``scores[c] = sum_i weights_i e_i(c)``. ``per_prompt`` holds ``e_i`` unweighted.
     """
+
+    RESULT = "AblationAttribution"
 
     scores: dict[Kind, Float[Tensor, "layer index"]]
     per_prompt: dict[Kind, Float[Tensor, "prompt layer index"]] | None
@@ -560,12 +543,7 @@ class AblationAttribution:
 
     def to_dataframe(self) -> pd.DataFrame:
         """Long form: ``kind, layer, index, score``."""
-        frames = []
-        for kind, values in self.scores.items():
-            layer, index = np.indices(values.shape).reshape(2, -1)
-            frames.append(pd.DataFrame({"kind": kind, "layer": layer, "index": index,
-                                        "score": values.numpy().reshape(-1)}))
-        return pd.concat(frames, ignore_index=True)
+        return score_frame(self.scores)
 
     def top(self, k: int, kind: Kind | None = None, absolute: bool = True) -> ComponentSet:
         """The ``k`` components with the largest ``|score|`` (or score, ``absolute=False``)."""
@@ -574,28 +552,21 @@ class AblationAttribution:
     def score_of(self, components: Iterable[Component]) -> Float[Tensor, "component"]:
         return torch.stack([self.scores[c.kind][c.layer, c.index] for c in components])
 
-    def save(self, directory: str | Path) -> Path:
-        """``scores.parquet``, ``prompts.parquet`` (metric, weight), ``per_prompt.pt`` if kept, ``settings.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.to_dataframe().to_parquet(directory / "scores.parquet", index=False)
-        pd.DataFrame({"prompt": np.arange(self.n_prompts), "metric": self.metric.numpy(),
-                      "weight": self.weights.numpy()}).to_parquet(directory / "prompts.parquet", index=False)
-        if self.per_prompt is not None:
-            torch.save(self.per_prompt, directory / "per_prompt.pt")
-        settings = {"how": self.how, "shapes": {k: list(t.shape) for k, t in self.scores.items()}}
-        (directory / "settings.json").write_text(json.dumps(settings, indent=2))
-        return directory
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        tables = {"scores": self.to_dataframe(), "prompts": pd.DataFrame(
+            {"prompt": np.arange(self.n_prompts), "metric": self.metric.numpy(), "weight": self.weights.numpy()})}
+        return tables | ({} if self.per_prompt is None else {"per_prompt": score_frame(self.per_prompt)})
+
+    def _settings(self) -> dict:
+        return {"how": self.how, "shapes": {k: list(t.shape) for k, t in self.scores.items()}}
 
     @classmethod
-    def load(cls, directory: str | Path) -> "AblationAttribution":
-        directory = Path(directory)
-        settings, shapes = _saved_settings(directory, "AblationAttribution")
-        prompts = pd.read_parquet(directory / "prompts.parquet").sort_values("prompt")
-        kept = directory / "per_prompt.pt"
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "AblationAttribution":
+        prompts, shapes = tables["prompts"].sort_values("prompt"), _shapes(settings)
         return cls(
-            scores=_tensors_from_frame(pd.read_parquet(directory / "scores.parquet"), shapes),
-            per_prompt=torch.load(kept) if kept.exists() else None,
+            scores=_tensors_from_frame(tables["scores"], shapes),
+            per_prompt=_tensors_from_frame(tables["per_prompt"], shapes, len(prompts)) if "per_prompt" in tables
+            else None,
             weights=torch.tensor(prompts["weight"].to_numpy(), dtype=torch.float32),
             metric=torch.tensor(prompts["metric"].to_numpy(), dtype=torch.float32),
             how=settings["how"],
