@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
@@ -54,6 +52,7 @@ from interp.components import KINDS, Component, ComponentSet, ComponentShape, Ki
 from interp.distributed import Shard, all_reduce_sum, current_shard
 from interp.hooks import HookSpec, hooked
 from interp.memory import Backoff, free_memory_bytes
+from interp.results import SavedResult
 from interp.metrics import (
     CandidateAnswers,
     CandidateBatch,
@@ -67,13 +66,14 @@ from interp.metrics import (
 Variant = Component | ComponentSet
 _CPU_BUDGET_BYTES = 1 << 30  # default microbatch memory budget where free memory cannot be queried
 _GPU_BUDGET_FRACTION = 0.5
-_FORMAT = "interp.patching/1"
 
 
 # -- the result ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class PatchingResult:
+class PatchingResult(SavedResult):
     """The metric of every variant on every prompt, with the unpatched target and source values."""
+
+    RESULT = "PatchingResult"
 
     values: Float[Tensor, "variant prompt"]
     baseline: Float[Tensor, "prompt"]
@@ -140,50 +140,27 @@ class PatchingResult:
         grid[layers, indices] = self.effects[rows].mean(-1)
         return grid
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``values``/``prompts``/``variants`` Parquet tables and ``settings.json`` to ``directory``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+    def _tables(self) -> dict[str, pd.DataFrame]:
         n_variant, n_prompt = self.values.shape
-        pd.DataFrame(
-            {
-                "variant": np.repeat(np.arange(n_variant), n_prompt),
-                "prompt": np.tile(np.arange(n_prompt), n_variant),
-                "value": self.values.numpy().reshape(-1),
-            }
-        ).to_parquet(out / "values.parquet", index=False)
-        pd.DataFrame(
-            {
-                "prompt": np.arange(n_prompt),
-                "baseline": self.baseline.numpy(),
-                "source_value": self.source_values.numpy(),
-            }
-        ).to_parquet(out / "prompts.parquet", index=False)
-        components = [
-            (i, c.kind, c.layer, c.index) for i, variant in enumerate(self.variants) for c in variant
-        ]
-        pd.DataFrame(components, columns=["variant", "kind", "layer", "index"]).to_parquet(
-            out / "variants.parquet", index=False
-        )
-        shape = None if self.shape is None else vars(self.shape)
-        settings = {"format": _FORMAT, "n_variants": n_variant, "n_prompts": n_prompt, "shape": shape}
-        (out / "settings.json").write_text(json.dumps(settings, indent=2))
-        return out
+        values = pd.DataFrame({"variant": np.repeat(np.arange(n_variant), n_prompt),
+                               "prompt": np.tile(np.arange(n_prompt), n_variant),
+                               "value": self.values.numpy().reshape(-1)})
+        prompts = pd.DataFrame({"prompt": np.arange(n_prompt), "baseline": self.baseline.numpy(),
+                                "source_value": self.source_values.numpy()})
+        components = [(i, c.kind, c.layer, c.index) for i, variant in enumerate(self.variants) for c in variant]
+        variants = pd.DataFrame(components, columns=["variant", "kind", "layer", "index"])
+        return {"values": values, "prompts": prompts, "variants": variants}
+
+    def _settings(self) -> dict:
+        n_variant, n_prompt = self.values.shape
+        return {"n_variants": n_variant, "n_prompts": n_prompt, "shape": None if self.shape is None else vars(self.shape)}
 
     @classmethod
-    def load(cls, directory: str | Path) -> "PatchingResult":
-        src = Path(directory)
-        settings_file = src / "settings.json"
-        if not settings_file.exists():
-            raise FileNotFoundError(f"{src} holds no saved PatchingResult (no settings.json)")
-        settings = json.loads(settings_file.read_text())
-        if settings.get("format") != _FORMAT:
-            raise ValueError(f"{settings_file} is not a {_FORMAT} result (format {settings.get('format')!r})")
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "PatchingResult":
         n_variant, n_prompt = settings["n_variants"], settings["n_prompts"]
-        values = pd.read_parquet(src / "values.parquet").sort_values(["variant", "prompt"])
-        prompts = pd.read_parquet(src / "prompts.parquet").sort_values("prompt")
-        table = pd.read_parquet(src / "variants.parquet")
-        grouped = {v: ComponentSet.from_dataframe(rows) for v, rows in table.groupby("variant")}
+        values = tables["values"].sort_values(["variant", "prompt"])
+        prompts = tables["prompts"].sort_values("prompt")
+        grouped = {v: ComponentSet.from_dataframe(rows) for v, rows in tables["variants"].groupby("variant")}
         return cls(
             values=torch.from_numpy(values["value"].to_numpy().reshape(n_variant, n_prompt).copy()),
             baseline=torch.from_numpy(prompts["baseline"].to_numpy().copy()),
@@ -435,11 +412,12 @@ def _resume(
     rows: Int[Tensor, "row"],
     reader: _LogitReader,
     prefix: _Prefix,
+    cache_rows: Int[Tensor, "row"] | None = None,
 ) -> Tensor:
     """Logits of ``batch``'s ``rows`` from ``residual`` entering block ``layer`` (after the prefix, if
-    any), lower blocks skipped."""
+    any, whose cached rows are ``cache_rows``, default ``rows``), lower blocks skipped."""
     layout = batch.take(rows).forward_kwargs(offset=prefix.length)
-    kwargs = reader.kwargs(offset=prefix.length) | prefix.kwargs(rows) | layout
+    kwargs = reader.kwargs(offset=prefix.length) | prefix.kwargs(rows if cache_rows is None else cache_rows) | layout
     with (
         _blocks_skipped_below(model, layer),
         _attention_reads_cache(model) if prefix.length else nullcontext(),

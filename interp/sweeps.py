@@ -7,7 +7,11 @@ set's lowest layer (``blocks.L.hook_resid_pre``); the ablated runs resume from t
 lower blocks passed through (exact: nothing below a set's lowest layer changes); the sets of one
 start layer are stacked as rows of one forward, one row per (set, expanded prompt row), with a
 hook that ablates, in each row, that row's set only; and for the library's metrics only the logit
-positions the metric reads are unembedded. Microbatches halve on out-of-memory (``Backoff``).
+positions the metric reads are unembedded. Where every prompt starts with the same tokens (a system
+prompt, the template up to the name), each set's ablated run of that prefix is the same for every
+prompt: it runs once per set (one row), and the stacked rows resume after it from its cached keys
+and values (``patch_sweep``'s prefix reuse, checked the same way). Microbatches halve on
+out-of-memory (``Backoff``).
 
 - :func:`metric_sweep`: any ``interp.metrics.Metric`` (a batch-expanding one, such as packed
   candidate answers, runs on ``metric.expand(batch)``), one value per (set, prompt), with the
@@ -35,7 +39,17 @@ from interp.components import Component, ComponentSet, ComponentShape
 from interp.hooks import HookSpec, hooked
 from interp.memory import Backoff
 from interp.metrics import Metric
-from interp.patching import _LogitReader, _Prefix, _evaluate, _resume, _rows_per_batch, _run_unpatched, variant_label
+from interp.patching import (
+    _checked_prefix,
+    _evaluate,
+    _LogitReader,
+    _Prefix,
+    _resume,
+    _rows_per_batch,
+    _run_unpatched,
+    _shared_prefix_length,
+    variant_label,
+)
 
 Score = Callable[[Float[Tensor, "row pos vocab"], Int[Tensor, "row"]], Float[Tensor, "row"]]
 # values of a stack of items from their logits: (logits, expanded rows, prompt of each item) -> [item, ...]
@@ -88,9 +102,10 @@ def _check_means(sets: list[ComponentSet], means: Mapping[str, Tensor] | None, s
 
 def _ablation_hooks(
     sets: list[ComponentSet], variant_of_row: Int[Tensor, "row"], shape: ComponentShape,
-    means: Mapping[str, Tensor] | None = None,
+    means: Mapping[str, Tensor] | None = None, offset: int = 0,
 ) -> list[HookSpec]:
-    """Hooks setting, in each row, the units of that row's set to 0 (or to ``means[hook]``)."""
+    """Hooks setting, in each row, the units of that row's set to 0 (or to ``means[hook]``); the
+    forward holds positions ``offset ..`` (for per-position means)."""
     hooks = []
     for hook in sorted({h for s in sets for h in s.by_hook()}):
         kind = "head" if hook.endswith("hook_z") else "neuron"
@@ -105,11 +120,11 @@ def _ablation_hooks(
                 return act.masked_fill(mask, 0.0)
             mean = torch.as_tensor(mean).to(act.device, act.dtype)
             if mean.ndim == act.ndim - 1:  # per position
-                if mean.shape[0] < act.shape[1]:
+                if mean.shape[0] < offset + act.shape[1]:
                     raise ValueError(
                         f"per-position means of {name} cover {mean.shape[0]} positions but the run has "
-                        f"{act.shape[1]}; compute them on a batch at least as long, or use per_position=False")
-                mean = mean[: act.shape[1]]
+                        f"{offset + act.shape[1]}; compute them on a batch at least as long, or use per_position=False")
+                mean = mean[offset : offset + act.shape[1]]
             return torch.where(mask, mean.expand_as(act), act)
 
         hooks.append((hook, ablate))
@@ -133,9 +148,14 @@ def _clean_residuals(model, run: TokenBatch, layers: list[int], rows: int) -> di
 def _stacked(
     model, run: TokenBatch, sets: list[ComponentSet], shape: ComponentShape, means, *,
     residuals: Mapping[int, Tensor], reader: _LogitReader, value_of: _ValueOf, rows_per_prompt: int,
-    backoff: Backoff, bar,
+    backoff: Backoff, bar, prefix: int = 0,
 ) -> Tensor:
-    """``[variant, prompt, ...]``: every set ablated alone on every prompt of ``run``, stacked by start layer."""
+    """``[variant, prompt, ...]``: every set ablated alone on every prompt of ``run``, stacked by start layer.
+
+    ``prefix``: leading positions every row of ``run`` shares (same tokens, no logit read there). Each
+    set's ablated run of them is the same for every prompt, so it is computed once per set and
+    forward (one row per set, from the embeddings), and the stacked rows resume after it, attending
+    to its cached keys and values."""
     device = run.tokens.device
     n_prompts = len(run) // rows_per_prompt
     start_of = [min(c.layer for c in s) for s in sets]
@@ -153,9 +173,17 @@ def _stacked(
             chosen = sorted(set(variant_idx.tolist()))
             local = {v: i for i, v in enumerate(chosen)}
             variant_of_row = torch.tensor([local[v] for v, _ in part]).repeat_interleave(rows_per_prompt)
-            hooks = _ablation_hooks([sets[v] for v in chosen], variant_of_row, shape, means)
+            chosen_sets = [sets[v] for v in chosen]
+            cached, cache_rows = _Prefix(), None
+            if prefix:  # each chosen set's ablated prefix: one row per set
+                first_row = torch.zeros(len(chosen), dtype=torch.long, device=device)
+                with hooked(model, _ablation_hooks(chosen_sets, torch.arange(len(chosen)), shape, means)):
+                    cached = _Prefix.build(model, run.take(first_row), prefix, len(chosen))
+                cache_rows = variant_of_row.to(device)
+            hooks = _ablation_hooks(chosen_sets, variant_of_row, shape, means, offset=prefix)
             with hooked(model, hooks):
-                logits = _resume(model, residuals[layer][own_rows], layer, run, own_rows, reader, _Prefix())
+                logits = _resume(model, residuals[layer][own_rows, prefix:], layer, run, own_rows, reader, cached,
+                                 cache_rows)
             got = value_of(logits, own_rows, prompt_idx).detach().float().cpu()
             if out is None:
                 out = torch.full((len(sets), n_prompts, *got.shape[1:]), float("nan"))
@@ -178,6 +206,7 @@ def metric_sweep(
     memory_budget_bytes: int | None = None,
     prompts_per_pass: int | None = None,
     backoff: Backoff | None = None,
+    share_prefix: bool = True,
     progress: bool = False,
     desc: str = "ablation sweep",
 ) -> AblationSweep:
@@ -194,6 +223,10 @@ def metric_sweep(
             expanded rows go together); ``backoff`` (a ``Backoff`` counting (variant, prompt) items)
             shares a size found too large across calls instead.
         prompts_per_pass: prompts whose residual streams are kept at once (default all).
+        share_prefix: run the leading positions that every prompt shares (a system prompt, the text
+            before the name) once per set instead of once per (set, prompt), for the library's
+            metrics (which say where they read logits). Resuming after the prefix is checked against
+            the unablated run first; where it does not reproduce it, every position runs (a warning).
     """
     shape = ComponentShape.of(model)
     sets = _as_sets(variants, shape)
@@ -223,13 +256,20 @@ def metric_sweep(
             captured, clean = _run_unpatched(model, run, metric, reader, capture, k, rows)
             residuals = {layer: captured[f"blocks.{layer}.hook_resid_pre"] for layer in starts}
             del captured
+            prefix = 0
+            if share_prefix:  # leading positions every row shares; used once resuming after them is checked
+                same = run.take(torch.zeros(len(run), dtype=torch.long, device=device))
+                length = _shared_prefix_length(run, same, reader)
+                prefix = _checked_prefix(model, run, metric, reader, length, starts[0], residuals[starts[0]], clean,
+                                         k, rows).length
 
             def value_of(logits, own_rows, prompt_idx, run=run, reader=reader):
                 return _evaluate(metric, logits, reader.renumber(run.take(own_rows)), len(prompt_idx))
 
             chunk = chunk.cpu()
             values[:, chunk] = _stacked(model, run, sets, shape, means, residuals=residuals, reader=reader,
-                                        value_of=value_of, rows_per_prompt=k, backoff=backoff, bar=bar)
+                                        value_of=value_of, rows_per_prompt=k, backoff=backoff, bar=bar,
+                                        prefix=prefix)
             baseline[chunk] = clean.float().cpu()
             del residuals
     bar.close()

@@ -217,3 +217,39 @@ def test_metric_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
     assert max(seen[seen.index(2):]) <= 2
     torch.testing.assert_close(shrunk.values, reference.values, rtol=1e-5, atol=1e-5)
     assert not any("forward" in vars(b) for b in tiny_model.blocks)
+
+
+@pytest.mark.parametrize("how", ["zero", "mean"])
+def test_metric_sweep_runs_the_shared_prefix_once_per_set_and_equals_full_forwards(tiny_model, how, monkeypatch):
+    import interp.sweeps as sweeps
+    from interp.activations import mean_activations
+    from interp.components import hook_name
+
+    system = "You are a careful assistant. Answer with a number only. "
+    batch = tokenize(tiny_model, [system + p for p in PROMPTS])
+    metric = _metrics(tiny_model)["packed"]
+    means = None
+    if how == "mean":  # per position: the prefix and the resumed rows read different slices
+        names = [hook_name(k, layer) for k in ("neuron", "head") for layer in range(tiny_model.cfg.n_layers)]
+        width = metric.expand(batch).tokens.shape[1]
+        generator = torch.Generator().manual_seed(1)
+        means = {n: torch.randn(width, *mean_activations(tiny_model, batch, [n])[n].shape, generator=generator)
+                 for n in names}
+    built = []
+    real_build = sweeps._Prefix.build
+
+    def spy(model, rows, length, n):
+        built.append((len(rows), length))
+        return real_build(model, rows, length, n)
+
+    monkeypatch.setattr(sweeps._Prefix, "build", staticmethod(spy))
+    got = metric_sweep(tiny_model, batch, metric, SETS, means=means, max_batch_rows=4)
+    want, base = _one_forward_per_set(tiny_model, batch, metric, SETS, how, means)
+    lengths = {length for _, length in built}
+    assert len(lengths) == 1 and lengths.pop() >= 10  # the system prompt's tokens, shared by every row
+    assert max(n for n, _ in built[1:]) <= 4  # after the check, one prefix row per set of a forward
+    torch.testing.assert_close(got.baseline, base.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.values, want.float(), rtol=1e-4, atol=1e-4)
+    assert not any("forward" in vars(b) or "forward" in vars(b.attn) for b in tiny_model.blocks)
+    unshared = metric_sweep(tiny_model, batch, metric, SETS, means=means, share_prefix=False)
+    torch.testing.assert_close(got.values, unshared.values, rtol=1e-4, atol=1e-4)

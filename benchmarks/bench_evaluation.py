@@ -1,0 +1,120 @@
+"""Stacked evaluation of many component sets against one full forward per set (issue 15, item 2).
+
+On the embedded SmolLM2, one context's training prompts are measured by the study's evaluation
+stage (``circuits.evaluation.evaluate``: the gap endpoints on every prompt, plus utility on the
+reporting half of the neutral text) for a realistic list of sets: top-k neurons and top-k heads by
+the pair-free scores of those prompts (``circuits.scoring.score_prompts``, no refinement) at two
+sizes each, and ``--null-draws`` random sets of each kind and size (``circuits.pruning.null_sets``,
+as ``generalize`` draws them). Both sides run in this one process on the same inputs:
+
+- ``stacked=False``: one ablated forward per set and prompt (the old evaluation stage);
+- ``stacked=True``: ``interp.sweeps.metric_sweep`` / ``ablation_sweep`` (clean pass once, every set
+  resumed from its lowest layer, stacked into shared forwards).
+
+The tables must agree (max differences printed; the run fails otherwise). Also printed: the bound
+layer skipping alone can give for these sets, (sets + 1) x layers / (layers + sum of the layers each
+set runs). ``RESULT stacked_evaluation ratio=<plain seconds / stacked seconds> target=3``.
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_evaluation.py [--quick]`` (the default: 48
+prompts, k in (25, 100) neurons and (3, 9) heads, 5 nulls each: 24 sets; ``--quick``: 8 prompts, one
+size per kind, 2 nulls: 6 sets). ``--order stacked-first`` runs the stacked side first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from circuits import pruning
+from circuits.bias import context_metric
+from circuits.evaluation import EvalSet, UtilityProbe, evaluate
+from circuits.scoring import score_prompts
+from circuits.study import study_prompts
+from interp import load_model
+from interp.components import ComponentShape
+
+
+def _even_sample(frame, n: int, seed: int = 0):
+    """``n`` rows, half from each group, spread over templates (the table's order kept)."""
+    picked = []
+    for _, rows in frame.groupby("group", sort=True):
+        picked += list(rows.sample(min(len(rows), n // 2), random_state=seed).index)
+    return sorted(picked)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--context", default="lending_amount")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts evaluated (default 48; quick 8)")
+    parser.add_argument("--null-draws", type=int, default=None, help="random sets per candidate (default 5; quick 2)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--order", choices=["plain-first", "stacked-first"], default="plain-first")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n_prompts = args.prompts or (8 if args.quick else 48)
+    null_draws = args.null_draws if args.null_draws is not None else (2 if args.quick else 5)
+    neuron_ks, head_ks = ((25,), (3,)) if args.quick else ((25, 100), (3, 9))
+
+    model = load_model("smollm2-135m-instruct", device="cpu")
+    shape = ComponentShape.of(model)
+    prompts = study_prompts(model, [args.context], variations=4, heldout_variations=1, names_per_cell=8)
+    train = prompts.filter(variation_split="train", name_split="train")
+    train = replace(train, frame=train.frame.loc[_even_sample(train.frame, n_prompts)].reset_index(drop=True))
+    metric = context_metric(model, args.context, prompts=train)
+    eval_set = EvalSet.from_prompts(model, f"{args.context}:train", train, metric)
+    batch, frame = eval_set.rows()
+    expanded = metric.expand(batch)
+    print(f"{len(batch)} prompts ({frame['name'].nunique()} names, {frame['template'].nunique()} templates), "
+          f"{int(batch.lengths.float().mean())} prompt tokens and {int(expanded.attention_mask.sum(-1).float().mean())} "
+          f"expanded positions per row on average; load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    started = time.perf_counter()
+    scores = score_prompts(model, eval_set, refine_top=0, per_prompt=False, batch_size=args.batch_size, progress=False)
+    print(f"scores (pair-free, unrefined): {time.perf_counter() - started:.0f} s", flush=True)
+    sets = {}
+    for k in neuron_ks:
+        sets[f"top_k_neurons@{k}"] = pruning.top_k_neurons(scores.scores, k)
+    for k in head_ks:
+        sets[f"top_k_heads@{k}"] = pruning.top_k_heads(scores.scores, k)
+    for i, (label, components) in enumerate(list(sets.items())):
+        for d, drawn in enumerate(pruning.null_sets(components, shape, n_draws=null_draws, seed=i)):
+            sets[f"{label}#null{d}"] = drawn
+    starts = [min(c.layer for c in s) for s in sets.values()]
+    n_layers = shape.n_layers
+    bound = (len(sets) + 1) * n_layers / (n_layers + sum(n_layers - s for s in starts))
+    print(f"{len(sets)} sets; lowest layers {sorted(starts)}; layer-skipping bound {bound:.2f}x", flush=True)
+    probe = UtilityProbe.build(model)
+
+    def run(stacked: bool):
+        return evaluate(model, sets, [eval_set], probe=probe, batch_size=args.batch_size, n_bootstrap=200, seed=0,
+                        progress=False, stacked=stacked)
+
+    seconds, results = {}, {}
+    order = [False, True] if args.order == "plain-first" else [True, False]
+    for stacked in order:
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        results[stacked] = run(stacked)
+        seconds[stacked] = time.perf_counter() - started
+        print(f"{'stacked' if stacked else 'one forward per set'}: {seconds[stacked]:.1f} s "
+              f"(load average at start {load:.1f})", flush=True)
+    plain, fast = results[False].frame.set_index("set"), results[True].frame.set_index("set")
+    worst = {}
+    for column in ("gap", "delta_gap", "mean_a", "mean_b", "kl", "perplexity"):
+        diff = np.abs(plain[column].to_numpy() - fast.loc[plain.index, column].to_numpy())
+        scale = np.maximum(np.abs(plain[column].to_numpy()), 1e-3)
+        worst[column] = float((diff / scale).max())
+    print("same numbers: max relative difference " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    if max(worst.values()) > 1e-3:
+        raise SystemExit("stacked and one-forward-per-set evaluations differ")
+    print(f"RESULT stacked_evaluation ratio={seconds[False] / seconds[True]:.2f} target=3")
+
+
+if __name__ == "__main__":
+    main()
