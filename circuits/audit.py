@@ -71,6 +71,16 @@ def run_settings(model, prompts: PromptSet, **extra) -> dict:
     }
 
 
+def _metric_version() -> dict:
+    """What the numeric metric's answers depend on (chunks of another metric are not resumed)."""
+    from dataclasses import asdict
+
+    from circuits.bias import Expansion
+    from circuits.contexts import DECIMALS
+
+    return {"answers": "per prompt", "expansion": asdict(Expansion()), "decimals": DECIMALS}
+
+
 def _chunk_plan(model, prompts: PromptSet, chunk_size: int) -> dict:
     """What the chunks of an audit depend on: the model (weights, tokenizer, device, dtype), the prompts
     and the chunk size. The batch size is left out, so a run that ran out of memory resumes with a smaller one."""
@@ -80,7 +90,7 @@ def _chunk_plan(model, prompts: PromptSet, chunk_size: int) -> dict:
     weights = model_fingerprint(name) if name else {"class": type(model).__name__}
     cfg = getattr(model, "cfg", None)
     described = {"model": name, **weights, "device": str(getattr(cfg, "device", "")),
-                 "dtype": str(getattr(cfg, "dtype", ""))}
+                 "dtype": str(getattr(cfg, "dtype", "")), "metric": _metric_version()}
     return {"key": settings_key(described, frame_digest(prompts.frame), chunk_size), "model": name,
             "n_prompts": len(prompts), "chunk_size": chunk_size}
 

@@ -9,13 +9,15 @@ summary (``SUMMARY``): ``log10`` for dollars (amounts are heavy-tailed: a gap is
 a number / a yes or no at all: a refusal, a word) and ``tail_mass`` (the rest: numbers, or yes/no
 forms, beyond the covered set); the three sum to 1.
 
-The covered answers are the model's own: for a numeric context the number tree of
-``interp.numeric`` (digits, separators, decimals, multipliers, read as ``parse_number`` reads
-them) is expanded best-first on seeded pilot prompts of the context until ``Expansion.target`` of
-their mass is covered (or the node budget is spent); the resulting fixed set is scored exactly on
-every prompt, each answer with its stop term (the number ends there). Yes/no covers the case,
-leading-space and markdown-bold variants of Yes and No. A format with a fixed ``AnswerGrid``
-scores that grid instead.
+The covered answers are the model's own, per prompt: for a numeric context each prompt's number
+tree (``interp.numeric``: digits, separators, ``DECIMALS`` decimals and, for dollars, multipliers,
+read as ``parse_number`` reads them) is expanded best-first on the prompt's key/value cache until
+``Expansion.target`` of its numeric mass is covered or its node budget is spent; ``measure`` reads
+the masses from that expansion (no second pass) and the metric scores each prompt's own answers
+exactly, each with its stop term (the number ends there). The answers are derived on the
+unmodified model and kept, so an ablated or patched model is scored on the same answers. Yes/no
+covers the case, leading-space and markdown-bold variants of Yes and No. A format with a fixed
+``AnswerGrid`` scores that grid instead.
 
 Gaps compare two groups of names within a context: White minus Black (``race``) and women minus
 men (``gender``). ``gap`` is on the scale of ``value``; ``advantage = sign * gap`` applies the
@@ -322,9 +324,11 @@ def measure(
     ``value_mean``, ``value_median``, ``value_log10`` (numeric types; NaN for yes/no), ``grid_mass``,
     ``other_mass`` and ``tail_mass``. ``distribution``: per prompt and covered answer its text
     (``candidate``), ``candidate_value``, ``probability`` (renormalized over the covered answers)
-    and ``mass`` (absolute). ``batch_size`` counts prompts per forward pass (fewer when a trie of many
-    answers would make the logits read too large; a row per candidate when the model cannot run a
-    packed layout). Deterministic, and the same on any subset of the prompts.
+    and ``mass`` (absolute). ``batch_size`` counts prompts per forward pass (for a shared candidate
+    set, fewer when its trie would make the logits read too large; a row per candidate when the model
+    cannot run a packed layout). Deterministic, and the same on any subset of the prompts (up to float
+    rounding: each prompt's answers are its own). ``settings["trie_nodes"]``: the mean number of
+    trie nodes per prompt (numeric types) or the shared trie's.
     """
     frame = prompts.frame
     pad = pad_token_id(model.tokenizer)

@@ -10,7 +10,13 @@ which end the number where it stands. So a node of the token tree (a partial num
 of its tokens' probabilities times its stop probability. A token that ends the number only after
 changing its value (``"k."``) leads to a final node of its own.
 
-``expand`` grows the tree best-first on a batch of prompts (the mean mass over prompts decides),
+``expand_each`` grows every prompt's own tree best-first, a batch of prompts at once: each round
+feeds each prompt's most probable frontier nodes onto a key/value cache that holds the prompts and
+every node evaluated so far (nothing is recomputed), and returns one ``NumberTree`` per prompt.
+A grammar without multiplier words reads a number that has all its decimals as final (no node
+needs evaluating for it).
+
+``expand`` grows one tree best-first on a batch of prompts (the mean mass over prompts decides),
 evaluating each round's frontier in one forward of its trie onto the prompts' key/value cache,
 and returns the answers it covers as ``CandidateAnswers`` with stop terms, scored exactly on any
 prompt like any other candidate grid. Characters that are not part of a number, a sign or a range

@@ -1,12 +1,13 @@
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from circuits.parsing import parse_number
 from interp.batching import encode, tokenize
-from interp.numeric import DONE, ROOT, NumberGrammar, expand, weighted_median
+from interp.numeric import DONE, ROOT, NumberGrammar, expand, expand_each, weighted_median
 
 PROMPTS = ["The seller asked for $", "Hi, the loan is $", "My offer for the used bicycle is $"]
 
@@ -170,3 +171,62 @@ def test_stop_terms_are_differentiable(tiny_model, tree):
 def test_weighted_median():
     probs = torch.tensor([[0.2, 0.2, 0.6], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
     assert weighted_median(probs, [30.0, 10.0, 20.0]).tolist() == [20.0, 10.0, 30.0]
+
+
+@pytest.fixture(scope="module")
+def trees(tiny_model, grammar):
+    return expand_each(tiny_model, tokenize(tiny_model, PROMPTS), grammar, max_nodes=16, per_round=5, target=1.0,
+                       min_mass=1e-6)
+
+
+def test_each_prompt_expands_its_own_tree_exactly(tiny_model, grammar, trees):
+    """Per prompt: every answer's probability equals the brute-force token-by-token one, covered + other
+    + uncovered sums to 1, and the batched expansion equals expanding the prompt alone."""
+    tok = tiny_model.tokenizer
+    rng = random.Random(1)
+    for row, (prompt, tree) in enumerate(zip(PROMPTS, trees)):
+        assert tree.n_evaluated == 16 and len(set(tree.paths)) == len(tree.paths)
+        assert tree.covered + tree.other + tree.uncovered == pytest.approx(1.0, abs=1e-6)
+        assert sum(tree.mass) == pytest.approx(tree.covered, rel=1e-6)
+        for i in rng.sample(range(len(tree.paths)), 6):
+            brute = _brute_log_prob(tiny_model, prompt, tree.paths[i], tree.ends[i])
+            assert np.log(tree.mass[i]) == pytest.approx(brute, abs=2e-4)
+        assert tree.other == pytest.approx(np.exp(_brute_log_prob(tiny_model, prompt, (), tree.root_continuations)),
+                                           rel=1e-4)
+        alone = expand_each(tiny_model, tokenize(tiny_model, [prompt]), grammar, max_nodes=16, per_round=5,
+                            target=1.0, min_mass=1e-6)[0]
+        assert alone.paths == tree.paths
+        assert np.allclose(alone.mass, tree.mass, rtol=1e-4)
+    assert trees[0].paths != trees[1].paths  # the prompts' trees differ
+    assert all(tok.decode(list(p)) for p in trees[0].paths)
+
+
+def test_prompt_candidates_score_each_row_on_its_own_trie(tiny_model, trees):
+    """Packed rows of different tries (padded to the longest) give each prompt's tree masses, with
+    -inf where a row has fewer candidates; the values and the expected value follow each row's set."""
+    from interp.metrics import ExpectedValue, PromptCandidates, run_metric
+
+    batch = tokenize(tiny_model, PROMPTS)
+    sets = {}
+    for key, tree in zip(PromptCandidates.keys(batch), trees):
+        cands = tree.candidates(tiny_model.tokenizer, lambda t: parse_number(t) or 0.0)
+        sets[key] = cands
+    pc = PromptCandidates(sets)
+    with torch.no_grad():
+        logp, other, expanded = pc.score(tiny_model, batch, other=True)
+    for row, tree in enumerate(trees):
+        n = len(tree.paths)
+        assert torch.isinf(logp[row, n:]).all() and torch.isfinite(logp[row, :n]).all()
+        assert np.allclose(logp[row, :n].exp().numpy(), tree.mass, rtol=1e-3, atol=1e-12)
+        assert float(other[row].exp()) == pytest.approx(tree.other, rel=1e-4)
+    metric = ExpectedValue(pc)
+    with torch.no_grad():
+        value = run_metric(tiny_model, metric, batch)
+        logits = tiny_model(expanded.tokens, **expanded.forward_kwargs())
+        direct = metric(logits, expanded)
+    for row, tree in enumerate(trees):
+        values = np.array([parse_number(tiny_model.tokenizer.decode(list(p))) or 0.0 for p in tree.paths])
+        assert float(value[row]) == pytest.approx(float(np.dot(tree.mass, values) / sum(tree.mass)), rel=1e-3)
+    assert torch.allclose(value, direct, rtol=1e-4)
+    with pytest.raises(KeyError):
+        PromptCandidates({}).expand(batch)
