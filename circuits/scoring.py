@@ -5,7 +5,7 @@ first-order estimate of the ablation the study applies (zero or mean), grad(gap)
 activation), where the gap is mean over group A prompts minus mean over group B prompts of the
 context's metric (``interp.attribution.ablation_attribution`` with weights +1/n_A and -1/n_B).
 The top ``refine_top`` candidates of each kind, plus ``n_random`` drawn at random, are re-scored by
-exact batched ablation of each alone (``interp.sweeps.ablation_sweep``); the Spearman correlation
+exact batched ablation of each alone (``interp.sweeps.metric_sweep``); the Spearman correlation
 of estimate and exact is recorded, and the exact scores replace the estimates they cover, so the
 selection of a top-k with k <= ``refine_top`` ranks exact effects. Counterfactual pair AtP
 (``score_context``) remains as an option. Scores are *oriented* (multiplied by the sign of the
@@ -26,13 +26,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuits.evaluation import EvalSet, prompt_values
+from circuits.prompts import span_aligned
 from circuits.pruning import wanda_set_difference, weight_magnitude_scores
 from circuits.stats import correlation
 from interp.activations import activation_norms, attention_to_positions
 from interp.attribution import AblationAttribution, AttributionResult, ablation_attribution, attribute
 from interp.components import ComponentSet, ComponentShape, Head, hook_name
 from interp.patching import patch_sweep
-from interp.sweeps import ablation_sweep
 
 
 @dataclass(frozen=True)
@@ -119,22 +119,18 @@ def exact_gap_changes(
 ) -> Float[Tensor, "variant"]:
     """Gap with each variant (component or set) ablated alone minus the gap without: exact, batched.
 
-    Zero ablation, or mean ablation with ``means``. The metric must expand each prompt to one row
-    (single-token or packed candidates).
+    Zero ablation, or mean ablation with ``means``. Stacked (``interp.sweeps.metric_sweep``: the
+    unablated pass once, each variant resumed from its layer, each template's shared prefix run once
+    per variant, only the read logits unembedded); ``rows_per_forward`` caps the rows of one forward.
     """
+    from interp.sweeps import metric_sweep
+
     batch, frame = eval_set.rows()
     weights = group_weights(frame, eval_set.group_a)
-    expanded = eval_set.metric.expand(batch.to(model.cfg.device))
-    if len(expanded) != len(batch):
-        raise ValueError("exact_gap_changes needs a metric that runs each prompt as one row (packed candidates)")
-    base = prompt_values(model, eval_set, batch_size=batch_size)
-
-    def score(logits, rows):
-        return eval_set.metric(logits, expanded.take(rows))
-
-    values = ablation_sweep(model, expanded, list(variants), score, means=means, prompts_per_pass=prompts_per_pass,
-                            rows_per_forward=rows_per_forward, progress=progress, desc=desc)
-    return (values - base[None, :]) @ weights
+    sweep = metric_sweep(model, batch, eval_set.metric, list(variants), means=means, prompts_per_pass=prompts_per_pass,
+                         max_batch_rows=rows_per_forward, groups=pd.factorize(frame["template"])[0],
+                         progress=progress, desc=desc)
+    return (sweep.values - sweep.baseline[None, :]) @ weights
 
 
 def _refinement_sample(result: AblationAttribution, shape: ComponentShape, top: int, n_random: int, seed: int):
@@ -231,20 +227,23 @@ def score_context(
     patching effect (one batched sweep).
     """
     pairs = eval_set.pairs
-    result = attribute(model, pairs.clean, pairs.corrupt, eval_set.metric, method=method,
+    metric = span_aligned(eval_set.metric)  # pairs of names of unequal length carry a layout
+    result = attribute(model, pairs.clean, pairs.corrupt, metric, method=method,
                        batch_size=batch_size, per_prompt=per_prompt, progress=progress)
     gap = float((result.metric_clean - result.metric_corrupt).mean())
     orientation = 1.0 if gap >= 0 else -1.0
     refined = None
     if refine_top > 0:
         top = list(result.top(refine_top))
-        sweep = patch_sweep(model, pairs.clean, pairs.corrupt, eval_set.metric, [ComponentSet([c]) for c in top],
+        sweep = patch_sweep(model, pairs.clean, pairs.corrupt, metric, [ComponentSet([c]) for c in top],
                             progress=progress)
         exact = (sweep.baseline[None, :] - sweep.values).mean(-1)
         refined = pd.DataFrame({"kind": [c.kind for c in top], "layer": [c.layer for c in top],
                                 "index": [c.index for c in top], "atp": result.score_of(top).numpy(),
                                 "exact": exact.numpy()})
-    settings = {"method": method, "refine_top": refine_top, "n_pairs": len(pairs)}
+    settings = {"method": method, "refine_top": refine_top, "n_pairs": len(pairs),
+                "n_padded": int(((pairs.frame["n_fillers_a"] + pairs.frame["n_fillers_b"]) > 0).sum())
+                if "n_fillers_a" in pairs.frame else 0}
     return _oriented(eval_set.name, result, orientation, grid_scale(eval_set.metric), refined, settings)
 
 

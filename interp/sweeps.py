@@ -207,6 +207,7 @@ def metric_sweep(
     prompts_per_pass: int | None = None,
     backoff: Backoff | None = None,
     share_prefix: bool = True,
+    groups: Sequence | None = None,
     progress: bool = False,
     desc: str = "ablation sweep",
 ) -> AblationSweep:
@@ -227,6 +228,8 @@ def metric_sweep(
             before the name) once per set instead of once per (set, prompt), for the library's
             metrics (which say where they read logits). Resuming after the prefix is checked against
             the unablated run first; where it does not reproduce it, every position runs (a warning).
+        groups: a label per prompt (e.g. its template); each group runs as its own passes, so the
+            prefix its prompts share (up to the name, say) runs once per set and group.
     """
     shape = ComponentShape.of(model)
     sets = _as_sets(variants, shape)
@@ -235,12 +238,20 @@ def metric_sweep(
     batch = batch.to(device)
     n_all = len(batch)
     step = n_all if prompts_per_pass is None else max(1, prompts_per_pass)
+    if groups is None:
+        passes = [torch.arange(b, min(b + step, n_all)) for b in range(0, n_all, step)]
+    else:
+        groups = torch.as_tensor(np.asarray(groups))
+        if groups.shape != (n_all,):
+            raise ValueError(f"groups must give one label per prompt ({n_all}), got shape {tuple(groups.shape)}")
+        members = [torch.nonzero(groups == g).flatten() for g in torch.unique(groups)]
+        passes = [m[b : b + step] for m in members for b in range(0, len(m), step)]
     values, baseline = torch.empty(len(sets), n_all), torch.empty(n_all)
     bar = tqdm(total=len(sets) * n_all, desc=desc, disable=not progress)
     starts = sorted({min(c.layer for c in s) for s in sets})
     with torch.no_grad():
-        for begin in range(0, n_all, step):
-            chunk = torch.arange(begin, min(begin + step, n_all), device=device)
+        for chunk in passes:
+            chunk = chunk.to(device)
             prompts = batch.take(chunk)
             run = metric.expand(prompts)
             if len(run) % len(prompts):
@@ -261,7 +272,7 @@ def metric_sweep(
                 same = run.take(torch.zeros(len(run), dtype=torch.long, device=device))
                 length = _shared_prefix_length(run, same, reader)
                 prefix = _checked_prefix(model, run, metric, reader, length, starts[0], residuals[starts[0]], clean,
-                                         k, rows).length
+                                         k, k).length  # checked on one prompt: the check costs one resumed row
 
             def value_of(logits, own_rows, prompt_idx, run=run, reader=reader):
                 return _evaluate(metric, logits, reader.renumber(run.take(own_rows)), len(prompt_idx))

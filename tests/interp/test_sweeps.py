@@ -253,3 +253,45 @@ def test_metric_sweep_runs_the_shared_prefix_once_per_set_and_equals_full_forwar
     assert not any("forward" in vars(b) or "forward" in vars(b.attn) for b in tiny_model.blocks)
     unshared = metric_sweep(tiny_model, batch, metric, SETS, means=means, share_prefix=False)
     torch.testing.assert_close(got.values, unshared.values, rtol=1e-4, atol=1e-4)
+
+
+def test_metric_sweep_by_groups_shares_each_groups_prefix(tiny_model, monkeypatch):
+    import interp.sweeps as sweeps
+
+    heads = ["You are a careful assistant. Answer with a number only. ", "Reply briefly, please: "]
+    texts = [heads[i % 2] + p for i, p in enumerate(PROMPTS)]
+    batch = tokenize(tiny_model, texts)
+    metric = _metrics(tiny_model)["packed"]
+    built = []
+    real_build = sweeps._Prefix.build
+    monkeypatch.setattr(sweeps._Prefix, "build", staticmethod(
+        lambda model, rows, length, n: built.append(length) or real_build(model, rows, length, n)))
+    got = metric_sweep(tiny_model, batch, metric, SETS, groups=[i % 2 for i in range(len(texts))], max_batch_rows=4)
+    want, base = _one_forward_per_set(tiny_model, batch, metric, SETS)
+    assert min(built) >= 5  # each group's own head, not the one token the two groups share
+    torch.testing.assert_close(got.baseline, base.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.values, want.float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one label per prompt"):
+        metric_sweep(tiny_model, batch, metric, SETS, groups=[0, 1])
+
+
+@pytest.mark.slow
+def test_metric_sweep_equals_full_forwards_on_smollm2(smollm2):
+    """Stacked sets with a shared chat prefix and a packed multi-token metric, against one ablated forward
+    per set (kept short: three prompts, four sets at layers 0 to 25)."""
+    chat = smollm2.tokenizer.apply_chat_template
+    questions = ["How much should I offer Jamal for his bike?", "What salary should we offer Claire?",
+                 "How much should the loan to Tyrone be?"]
+    texts = [chat([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) + "$"
+             for q in questions]
+    batch = tokenize(smollm2, texts)
+    metric = ExpectedValue(CandidateAnswers.from_texts(smollm2.tokenizer, ["50", "500", "1,000", "12,500"],
+                                                       [50.0, 500.0, 1000.0, 12500.0]))
+    sets = [ComponentSet([Head(25, 3)]), ComponentSet([Neuron(0, 100), Neuron(12, 5), Head(20, 1)]),
+            ComponentSet([Head(6, 0), Head(6, 7)]), ComponentSet([Neuron(15, i) for i in range(0, 1500, 30)])]
+    got = metric_sweep(smollm2, batch, metric, sets)
+    want, base = _one_forward_per_set(smollm2, batch, metric, sets)
+    torch.testing.assert_close(got.baseline, base.float(), rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(got.values, want.float(), rtol=1e-3, atol=1e-2)
+    assert (got.values - got.baseline).abs().max() > 1.0  # some set moves the expected amount
+    assert not any("forward" in vars(b) or "forward" in vars(b.attn) for b in smollm2.blocks)
