@@ -186,10 +186,14 @@ def _add_agreement(subparsers) -> None:
             "within noise when below), both White-minus-Black gaps with name x variation cluster-bootstrap "
             "intervals, the sampled SMD and Mann-Whitney p-value, the invalid-answer share, Spearman and "
             "Pearson correlations between each prompt's expected answer and the mean of its valid samples, "
-            "and whether the two gaps have the same sign. Prompts are the study's "
+            "and whether the two gaps have the same sign. Replies are read twice: as the metric reads "
+            "them (the covered answer the reply starts with: tv) and parsed whole as the papers do "
+            "(tv_parsed; value_differs_share and parsed_only_share say where the readings differ). "
+            "Prompts are the study's "
             "selection (--variations per context, --names-per-cell per name split). Writes agreement.parquet "
-            "(per context), prompts.parquet (per prompt), samples.parquet (every reply), bins.parquet (the "
-            "pooled bins) and settings.json."
+            "(per context), prompts.parquet (per prompt), samples.parquet (every reply, both readings), "
+            "bins.parquet (the pooled bins), distribution.parquet (the metric's answers per prompt) and "
+            "settings.json."
         ),
         epilog=f"Contexts: {', '.join(CONTEXTS)}. Sampling uses the model's KV cache (one prefill per "
         "prompt); on a CPU, bound the cost with --max-prompts, --samples and --max-new-tokens.",
@@ -243,7 +247,8 @@ def _run_agreement(args) -> int:
         progress=not args.no_progress,
         out_dir=args.out,
     )
-    columns = ["context", "n_prompts", "mean_grid_mass", "tv", "tv_noise_p95", "tv_within_noise", "det_gap",
+    columns = ["context", "n_prompts", "mean_grid_mass", "tv", "tv_noise_p95", "tv_within_noise", "tv_parsed",
+               "tv_parsed_noise_p95", "value_differs_share", "parsed_only_share", "det_gap",
                "det_ci_low", "det_ci_high", "sampled_gap", "sampled_smd", "sampled_p_mann_whitney", "invalid_share",
                "spearman_rho", "sign_agrees"]
     print(result.to_dataframe()[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
