@@ -3,7 +3,7 @@
 ``NumberGrammar`` reads a number character by character: integer digits, ``,`` thousands
 separators (only where groups of three digits can follow), a ``.`` decimal point and up to
 ``max_decimals`` decimals, then a multiplier word (``k``, `` million``...; the one-letter
-``short`` ones only right after the digits). For every state of that reading it splits the
+``short`` ones only right after the digits), after at most one leading space. For every state of that reading it splits the
 vocabulary into *continuations* (tokens that extend the number or change its value) and the rest,
 which end the number where it stands. So a node of the token tree (a partial number) has an exact
 *stop* probability, ``1 - P(any continuation)``, and a complete answer's probability is the product
@@ -41,6 +41,7 @@ State = tuple
 
 ROOT: State = ("int", 0, False, 0, "")
 DONE: State = ("done", 0, False, 0, "")
+LEAD: State = ("lead", 0, False, 0, "")  # a space before the first digit
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class NumberGrammar:
         valid = phase == "frac" or (phase == "int" and lead > 0 and (not comma or count == 3))
         if phase == "done":
             return None, False
+        if state == ROOT and c == " ":  # one space may come first ("# 12", "$ 100")
+            return LEAD, False
+        if phase == "lead":
+            return (("int", 1, False, 0, ""), True) if c in DIGITS else (None, False)
         if word:
             if c.isalpha() and self._word_prefix(word + c):
                 return (phase, lead, comma, count, word + c), False
@@ -155,12 +160,24 @@ class NumberGrammar:
         """Every token that continues a number at ``state``, with the state it leads to."""
         if state not in self._tables:
             table = {}
-            for i, text in enumerate(self.token_texts):
+            # a partial multiplier word reads any letter; otherwise only tokens whose first character
+            # can continue some number are read (the rest end it at once)
+            scan = range(len(self.token_texts)) if state[4] else self._openers()
+            for i in scan:
+                text = self.token_texts[i]
                 nxt = self.step(state, text)
                 if nxt is not None:
                     table[i] = nxt
             self._tables[state] = table
         return self._tables[state]
+
+    def _openers(self) -> list[int]:
+        """Tokens whose first character continues some state without a partial word."""
+        if "openers" not in self._tables:
+            first = set(DIGITS + ",. ") | {w[0] for w in self.words} | {w[0].upper() for w in self.words}
+            first |= {w[0] for w in self.short}
+            self._tables["openers"] = [i for i, t in enumerate(self.token_texts) if t and t[0] in first]
+        return self._tables["openers"]
 
     def continuation_ids(self, state: State) -> tuple[int, ...]:
         return tuple(self.continuations(state))
@@ -257,7 +274,7 @@ def expand(
     cache = _PromptCache(model, batch)
     frontier: dict[tuple[int, ...], tuple[State, torch.Tensor]] = {(): (start, torch.zeros(n))}
     paths, ends, masses = [], [], []
-    covered, dropped = torch.zeros(n), torch.zeros(n)
+    covered, dropped, lead_other = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     evaluated, numeric = 0, 1.0
     bar = tqdm(total=max_nodes, desc="expanding answers", disable=not progress)
     while frontier and evaluated < max_nodes and float(covered.mean()) < target * numeric:
@@ -273,7 +290,9 @@ def expand(
             table = grammar.continuations(state)
             logp = node_logp[:, i, list(sets[i])]
             stop = torch.log1p(-logp.exp().sum(-1).clamp(max=1 - 1e-6))
-            if path:  # the root's stop mass is no number at all
+            if state == LEAD:  # a space and then no number
+                lead_other += (path_logp + stop).exp()
+            elif path:  # the root's stop mass is no number at all
                 paths.append(path), ends.append(sets[i]), masses.append(float((path_logp + stop).exp().mean()))
                 covered += (path_logp + stop).exp()
             else:
@@ -293,8 +312,8 @@ def expand(
         bar.update(len(chosen))
     bar.close()
     uncovered = dropped + sum((logp.exp() for _, logp in frontier.values()), torch.zeros(n))
-    return NumberTree(tuple(paths), tuple(ends), tuple(masses), root_continuations, float(covered.mean()), other,
-                      float(uncovered.mean()), evaluated)
+    return NumberTree(tuple(paths), tuple(ends), tuple(masses), root_continuations, float(covered.mean()),
+                      other + float(lead_other.mean()), float(uncovered.mean()), evaluated)
 
 
 class _GrowingCache:
@@ -434,8 +453,11 @@ def expand_each(
                 child = logps[i, s, index[state]].double()
                 mass = child.exp()
                 stop = math.log1p(-min(float(mass.sum()), 1 - 1e-12))
-                t["paths"].append(path), t["ends"].append(ids), t["mass"].append(math.exp(logp + stop))
-                t["covered"] += math.exp(logp + stop)
+                if state == LEAD:  # a space and then no number
+                    t["other"] += math.exp(logp + stop)
+                else:
+                    t["paths"].append(path), t["ends"].append(ids), t["mass"].append(math.exp(logp + stop))
+                    t["covered"] += math.exp(logp + stop)
                 kept = (mass * math.exp(logp) >= floor).nonzero().flatten().tolist()
                 t["dropped"] += math.exp(logp) * (float(mass.sum()) - float(mass[kept].sum()))
                 lps = (logp + child[kept]).tolist()
@@ -482,4 +504,4 @@ def weighted_median(probs: torch.Tensor, values: Sequence[float]) -> torch.Tenso
     return v[order][first]
 
 
-__all__ = ["DONE", "ROOT", "NumberGrammar", "NumberTree", "expand", "expand_each", "weighted_median"]
+__all__ = ["DONE", "LEAD", "ROOT", "NumberGrammar", "NumberTree", "expand", "expand_each", "weighted_median"]

@@ -40,7 +40,7 @@ def _walk(grammar, tokenizer, text, start=""):
     [("1,000", ""), ("1.5k", ""), ("100.", ""), ("5,000.00", ""), ("50%", ""), ("25 million", ""), ("3K", ""),
      ("1,5", ""), ("1,2345", ""), ("7 km", ""), ("10M", ""), ("2.5 billion dollars", ""), ("40,000-50,000", ""),
      ("75", "0."), ("1,000\n", ""), ("12.345", ""), ("5k.", ""), ("600 thousand", ""), ("1.5 million", ""),
-     ("150.50", ""), ("$150.50", "$"), ("1.50", ""), ("20,000.", ""), ("3.5M", "")],
+     ("150.50", ""), ("$150.50", "$"), ("1.50", ""), ("20,000.", ""), ("3.5M", ""), (" 12", ""), (" 1,500", "")],
 )
 @pytest.mark.parametrize("which", ["grammar", "dollars"])
 def test_parsing_and_enumeration_agree_on_tricky_strings(tiny_model, grammar, text, start, which):
@@ -106,6 +106,8 @@ def test_grammar_reads_separators_decimals_and_multipliers(tiny_model, grammar):
     assert grammar.step(grammar.state_of("5k"), "m") == DONE  # "5km" is 5: the value changed back
     assert grammar.step(grammar.state_of("5"), "km") is None  # ... and so "5" + "km" ends at 5
     assert grammar.state_of("") == ROOT
+    assert grammar.step(ROOT, " ") is not None and grammar.step(grammar.state_of(" "), " ") is None  # one space
+    assert grammar.step(grammar.state_of(" "), "A") is None  # "# A" is no number
 
 
 def _brute_log_prob(model, prompt, path, ends):
