@@ -109,10 +109,11 @@ def _fixed_grid(model_or_tokenizer, answer: AnswerFormat, chat: bool) -> Candida
 @functools.lru_cache(maxsize=16)
 def _grammar(tokenizer, answer_type: str) -> NumberGrammar:
     """The number grammar of an answer type: ``DECIMALS`` decimals; multipliers (``k``, ``million``)
-    for dollars only (``"0.5 million"`` is no probability), so a number that has all its decimals
-    ends there."""
-    if answer_type == "dollars":
-        return NumberGrammar.of(tokenizer, max_decimals=DECIMALS[answer_type])
+    for dollars only (``"0.5 million"`` is no probability) and there after at most one decimal
+    (``"1.5k"``; ``"1.25 million"`` reads as 1.25), so a number that has all its decimals is final:
+    its probability needs no further forward."""
+    if answer_type == "dollars":  # "1.5k" and "$2.5 million" read; "$59.99" is final (no node to evaluate)
+        return NumberGrammar.of(tokenizer, max_decimals=DECIMALS[answer_type], multiplier_decimals=1)
     return NumberGrammar.of(tokenizer, max_decimals=DECIMALS[answer_type], words=(), short=())
 
 
@@ -245,10 +246,11 @@ def context_metric(
     An ``interp.metrics`` Metric: run the model on ``expanded = metric.expand(batch)`` as
     ``model(expanded.tokens, **expanded.forward_kwargs())`` (the keywords carry the packed layout)
     and call the metric on the logits, or use ``interp.metrics.run_metric``. For a numeric type the
-    candidates are a ``PromptCandidates``: every prompt has its own answers (``Expansion``), derived
-    once per model, context, answer format and chat setting on the unmodified model and cached;
-    ``prompts`` (the context's rows) are derived right away, others on first sight (an error if
-    hooks are attached then: derive before patching or ablating). ``prompts`` also supplies the
+    candidates are a ``PromptCandidates``: answers derived on the unmodified model from each prompt's
+    own expansion (``Expansion``) and cached per model, context, answer format and chat setting.
+    ``prompts`` (the context's rows) are derived right away, each template's prompts sharing the
+    union of their own answers (so paired prompts expand alike); a prompt first seen later gets its
+    own answers (an error if hooks are attached then: derive before patching or ablating). ``prompts`` also supplies the
     answer format of imported contexts and the chat setting.
     """
     name, answer, chat = _context_answer(model, context, prompts)
@@ -256,8 +258,38 @@ def context_metric(
     if isinstance(cands, PromptCandidates) and prompts is not None:
         rows = prompts.frame[prompts.frame["context"] == name]
         if len(rows):
-            cands.of(pad_ids([encode(model, t) for t in rows["prompt_text"]], pad_token_id(model.tokenizer)))
+            _template_answers(model, cands, rows)
     return ExpectedValue(cands, summary or SUMMARY[answer.type])
+
+
+TEMPLATE = ("context", "variation", "detail")  # the prompts of a template differ only in the name
+
+
+def _template_answers(model, cands: PromptCandidates, rows: pd.DataFrame) -> None:
+    """Give every prompt of a template (``TEMPLATE``) the union of its prompts' own answers, so that
+    the two prompts of a counterfactual pair are expanded alike (patching and attribution run them
+    position by position). Prompts that already have answers keep them."""
+    keys = [tuple(encode(model, t)) for t in rows["prompt_text"]]
+    new = [k for k in dict.fromkeys(keys) if k not in cands.sets]
+    if not new:
+        return
+    own = cands.derive(new)
+    by_key = dict(zip(keys, map(tuple, rows[list(TEMPLATE)].to_numpy())))
+    groups: dict[tuple, list] = {}
+    for key in new:
+        groups.setdefault(by_key[key], []).append(key)
+    for members in groups.values():
+        merged: dict[tuple[int, ...], tuple] = {}
+        for key in members:
+            c = own[key]
+            for text, value, ids, end in zip(c.texts, c.values, c.token_ids, c._ends):
+                merged.setdefault(ids, (text, value, end))
+        first = own[members[0]]
+        paths = sorted(merged)
+        union = CandidateAnswers(tuple(merged[p][0] for p in paths), tuple(merged[p][1] for p in paths),
+                                 tuple(paths), first.packed, tuple(merged[p][2] for p in paths), first.answer_tokens)
+        for key in members:
+            cands.sets[key] = union
 
 
 def check_answer_alignment(model, prompt_text: str, candidates: CandidateAnswers) -> None:

@@ -3,7 +3,8 @@
 ``NumberGrammar`` reads a number character by character: integer digits, ``,`` thousands
 separators (only where groups of three digits can follow), a ``.`` decimal point and up to
 ``max_decimals`` decimals, then a multiplier word (``k``, `` million``...; the one-letter
-``short`` ones only right after the digits), after at most one leading space. For every state of that reading it splits the
+``short`` ones only right after the digits, and after at most ``multiplier_decimals`` decimals),
+after at most one leading space. For every state of that reading it splits the
 vocabulary into *continuations* (tokens that extend the number or change its value) and the rest,
 which end the number where it stands. So a node of the token tree (a partial number) has an exact
 *stop* probability, ``1 - P(any continuation)``, and a complete answer's probability is the product
@@ -57,6 +58,7 @@ class NumberGrammar:
     words: tuple[str, ...] = ("k", "hundred", "thousand", "thousands", "million", "mn", "billion", "bn")
     short: tuple[str, ...] = ("M", "B")
     max_decimals: int = 2
+    multiplier_decimals: int | None = None  # the most decimals a multiplier may follow (None: any)
     _tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -117,6 +119,8 @@ class NumberGrammar:
             return ("int", lead, True, 0, ""), False
         if c == "." and phase == "int" and self.max_decimals > 0:
             return ("dot", lead, comma, 0, ""), False
+        if phase == "frac" and self._bare(count):
+            return None, False  # no multiplier after this many decimals
         if c == " " and phase in ("int", "frac") and self.words:
             return ("space", lead, comma, count, ""), False
         spaced = " " if phase == "space" else ""
@@ -144,7 +148,12 @@ class NumberGrammar:
     def _final(self, state: State) -> bool:
         """Whether no character can continue ``state`` (all its decimals read, no multiplier)."""
         phase, _, _, count, word = state
-        return phase == "frac" and count >= self.max_decimals and not word and not self.words and not self.short
+        no_word = not (self.words or self.short) or self._bare(count)
+        return phase == "frac" and count >= self.max_decimals and not word and no_word
+
+    def _bare(self, decimals: int) -> bool:
+        """Whether a number with this many decimals takes no multiplier."""
+        return self.multiplier_decimals is not None and decimals > self.multiplier_decimals
 
     def state_of(self, text: str) -> State:
         """The state after the characters of ``text`` (e.g. an answer prefix's ``"0."``)."""

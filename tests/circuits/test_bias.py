@@ -15,7 +15,7 @@ from circuits.bias import (
     paired_gaps,
 )
 from circuits.contexts import CONTEXTS, AnswerFormat, AnswerGrid
-from circuits.prompts import build_pairs, build_prompts
+from circuits.prompts import build_pairs, build_prompts, span_aligned
 from interp.batching import tokenize
 from interp.hooks import hooked
 from interp.metrics import CandidateAnswers, PromptCandidates
@@ -222,3 +222,19 @@ def test_answers_are_derived_on_the_unmodified_model_only(tiny_model, small):
         metric.expand(batch)  # already derived
         with pytest.raises(RuntimeError, match="hooks attached"):
             metric.expand(other)
+
+
+def test_a_templates_prompts_share_their_answers_so_pairs_expand_alike(tiny_model, small):
+    from interp.attribution import attribute
+
+    expansion = Expansion(max_nodes=10, per_round=5, target=1.0, min_mass=1e-6)
+    rows = small.filter(context="lending_rate")
+    metric = context_metric(tiny_model, "lending_rate", expansion=expansion, prompts=rows)
+    sets = metric.candidates.of(tokenize(tiny_model, rows.texts))
+    assert all(s is sets[0] for s in sets)  # one template here
+    pairs = build_pairs(tiny_model, rows, match_gender=False)
+    metric = span_aligned(metric)  # pairs of names of unequal length carry fillers
+    a, b = metric.expand(pairs.clean), metric.expand(pairs.corrupt)
+    assert a.tokens.shape == b.tokens.shape and torch.equal(a.cand_ids, b.cand_ids)
+    result = attribute(tiny_model, pairs.clean, pairs.corrupt, metric, kinds=("neuron",), batch_size=4)
+    assert torch.isfinite(result.metric_clean).all()
