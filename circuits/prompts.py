@@ -6,8 +6,9 @@ question as a user turn, the assistant turn opened, then the answer prefix; for 
 question, a newline and the answer prefix. Either way the next tokens are the answer.
 
 A ``PairSet`` pairs a prompt with a White name (group A, the *clean* run) with the same prompt
-with a Black name (group B, the *corrupt*/counterfactual run), keeping only pairs whose token
-sequences align position by position: same length, and different only at the name's tokens.
+with a Black name (group B, the *corrupt*/counterfactual run). Every name pairs: the two rows are
+aligned on the name span, the shorter name padded with invisible fillers so that every position
+after the name lines up (see ``build_pairs``); the rows differ only inside the span.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from circuits.contexts import (
 )
 from circuits.names import GROUPS, Name, all_names, lookup, sample_names, split_names
 from interp.batching import TokenBatch, encode, pad_ids, pad_token_id
+from interp.metrics import pad_token_id_of
 
 COLUMNS = (
     "prompt_id",
@@ -266,12 +268,15 @@ def tokenize_prompts(model, prompts: PromptSet) -> tuple[TokenBatch, Bool[Tensor
 
 @dataclass(frozen=True, eq=False)
 class PairSet:
-    """Token-aligned counterfactual pairs: ``clean`` rows hold group A names, ``corrupt`` rows group B.
+    """Span-aligned counterfactual pairs: ``clean`` rows hold group A names, ``corrupt`` rows group B.
 
-    ``name_mask[i]`` marks the name's token positions of pair ``i`` (identical in both rows);
-    everywhere else the two rows hold the same tokens. ``cells`` counts, per context, variation,
-    detail level (and gender when matched), how many A x B name combinations there were, how many
-    aligned, and how many were kept.
+    ``name_mask[i]`` marks the name span of pair ``i`` (identical in both rows, as long as the
+    longer name); everywhere else the two rows hold the same tokens. When any name is padded,
+    ``clean`` and ``corrupt`` carry a layout (``span_layout``) that hides the fillers; run a metric
+    on them through ``span_aligned(metric)``. ``cells`` counts, per context, variation, detail
+    level (and gender when matched), how many A x B name combinations there were, how many align
+    outside the name (``aligned``), how many of those have names of equal token length
+    (``same_length``) and how many were kept.
     """
 
     frame: pd.DataFrame
@@ -289,12 +294,147 @@ class PairSet:
         return self.frame.copy()
 
     def coverage(self) -> pd.DataFrame:
-        """Per context: A x B combinations, how many align token by token, how many were kept."""
-        totals = self.cells.groupby("context", sort=False)[["combinations", "aligned", "kept"]].sum()
+        """Per context: A x B combinations, how many align outside the name, how many of those have
+        names of equal length, how many were kept."""
+        columns = [c for c in ("combinations", "aligned", "same_length", "kept") if c in self.cells]
+        totals = self.cells.groupby("context", sort=False)[columns].sum()
         totals.loc["all"] = totals.sum()
         totals["aligned_fraction"] = totals["aligned"] / totals["combinations"]
         totals["kept_fraction"] = totals["kept"] / totals["combinations"]
         return totals.reset_index()
+
+
+def _name_runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of name positions as ``(start, stop)``."""
+    runs: list[list[int]] = []
+    for p in sorted(positions):
+        if runs and p == runs[-1][1]:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return [(a, b) for a, b in runs]
+
+
+def _split_at_names(ids: Sequence[int], positions: Sequence[int]) -> tuple[tuple, list[list[int]]]:
+    """The prompt as its skeleton (the token runs between name occurrences) and its name runs."""
+    runs = _name_runs(positions)
+    skeleton, names, last = [], [], 0
+    for start, stop in runs:
+        skeleton.append(tuple(ids[last:start]))
+        names.append(list(ids[start:stop]))
+        last = stop
+    skeleton.append(tuple(ids[last:]))
+    return tuple(skeleton), names
+
+
+def _span_aligned(skeleton: tuple, names_a: list[list[int]], names_b: list[list[int]], pad: int):
+    """Both rows of a pair laid out on a common grid: each name run padded at its end with fillers
+    to the longer of the two names. Returns per row (tokens, filler flags) and the name mask."""
+    rows = {"a": ([], []), "b": ([], [])}
+    mask: list[bool] = []
+    for i, part in enumerate(skeleton):
+        for tokens, fillers in rows.values():
+            tokens += part
+            fillers += [False] * len(part)
+        mask += [False] * len(part)
+        if i < len(names_a):
+            width = max(len(names_a[i]), len(names_b[i]))
+            for side, name in (("a", names_a[i]), ("b", names_b[i])):
+                tokens, fillers = rows[side]
+                tokens += name + [pad] * (width - len(name))
+                fillers += [False] * len(name) + [True] * (width - len(name))
+            mask += [True] * width
+    return rows["a"], rows["b"], mask
+
+
+def span_layout(tokens: Sequence[Sequence[int]], fillers: Sequence[Sequence[bool]], pad: int, *,
+                layout: bool | None = None) -> TokenBatch:
+    """A right-padded batch whose filler positions are invisible: no other position attends to a
+    filler, and position ids skip them, so every real token computes what it computes in the prompt
+    without fillers (``key_mask``/``position_ids``; with ``layout=None`` a plain causal batch when no
+    row has a filler)."""
+    batch = pad_ids([list(t) for t in tokens], pad)
+    if not (any(any(f) for f in fillers) if layout is None else layout):
+        return batch
+    width = batch.tokens.shape[1]
+    filler = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, flags in enumerate(fillers):
+        filler[row, : len(flags)] = torch.tensor(list(flags), dtype=torch.bool)
+    positions = torch.cumsum((~filler).long(), -1) - 1  # a filler repeats the id before it
+    positions = positions.clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    own = torch.eye(width, dtype=torch.bool)
+    key_mask = causal[None] & (~filler[:, None, :] | own[None])
+    return replace(batch, position_ids=positions, key_mask=key_mask)
+
+
+@dataclass(frozen=True)
+class SpanAligned:
+    """``metric`` for batches that carry their own layout (span-aligned pairs, ``span_layout``): it
+    expands a batch with ``metric`` (which lays its candidates out after the last prompt position),
+    then carries the batch's invisible fillers and position ids into the expanded rows. A batch
+    without a layout is expanded by ``metric`` unchanged."""
+
+    metric: object
+
+    def expand(self, batch: TokenBatch) -> TokenBatch:
+        if batch.key_mask is not None:
+            self._share_answer_sets(batch)
+        out = self.metric.expand(batch)
+        if batch.key_mask is None:
+            return out
+        if len(out) % len(batch):
+            raise ValueError("SpanAligned needs a metric that expands each prompt into a block of rows")
+        per = len(out) // len(batch)
+        device = out.tokens.device
+        width, prompt_width = out.tokens.shape[1], batch.tokens.shape[1]
+        rows = torch.arange(len(batch), device=device).repeat_interleave(per)
+        lengths = batch.lengths.to(device)[rows]
+        answer = batch.answer_pos.to(device)
+        seen = batch.key_mask.to(device)[torch.arange(len(batch), device=device), answer]  # [prompt, key]
+        keys = torch.arange(prompt_width, device=device)
+        filler = torch.zeros((len(out), width), dtype=torch.bool, device=device)
+        filler[:, :prompt_width] = (~seen & (keys[None] < answer[:, None]))[rows]
+        n_fillers = filler.sum(-1)
+        grid = torch.arange(width, device=device)
+        base = out.position_ids.to(device) if out.position_ids is not None else grid[None].expand(len(out), -1)
+        prompt_pos = torch.zeros((len(out), width), dtype=torch.long, device=device)
+        prompt_pos[:, :prompt_width] = batch.position_ids.to(device)[rows]
+        positions = torch.where(grid[None] < lengths[:, None], prompt_pos, base - n_fillers[:, None])
+        causal = grid[None, :, None] >= grid[None, None, :]
+        mask = out.key_mask.to(device) if out.key_mask is not None else causal
+        mask = mask & (~filler[:, None, :] | torch.eye(width, dtype=torch.bool, device=device)[None])
+        return replace(out, position_ids=positions, key_mask=mask)
+
+    def _share_answer_sets(self, batch: TokenBatch) -> None:
+        """A metric with per-prompt answers looked up by the prompt's tokens (``PromptCandidates``):
+        a padded row takes the answers of its prompt without fillers."""
+        candidates = getattr(self.metric, "candidates", None)
+        if not (hasattr(candidates, "sets") and hasattr(candidates, "of") and hasattr(candidates, "keys")):
+            return
+        padded = candidates.keys(batch)
+        if all(k in candidates.sets for k in padded):
+            return
+        answer = batch.answer_pos
+        visible = batch.key_mask[torch.arange(len(batch), device=answer.device), answer].cpu()
+        own = [tuple(t[: int(a) + 1][v[: int(a) + 1]].tolist())
+               for t, a, v in zip(batch.tokens.cpu(), answer.cpu(), visible)]
+        sets = candidates.of(pad_ids([list(k) for k in own], pad_token_id_of(batch)))
+        for key, answers in zip(padded, sets):
+            candidates.sets.setdefault(key, answers)
+
+    def __call__(self, logits, batch):
+        return self.metric(logits, batch)
+
+    def __getattr__(self, name):  # candidates, summary, ...: the wrapped metric's
+        if name == "metric":
+            raise AttributeError(name)
+        return getattr(self.metric, name)
+
+
+def span_aligned(metric):
+    """``SpanAligned(metric)``, not wrapped twice."""
+    return metric if isinstance(metric, SpanAligned) else SpanAligned(metric)
 
 
 def build_pairs(
@@ -306,68 +446,93 @@ def build_pairs(
     max_pairs_per_cell: int | None = None,
     seed: int = 0,
 ) -> PairSet:
-    """Pair every group-A prompt with every group-B prompt of the same template that aligns with it.
+    """Pair every group-A prompt with every group-B prompt of the same template, aligned on the name span.
 
     Two prompts of the same context, variation and detail level (and gender, if ``match_gender``)
-    align when their names take the same token positions and every other token is equal. Of the
-    aligned pairs of a cell, ``max_pairs_per_cell`` are kept (a seeded sample; all by default).
+    pair when their tokens outside the name are equal (the same runs of tokens between the name's
+    occurrences). Names of different token lengths still pair: each occurrence of the name is
+    padded at its end with *fillers* to the longer of the two names, so both rows have the same
+    length and every position after the name lines up. Fillers are invisible (``span_layout``: no
+    other position attends to one and position ids skip them), so each row computes exactly what
+    its prompt computes without them; run a metric on such rows through ``span_aligned(metric)``.
+    Patching a component at a position of the span replaces the clean row's activation there by
+    the corrupt row's (a filler's, where the corrupt name is shorter); positions outside the span
+    patch like for like. Of the pairs of a cell, ``max_pairs_per_cell`` are kept (a seeded sample;
+    all by default).
     """
     if clean_group not in GROUPS:
         raise ValueError(f"clean_group must be one of {list(GROUPS)}, got {clean_group!r}")
     corrupt_group = next(g for g in GROUPS if g != clean_group)
     frame = prompts.frame
     encoded = [_name_positions(model, t, n) for t, n in zip(frame["prompt_text"], frame["name"])]
-    skeletons = []
-    for ids, positions in encoded:
-        masked = list(ids)
-        for p in positions:
-            masked[p] = -1
-        skeletons.append(tuple(masked))
+    parts = [_split_at_names(ids, positions) for ids, positions in encoded]
     keys = ["context", "variation", "detail"] + (["gender"] if match_gender else [])
     rng = np.random.default_rng(seed)
     pairs, cells = [], []
     for cell, rows in frame.groupby(keys, sort=False):
         a_rows = rows.index[rows["group"] == clean_group]
         b_rows = rows.index[rows["group"] == corrupt_group]
-        aligned = [(a, b) for a in a_rows for b in b_rows if skeletons[a] == skeletons[b]]
+        aligned = [(a, b) for a in a_rows for b in b_rows if parts[a][0] == parts[b][0]]
+        same_length = sum(len(encoded[a][0]) == len(encoded[b][0]) for a, b in aligned)
         kept = aligned
         if max_pairs_per_cell is not None and len(aligned) > max_pairs_per_cell:
             chosen = np.sort(rng.choice(len(aligned), size=max_pairs_per_cell, replace=False))
             kept = [aligned[i] for i in chosen]
         cells.append(
             dict(
-                zip(keys, cell), combinations=len(a_rows) * len(b_rows), aligned=len(aligned), kept=len(kept)
+                zip(keys, cell), combinations=len(a_rows) * len(b_rows), aligned=len(aligned),
+                same_length=same_length, kept=len(kept),
             )
         )
         pairs.extend(kept)
     if not pairs:
         raise ValueError(
-            "no counterfactual pair aligns token by token; use more names or match_gender=False "
-            "(names must take the same number of tokens in context)"
+            "no counterfactual pair aligns on the name span; use more names or match_gender=False "
+            "(prompts must be equal outside the name)"
         )
-    a_idx, b_idx = [a for a, _ in pairs], [b for _, b in pairs]
     pad = pad_token_id(model.tokenizer)
-    clean = pad_ids([encoded[a][0] for a in a_idx], pad)
-    corrupt = pad_ids([encoded[b][0] for b in b_idx], pad)
-    mask = torch.zeros_like(clean.tokens, dtype=torch.bool)
-    for row, a in enumerate(a_idx):
-        mask[row, encoded[a][1]] = True
+    rows_a, rows_b, masks = [], [], []
+    for a, b in pairs:
+        row_a, row_b, mask = _span_aligned(parts[a][0], parts[a][1], parts[b][1], pad)
+        rows_a.append(row_a), rows_b.append(row_b), masks.append(mask)
+    width = max(len(m) for m in masks)
+    # both sides padded to one width, so clean and corrupt stack row by row
+    layout = any(any(f) for _, f in rows_a + rows_b)  # both sides get one, or neither
+    clean = span_layout([t + [pad] * (width - len(t)) for t, _ in rows_a],
+                        [f + [False] * (width - len(f)) for _, f in rows_a], pad, layout=layout)
+    corrupt = span_layout([t + [pad] * (width - len(t)) for t, _ in rows_b],
+                          [f + [False] * (width - len(f)) for _, f in rows_b], pad, layout=layout)
+    real = [len(m) for m in masks]  # the pair's length on the common grid
+    clean, corrupt = (_trimmed(x, real) for x in (clean, corrupt))
+    name_mask = torch.zeros_like(clean.tokens, dtype=torch.bool)
+    for row, mask in enumerate(masks):
+        name_mask[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    a_idx, b_idx = [a for a, _ in pairs], [b for _, b in pairs]
     meta = ["context", "scenario", "variation", "detail", "answer_type", "sign"]
     table = frame.loc[a_idx, meta].reset_index(drop=True)
     for side, idx in (("a", a_idx), ("b", b_idx)):
         for column in ("prompt_id", "name", "gender"):
             table[f"{column}_{side}"] = frame.loc[idx, column].to_numpy()
-    table["n_name_tokens"] = mask.sum(-1).numpy()
+    table["n_name_tokens"] = name_mask.sum(-1).numpy()
+    for side, rows in (("a", rows_a), ("b", rows_b)):
+        table[f"n_fillers_{side}"] = [sum(f) for _, f in rows]
     device = model.cfg.device
     return PairSet(
         table,
         clean.to(device),
         corrupt.to(device),
-        mask.to(device),
+        name_mask.to(device),
         pd.DataFrame(cells),
         clean_group,
         corrupt_group,
     )
+
+
+def _trimmed(batch: TokenBatch, lengths: Sequence[int]) -> TokenBatch:
+    """``batch`` with each row's real length ``lengths`` (the pad beyond it out of the mask)."""
+    n = torch.tensor(list(lengths), dtype=torch.long)
+    grid = torch.arange(batch.tokens.shape[1])
+    return replace(batch, attention_mask=(grid[None] < n[:, None]).long(), answer_pos=n - 1)
 
 
 # --------------------------------------------------------------------------- imported tables

@@ -9,8 +9,9 @@ exact batched ablation of each alone (``interp.sweeps.metric_sweep``); the Spear
 of estimate and exact is recorded, and the exact scores replace the estimates they cover, so the
 selection of a top-k with k <= ``refine_top`` ranks exact effects. Counterfactual pair AtP
 (``score_context``) remains as an option. Scores are *oriented* (multiplied by the sign of the
-measured gap, so positive means "ablating it shrinks the gap as measured") and *scaled* by the
-width of the context's answer grid, so contexts with different units compare. The papers' scores
+measured gap, so positive means "ablating it shrinks the gap as measured") and *scaled* by a
+robust width of the context's answer values (``grid_scale``: their interquartile range as the
+metric summarizes them), so contexts with different units compare. The papers' scores
 are baselines: Wanda-style per-group activation-weighted norms with set difference, attention paid
 to the name, weight magnitude and random.
 """
@@ -206,9 +207,25 @@ def fasp_head_bias(model, eval_set: EvalSet, *, means=None, batch_size: int = 16
 
 
 def grid_scale(metric) -> float:
-    """Width of the metric's answer grid (max - min value), 1 for metrics without a grid."""
-    values = getattr(getattr(metric, "candidates", None), "values", None)
-    return float(max(values) - min(values)) if values else 1.0
+    """A robust width of the values the metric ranges over: the interquartile range of its answers'
+    values as the metric summarizes them (``log10`` for dollars), pooled over every answer set it
+    holds (one shared set, or each prompt's own); 1 for metrics without values or with an IQR of 0.
+
+    Not max - min: a derived answer set holds a few outlying values (a "1,000,000" with little
+    probability) that would set the scale by themselves.
+    """
+    candidates = getattr(metric, "candidates", None)
+    sets = getattr(candidates, "sets", None)
+    groups = list(sets.values()) if isinstance(sets, dict) else [candidates]
+    values = [v for c in groups for v in (getattr(c, "values", None) or ())]
+    if len(values) < 2:
+        return 1.0
+    from interp.metrics import SUMMARIES
+
+    summary = SUMMARIES.get(getattr(metric, "summary", "mean"), SUMMARIES["mean"])
+    summarized = summary(torch.tensor(values, dtype=torch.float64))
+    low, high = torch.quantile(summarized, torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    return float(high - low) if high > low else 1.0
 
 
 def score_context(

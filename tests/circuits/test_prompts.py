@@ -77,45 +77,84 @@ def test_name_mask_marks_exactly_the_name(tiny_model, prompts):
         assert decoded.strip() == name
 
 
-def test_pairs_align_token_by_token_and_report_coverage(tiny_model, prompts):
+def test_every_name_pairs_aligned_on_the_name_span(tiny_model, prompts):
     subset = prompts.filter(detail="low", variation=["bakery", "club"])
     pairs = build_pairs(tiny_model, subset)
     assert pairs.clean.tokens.shape == pairs.corrupt.tokens.shape == pairs.name_mask.shape
     assert torch.equal(pairs.clean.answer_pos, pairs.corrupt.answer_pos)
+    assert torch.equal(pairs.clean.attention_mask, pairs.corrupt.attention_mask)
     same = pairs.clean.tokens == pairs.corrupt.tokens
-    assert (same | pairs.name_mask).all()  # differ only at the name
+    assert (same | pairs.name_mask).all()  # differ only inside the name span
     assert (~same & pairs.clean.attention_mask.bool()).any(-1).all()  # every pair changes the name
     frame = pairs.to_dataframe()
     assert (frame["gender_a"] == frame["gender_b"]).all()
     assert set(subset.frame.set_index("prompt_id").loc[frame["prompt_id_a"], "group"]) == {"White"}
     assert set(subset.frame.set_index("prompt_id").loc[frame["prompt_id_b"], "group"]) == {"Black"}
-    # Coverage: combinations = White x Black names of each gender, aligned = brute-force count.
+    # Coverage: combinations = White x Black names of each gender; every combination pairs (the
+    # templates hold the name as a word of its own), and some pair names of unequal token length.
     batch, mask = tokenize_prompts(tiny_model, subset)
     by_id = {pid: i for i, pid in enumerate(subset.frame["prompt_id"])}
-    brute = 0
-    rows = subset.frame
-    for (_, _, gender), cell in rows.groupby(["context", "variation", "gender"]):
-        for a in cell.index[cell["group"] == "White"]:
-            for b in cell.index[cell["group"] == "Black"]:
-                ia, ib = by_id[rows.at[a, "prompt_id"]], by_id[rows.at[b, "prompt_id"]]
-                la, lb = int(batch.lengths[ia]), int(batch.lengths[ib])
-                if (
-                    la == lb
-                    and torch.equal(mask[ia, :la], mask[ib, :lb])
-                    and torch.equal(
-                        batch.tokens[ia, :la][~mask[ia, :la]], batch.tokens[ib, :lb][~mask[ib, :lb]]
-                    )
-                ):
-                    brute += 1
+    length = {pid: int(batch.lengths[i]) for pid, i in by_id.items()}
+    unequal = int((frame["prompt_id_a"].map(length) != frame["prompt_id_b"].map(length)).sum())
     coverage = pairs.coverage().set_index("context")
+    rows = subset.frame
     per_gender = rows.drop_duplicates("name").groupby(["gender", "group"]).size().unstack()
     expected = int((per_gender["White"] * per_gender["Black"]).sum()) * 2  # two templates
-    assert coverage.loc["all", "combinations"] == expected
-    assert coverage.loc["all", "aligned"] == brute == len(pairs)
+    assert coverage.loc["all", "combinations"] == coverage.loc["all", "aligned"] == expected == len(pairs)
+    assert coverage.loc["all", "same_length"] == expected - unequal and unequal > 0
+    # fillers (hidden from the answer position) pad the shorter name: on each side the visible
+    # tokens of the span are its own name's, and the visible tokens of the row its own prompt
+    for row in range(len(pairs)):
+        for side, rows in (("a", pairs.clean), ("b", pairs.corrupt)):
+            pid = frame.at[row, f"prompt_id_{side}"]
+            own = batch.tokens[by_id[pid]]
+            visible = rows.key_mask[row, rows.answer_pos[row]].clone()
+            visible[rows.answer_pos[row] + 1:] = False
+            assert torch.equal(rows.tokens[row][pairs.name_mask[row] & visible], own[mask[by_id[pid]]])
+            assert torch.equal(rows.tokens[row][visible], own[: length[pid]])
+            assert int((pairs.name_mask[row] & ~visible[: rows.tokens.shape[1]]).sum()) == frame.at[row, f"n_fillers_{side}"]
     capped = build_pairs(tiny_model, subset, max_pairs_per_cell=3)
-    assert (capped.cells["kept"] <= 3).all() and capped.coverage().set_index("context").loc[
-        "all", "aligned"
-    ] == brute
+    assert (capped.cells["kept"] <= 3).all() and capped.coverage().set_index("context").loc["all", "aligned"] == expected
+
+
+def test_span_aligned_rows_compute_what_their_prompts_compute(tiny_model, prompts):
+    """Fillers are invisible: each padded row's metric (multi-token candidates, packed) equals its
+    unpadded prompt's, and AtP on the pairs runs with finite scores."""
+    from circuits.evaluation import EvalSet
+    from circuits.prompts import span_aligned
+    from circuits.scoring import score_context
+    from interp.metrics import CandidateAnswers, ExpectedValue, PromptCandidates, run_metric
+
+    subset = prompts.filter(detail="low", variation="bakery", context="lending_amount")
+    pairs = build_pairs(tiny_model, subset, max_pairs_per_cell=4, seed=1)
+    frame = pairs.to_dataframe()
+    padded = ((frame["n_fillers_a"] + frame["n_fillers_b"]) > 0).to_numpy()
+    assert padded.any() and pairs.clean.key_mask is not None
+    grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" 5", " 50", " 1,000"], [0.0, 50.0, 1000.0])
+    metric = ExpectedValue(grid)
+    assert grid.n_nodes > 0  # a trie after the prompt: the layouts compose
+    batch, _ = tokenize_prompts(tiny_model, subset)
+    by_id = {pid: i for i, pid in enumerate(subset.frame["prompt_id"])}
+    with torch.no_grad():
+        for side, rows in (("a", pairs.clean), ("b", pairs.corrupt)):
+            got = run_metric(tiny_model, span_aligned(metric), rows)
+            own = batch.select(torch.tensor([by_id[p] for p in frame[f"prompt_id_{side}"]]))
+            want = run_metric(tiny_model, metric, own)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            # without the layout the fillers would be read as tokens: a different value
+            plain = run_metric(tiny_model, metric, type(rows)(rows.tokens, rows.attention_mask, rows.answer_pos))
+            fill = torch.tensor((frame[f"n_fillers_{side}"] > 0).to_numpy())
+            if fill.any():
+                assert not torch.allclose(plain[fill], want[fill], rtol=1e-4, atol=1e-4)
+        # per-prompt answers looked up by the prompt's tokens: a padded row finds its prompt's
+        per_prompt = ExpectedValue(PromptCandidates({key: grid for key in PromptCandidates.keys(batch)}))
+        torch.testing.assert_close(run_metric(tiny_model, span_aligned(per_prompt), pairs.clean),
+                                   run_metric(tiny_model, span_aligned(metric), pairs.clean), rtol=1e-4, atol=1e-4)
+    scores = score_context(tiny_model, EvalSet("lending_amount", pairs, metric), refine_top=4, progress=False)
+    assert all(torch.isfinite(v).all() for v in scores.scores.values())
+    assert scores.settings["n_padded"] == int(padded.sum())
+    refined = scores.refined
+    assert refined is not None and len(refined) == 4 and refined["exact"].notna().all()
 
 
 # ----------------------------------------------------------------- imported tables

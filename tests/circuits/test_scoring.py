@@ -98,3 +98,20 @@ def test_baselines_read_every_prompt_by_group(tiny_model, eval_set):
     for c in got["wanda_difference"]:
         if c.kind == "neuron":
             assert c.index in wanda_a[c.layer].topk(top).indices and c.index not in wanda_b[c.layer].topk(top).indices
+
+
+def test_grid_scale_is_the_interquartile_range_of_the_summarized_values(tiny_model):
+    from circuits.scoring import grid_scale
+    from interp.metrics import PromptCandidates
+
+    tok = tiny_model.tokenizer
+    outlier = CandidateAnswers.from_texts(tok, [" 1", " 2", " 3", " 4", " 9"], [1.0, 2.0, 3.0, 4.0, 1e9])
+    assert grid_scale(ExpectedValue(outlier)) == pytest.approx(2.0)  # quantiles 2 and 4; max - min would be 1e9
+    small = CandidateAnswers.from_texts(tok, [" 9", " 99"], [9.0, 99.0])
+    log = ExpectedValue(small, summary="log10")
+    assert grid_scale(log) == pytest.approx(0.5)  # log10(10) .. log10(100), quartiles 1.25 and 1.75
+    pooled = ExpectedValue(PromptCandidates({(1,): small, (2,): outlier}))  # each prompt's own set, pooled
+    values = torch.tensor([9.0, 99.0, 1.0, 2.0, 3.0, 4.0, 1e9], dtype=torch.float64)
+    q = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    assert grid_scale(pooled) == pytest.approx(float(q[1] - q[0]))
+    assert grid_scale(object()) == 1.0
