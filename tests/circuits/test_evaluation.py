@@ -1,6 +1,5 @@
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -122,8 +121,8 @@ def test_stacked_evaluation_equals_one_forward_per_set(tiny_model, how):
     if how == "mean":
         names = [hook_name(k, layer) for k in ("neuron", "head") for layer in range(tiny_model.cfg.n_layers)]
         means = mean_activations(tiny_model, eval_sets[0].rows()[0], names)
-    kwargs = dict(probe=probe, how=how, means=means, plan=plan, batch_size=3, n_bootstrap=200, seed=2,
-                  progress=False)
+    kwargs = {"probe": probe, "how": how, "means": means, "plan": plan, "batch_size": 3, "n_bootstrap": 200,
+              "seed": 2, "progress": False}
     before = attached_hook_count(tiny_model)
     stacked = evaluation.evaluate(tiny_model, sets, eval_sets, **kwargs)
     assert attached_hook_count(tiny_model) == before
@@ -137,7 +136,7 @@ def test_stacked_evaluation_equals_one_forward_per_set(tiny_model, how):
 
 
 def test_stacked_evaluation_survives_simulated_out_of_memory(tiny_model, monkeypatch):
-    import interp.sweeps as sweeps
+    from interp import sweeps
 
     sets, eval_sets, plan, probe = _evaluation_inputs(tiny_model)
     reference = evaluation.evaluate(tiny_model, sets, eval_sets, probe=probe, plan=plan, batch_size=8,

@@ -1,12 +1,12 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from interp.ablation import ablated
 from interp.batching import tokenize
 from interp.components import ComponentSet, Head, Neuron
 from interp.hooks import attached_hook_count
-from interp.sweeps import ablation_sweep
+from interp.metrics import CandidateAnswers, ExpectedValue, LogitDiff, run_metric
+from interp.sweeps import ablation_sweep, metric_sweep
 
 TEXTS = ["The weather was mild all week.", "She read the letter twice", "Trains run late"]
 
@@ -94,8 +94,6 @@ def test_mean_sweep_in_prompt_chunks_equals_one_mean_ablated_run_per_variant(tin
 
 
 # -- metric_sweep: stacked evaluation of many sets through the Metric protocol ----------------------
-from interp.metrics import CandidateAnswers, ExpectedValue, LogitDiff, run_metric  # noqa: E402
-from interp.sweeps import metric_sweep  # noqa: E402
 
 PROMPTS = ["The loan officer offered", "A bike costs", "She paid the seller for the old car exactly",
            "Rent is", "The salary offered to the new hire was"]  # different lengths: padding in every batch
@@ -195,7 +193,7 @@ def test_metric_sweep_leaves_no_hooks_after_an_error(tiny_model):
 def test_metric_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
     import warnings
 
-    import interp.sweeps as sweeps
+    from interp import sweeps
 
     metric = _metrics(tiny_model)["packed"]
     batch = tokenize(tiny_model, PROMPTS)
@@ -221,7 +219,7 @@ def test_metric_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("how", ["zero", "mean"])
 def test_metric_sweep_runs_the_shared_prefix_once_per_set_and_equals_full_forwards(tiny_model, how, monkeypatch):
-    import interp.sweeps as sweeps
+    from interp import sweeps
     from interp.activations import mean_activations
     from interp.components import hook_name
 
@@ -243,7 +241,7 @@ def test_metric_sweep_runs_the_shared_prefix_once_per_set_and_equals_full_forwar
         return real_build(model, rows, length, n)
 
     monkeypatch.setattr(sweeps._Prefix, "build", staticmethod(spy))
-    got = metric_sweep(tiny_model, batch, metric, SETS, means=means, max_batch_rows=4)
+    got = metric_sweep(tiny_model, batch, metric, SETS, means=means, max_batch_rows=4, share_prefix=True)
     want, base = _one_forward_per_set(tiny_model, batch, metric, SETS, how, means)
     lengths = {length for _, length in built}
     assert len(lengths) == 1 and lengths.pop() >= 10  # the system prompt's tokens, shared by every row
@@ -256,7 +254,7 @@ def test_metric_sweep_runs_the_shared_prefix_once_per_set_and_equals_full_forwar
 
 
 def test_metric_sweep_by_groups_shares_each_groups_prefix(tiny_model, monkeypatch):
-    import interp.sweeps as sweeps
+    from interp import sweeps
 
     heads = ["You are a careful assistant. Answer with a number only. ", "Reply briefly, please: "]
     texts = [heads[i % 2] + p for i, p in enumerate(PROMPTS)]
@@ -266,7 +264,8 @@ def test_metric_sweep_by_groups_shares_each_groups_prefix(tiny_model, monkeypatc
     real_build = sweeps._Prefix.build
     monkeypatch.setattr(sweeps._Prefix, "build", staticmethod(
         lambda model, rows, length, n: built.append(length) or real_build(model, rows, length, n)))
-    got = metric_sweep(tiny_model, batch, metric, SETS, groups=[i % 2 for i in range(len(texts))], max_batch_rows=4)
+    got = metric_sweep(tiny_model, batch, metric, SETS, groups=[i % 2 for i in range(len(texts))], max_batch_rows=4,
+                       share_prefix=True)
     want, base = _one_forward_per_set(tiny_model, batch, metric, SETS)
     assert min(built) >= 5  # each group's own head, not the one token the two groups share
     torch.testing.assert_close(got.baseline, base.float(), rtol=1e-4, atol=1e-4)
@@ -289,7 +288,7 @@ def test_metric_sweep_equals_full_forwards_on_smollm2(smollm2):
                                                        [50.0, 500.0, 1000.0, 12500.0]))
     sets = [ComponentSet([Head(25, 3)]), ComponentSet([Neuron(0, 100), Neuron(12, 5), Head(20, 1)]),
             ComponentSet([Head(6, 0), Head(6, 7)]), ComponentSet([Neuron(15, i) for i in range(0, 1500, 30)])]
-    got = metric_sweep(smollm2, batch, metric, sets)
+    got = metric_sweep(smollm2, batch, metric, sets, share_prefix=True)
     want, base = _one_forward_per_set(smollm2, batch, metric, sets)
     torch.testing.assert_close(got.baseline, base.float(), rtol=1e-3, atol=1e-2)
     torch.testing.assert_close(got.values, want.float(), rtol=1e-3, atol=1e-2)
