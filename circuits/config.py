@@ -89,14 +89,15 @@ class StudyConfig:
     details: tuple[str, ...] = ("low",)
     variations: int | None = 3  # per context, heldout_variations of them held out; None = all
     heldout_variations: int = 2  # held-out templates per context (L1, L2)
-    names_per_cell: int = 2  # names per group x gender cell, in each name split
+    names_per_cell: int = 13  # names per group x gender cell, in each name split (at most those there are)
+    heldout_name_fraction: float = 0.75  # of each group x gender cell's names, held out for evaluation
     max_pairs_per_cell: int = 2  # counterfactual pairs kept per template cell (scoring = "pairs")
     heldout_names: bool = True  # held-out levels use held-out names (and a "names" level is added)
     utility_texts: int = 10  # neutral sentences (of the selection half) for FASP's per-head utility sweep
     metric: Literal["expected_value"] = "expected_value"
-    strategies: tuple[Strategy, ...] = STRATEGIES
-    neuron_ks: tuple[int, ...] = (25, 100)
-    head_ks: tuple[int, ...] = (3, 9)
+    strategies: tuple[Strategy, ...] = ("top_k_neurons", "top_k_heads")  # the rest: examples/study-larger.toml
+    neuron_ks: tuple[int, ...] = (25,)
+    head_ks: tuple[int, ...] = (3,)
     fasp_gamma: float = 0.5
     fasp_alphas: tuple[float, ...] = (0.02,)
     wanda_fraction: float = 0.01
@@ -104,9 +105,9 @@ class StudyConfig:
     overlap_k: int = 100
     n_null: int = 200
     scoring: Literal["ablation", "pairs"] = "ablation"  # pair-free estimate of the ablation, or pair AtP
-    refine_top: int = 200  # top candidates per kind re-scored by exact ablation (0: none)
-    refine_random: int = 50  # random components per kind also re-scored (the Spearman check)
-    null_draws: int = 5  # random sets of each strategy's kind and size, evaluated alongside it
+    refine_top: int = 30  # top candidates per kind re-scored by exact ablation (0: none)
+    refine_random: int = 10  # random components per kind also re-scored (the Spearman check)
+    null_draws: int = 3  # random sets of each strategy's kind and size, evaluated alongside it
     n_bootstrap: int = 1000  # two-way cluster bootstrap resamples of every endpoint
     seed: int = 0
     batch_size: int = 8
@@ -216,6 +217,8 @@ class StudyConfig:
             raise ConfigError("variations: need at least 2 per context (train and held-out)")
         if not 0 <= self.fasp_gamma <= 1 or any(not 0 < a <= 1 - self.fasp_gamma for a in self.fasp_alphas):
             raise ConfigError("fasp_gamma/fasp_alphas: need 0 <= gamma <= 1 and 0 < alpha <= 1 - gamma")
+        if not 0 < self.heldout_name_fraction < 1:
+            raise ConfigError(f"heldout_name_fraction: must lie in (0, 1), got {self.heldout_name_fraction}")
         if not 0 < self.wanda_fraction < 1:
             raise ConfigError(f"wanda_fraction: must lie in (0, 1), got {self.wanda_fraction}")
         if self.variations is not None and not 1 <= self.heldout_variations < self.variations:

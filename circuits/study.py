@@ -22,12 +22,12 @@ import torch
 
 from circuits import pruning
 from circuits.audit import AuditResult, run_audit
-from circuits.bias import context_metric
+from circuits.bias import Expansion, context_metric
 from circuits.config import StudyConfig
 from circuits.evaluation import EvalSet, UtilityProbe, head_utility, neutral_texts
 from circuits.generalization import CandidateSet, ContextSplits, Generalization, generalize
 from circuits.names import sample_names
-from circuits.prompts import PromptSet, build_pairs, build_prompts
+from circuits.prompts import PromptSet, build_pairs, build_prompts, span_aligned
 from circuits.scoring import ContextScores, baseline_sets, fasp_head_bias, score_context, score_prompts
 from circuits.stages import ConfigView, StageStore, frame_digest, settings_key
 from interp.components import ComponentSet, ComponentShape
@@ -54,7 +54,8 @@ ALL_FIELDS = tuple(f.name for f in fields(StudyConfig))
 # is in UNKEYED; tests/circuits/test_study.py fails on a field in none, and a stage that reads an
 # undeclared field through its ConfigView raises.
 STAGES: dict[str, Stage] = {  # in dependency order
-    "prompts": Stage(("contexts", "details", "variations", "heldout_variations", "names_per_cell", "seed"),
+    "prompts": Stage(("contexts", "details", "variations", "heldout_variations", "names_per_cell",
+                      "heldout_name_fraction", "seed"),
                      per_context=True),
     "audit": Stage(("seed", "metric"), ("prompts",)),
     "pairs": Stage(("max_pairs_per_cell", "seed", "metric"), ("prompts",), per_context=True),
@@ -153,12 +154,14 @@ def _versions() -> dict[str, str | None]:
 
 def study_prompts(
     model, contexts, *, details=("low",), variations: int | None = 3, heldout_variations: int = 2,
-    names_per_cell: int = 2, seed: int = 0
+    names_per_cell: int = 2, heldout_name_fraction: float = 0.25, seed: int = 0
 ) -> PromptSet:
-    """The study's prompts: ``names_per_cell`` names per group x gender cell from each name split, and
-    per context ``variations`` variations (None = all) of which ``heldout_variations`` are held out
-    (at most the context's held-out variations)."""
-    prompts = build_prompts(model, list(contexts), details=list(details), seed=seed)
+    """The study's prompts: ``names_per_cell`` names per group x gender cell from each name split
+    (``heldout_name_fraction`` of every cell's names held out), and per context ``variations``
+    variations (None = all) of which ``heldout_variations`` are held out (at most the context's
+    held-out variations)."""
+    prompts = build_prompts(model, list(contexts), details=list(details), heldout_names=heldout_name_fraction,
+                            seed=seed)
     frame = prompts.frame
     names = [n for split in ("train", "heldout")
              for n in sample_names(frame[frame["name_split"] == split], names_per_cell, seed=seed)]
@@ -237,17 +240,23 @@ class Study:
     def prompts(self) -> PromptSet:
         c = self._view("prompts")
         return study_prompts(self.model, c.contexts, details=c.details, variations=c.variations,
-                             heldout_variations=c.heldout_variations, names_per_cell=c.names_per_cell, seed=c.seed)
+                             heldout_variations=c.heldout_variations, names_per_cell=c.names_per_cell,
+                             heldout_name_fraction=c.heldout_name_fraction, seed=c.seed)
 
-    def splits(self, prompts: PromptSet, *, heldout_names: bool, scoring: str) -> dict[str, ContextSplits]:
+    def splits(self, prompts: PromptSet, *, heldout_names: bool, scoring: str,
+               expansion: Expansion | None = None) -> dict[str, ContextSplits]:
         """Per context, every prompt of: the training split (training templates and names; with pairs
         when ``scoring == "pairs"``), the held-out templates (with held-out names when
-        ``heldout_names``) and, with ``heldout_names``, the training templates with held-out names."""
+        ``heldout_names``) and, with ``heldout_names``, the training templates with held-out names.
+
+        ``expansion`` (default ``circuits.bias.Expansion()``) sets how each context's answers are
+        found; a smaller one (fewer pilots and nodes) makes every scored row shorter, for quick checks.
+        """
         c = self._view("pairs")
         out = {}
         for ctx in prompts.contexts:
             rows = prompts.filter(context=ctx)
-            metric = context_metric(self.model, ctx, prompts=rows)
+            metric = context_metric(self.model, ctx, prompts=rows, **({"expansion": expansion} if expansion else {}))
 
             def eval_set(name, with_pairs=False, **criteria):
                 try:
@@ -256,7 +265,9 @@ class Study:
                                         seed=c.seed) if with_pairs else None
                 except ValueError as err:
                     raise ValueError(f"{ctx} {name} split: {err}; raise names_per_cell or variations") from err
-                return EvalSet.from_prompts(self.model, f"{ctx}:{name}", subset, metric, pairs=pairs)
+                laid_out = pairs is not None and pairs.clean.key_mask is not None  # names of unequal length
+                return EvalSet.from_prompts(self.model, f"{ctx}:{name}", subset,
+                                            span_aligned(metric) if laid_out else metric, pairs=pairs)
 
             held = {"name_split": "heldout"} if heldout_names else {}
             out[ctx] = ContextSplits(

@@ -80,6 +80,7 @@ CHANGES = {
     "variations": (4, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "heldout_variations": (1, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "names_per_cell": (3, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
+    "heldout_name_fraction": (0.5, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "seed": (1, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "metric": ("other", ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "max_pairs_per_cell": (2, [*PER_CONTEXT, *DOWNSTREAM]),
@@ -113,7 +114,8 @@ def _stored_keys(config, tiny_model):
     if inputs not in _PROMPTS:
         _PROMPTS[inputs] = study_prompts(tiny_model, config.contexts, details=config.details,
                                       variations=config.variations, heldout_variations=config.heldout_variations,
-                                      names_per_cell=config.names_per_cell, seed=config.seed)
+                                      names_per_cell=config.names_per_cell,
+                                      heldout_name_fraction=config.heldout_name_fraction, seed=config.seed)
     keys = stage_keys(config, model_key(config), _PROMPTS[inputs])
     return {k: v for k, v in keys.items() if not k.startswith(("prompts-", "pairs-"))}
 
