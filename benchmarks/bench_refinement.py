@@ -9,7 +9,8 @@ over that sample, per kind. Target: at least 0.85 for neurons (heads: reported, 
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_refinement.py [--quick] [--top 200] [--random 50]``
 (CPU-heavy: the full run is N+50 exact sweeps of every prompt per kind; ``--quick`` uses N=40, 20 random;
-``--kinds neuron`` skips heads).
+``--kinds neuron`` skips heads; ``--max-nodes 48`` finds each prompt's answers with a smaller
+number tree, which shortens every row about 2.5x).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from circuits.bias import context_metric
+from circuits.bias import Expansion, context_metric
 from circuits.evaluation import EvalSet
 from circuits.scoring import score_prompts
 from circuits.study import study_prompts
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--variations", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kinds", nargs="+", default=["neuron", "head"])
+    parser.add_argument("--max-nodes", type=int, default=None,
+                        help="number-tree nodes per prompt's answers (default: circuits.bias.Expansion's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     top, n_random = (40, 20) if args.quick else (args.top, args.random)
@@ -42,7 +45,8 @@ def main() -> None:
     prompts = study_prompts(model, [args.context], variations=args.variations, heldout_variations=1,
                             names_per_cell=args.names_per_cell)
     train = prompts.filter(variation_split="train", name_split="train")
-    metric = context_metric(model, args.context, prompts=prompts)
+    expansion = Expansion() if args.max_nodes is None else Expansion(max_nodes=args.max_nodes)
+    metric = context_metric(model, args.context, prompts=prompts, expansion=expansion)
     eval_set = EvalSet.from_prompts(model, f"{args.context}:train", train, metric)
     started = time.perf_counter()
     scores = score_prompts(model, eval_set, refine_top=top, n_random=n_random, per_prompt=False, batch_size=8,
@@ -50,7 +54,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     refined = scores.refined
     print(f"{len(train)} prompts ({train.frame['name'].nunique()} names, {train.frame['variation'].nunique()} "
-          f"templates), gap {scores.gap:.4g}; top {top} + {n_random} random per kind; {seconds:.0f} s")
+          f"templates), gap {scores.gap:.4g}; top {top} + {n_random} random per kind; {expansion}; {seconds:.0f} s")
     for kind, rows in refined.groupby("kind"):
         top_rows = rows[rows["selection"] == "top"]
         rho_top = top_rows[["estimate", "exact"]].corr("spearman").iloc[0, 1]
