@@ -295,7 +295,7 @@ def _stacked_prompt_values(model, eval_set: EvalSet, sets: Mapping[str, Componen
     in stacked forwards; under torch.distributed each rank runs a block of the prompts."""
     from interp.sweeps import metric_sweep
 
-    batch, _ = eval_set.rows()
+    batch, frame = eval_set.rows()
     ablated_sets = {label: c for label, c in sets.items() if len(c)}
     if not ablated_sets:
         none = _sharded_values(model, eval_set.metric, batch, backoff)
@@ -303,12 +303,13 @@ def _stacked_prompt_values(model, eval_set: EvalSet, sets: Mapping[str, Componen
     n = len(batch)
     shard = current_shard()
     local = shard.indices(n)
+    templates = pd.factorize(frame["template"])[0]  # a template's prompts share their text up to the name
     device = torch.device(model.cfg.device) if shard.world_size > 1 else torch.device("cpu")
     out = torch.zeros(len(local), 1 + len(ablated_sets), dtype=torch.float32, device=device)  # none, then the sets
     if len(local):
         sweep = metric_sweep(model, batch.take(local.to(batch.tokens.device)), eval_set.metric,
                              list(ablated_sets.values()), means=means, max_batch_rows=batch_size, backoff=backoff,
-                             progress=progress, desc=f"evaluate {eval_set.name}")
+                             groups=templates[local.numpy()], progress=progress, desc=f"evaluate {eval_set.name}")
         out[:] = torch.cat([sweep.baseline[None], sweep.values]).T.to(device)
     if shard.world_size > 1:
         out = all_gather_rows(out, n)
