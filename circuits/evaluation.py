@@ -130,7 +130,9 @@ class EvalSet:
         pairs, n = self.pairs, len(self.pairs)
         clean, corrupt = pairs.clean, pairs.corrupt
         batch = TokenBatch(torch.cat([clean.tokens, corrupt.tokens]), torch.cat([clean.attention_mask,
-                           corrupt.attention_mask]), torch.cat([clean.answer_pos, corrupt.answer_pos]))
+                           corrupt.attention_mask]), torch.cat([clean.answer_pos, corrupt.answer_pos]),
+                           *((torch.cat([clean.position_ids, corrupt.position_ids]), torch.cat([clean.key_mask,
+                             corrupt.key_mask])) if clean.key_mask is not None else ()))  # span-aligned pairs
         table = pairs.frame
         frame = pd.DataFrame({"group": [pairs.clean_group] * n + [pairs.corrupt_group] * n})
         if {"name_a", "name_b", "variation", "detail"} <= set(table.columns):
