@@ -2,8 +2,9 @@
 heads, generalization with delta-gap endpoints and nulls, overlap.
 
 Sized to run in a few minutes on 2 CPU cores: each prompt's answers are found with a small ``Expansion`` (at most
-48 number-tree nodes, 95% of the numeric mass), which shortens every scored row; the flow and every column checked
-are those of the default study."""
+32 number-tree nodes, 95% of the numeric mass), which shortens every scored row; one training and one held-out
+template, the top 3 + 2 random per kind refined exactly, one null draw; the flow and every column checked are those
+of the default study."""
 import numpy as np
 import pytest
 
@@ -20,7 +21,8 @@ from circuits.study import Study
 def test_scores_pruning_generalization_and_overlap_on_smollm2(smollm2, tmp_path):
     config = StudyConfig(
         contexts=("lending_amount", "commerce_buy"),
-        variations=3,
+        variations=2,
+        heldout_variations=1,
         names_per_cell=1,
         max_pairs_per_cell=1,
         strategies=("top_k_neurons", "top_k_heads", "common"),
@@ -34,15 +36,17 @@ def test_scores_pruning_generalization_and_overlap_on_smollm2(smollm2, tmp_path)
     study = Study(config)
     study.model = smollm2
     splits = study.splits(study.prompts(), heldout_names=False, scoring="ablation",
-                          expansion=Expansion(max_nodes=48, target=0.95))
-    scores = {ctx: score_prompts(smollm2, s.train, refine_top=5, n_random=3, batch_size=4, progress=False)
+                          expansion=Expansion(max_nodes=32, target=0.95))
+    scores = {ctx: score_prompts(smollm2, s.train, refine_top=3, n_random=2, batch_size=4, progress=False)
               for ctx, s in splits.items()}
     for s in scores.values():
         assert all(np.isfinite(t.numpy()).all() for t in s.scores.values())
     candidates = study.candidates(scores, {}, None, {})
     assert {c.strategy for c in candidates} == {"top_k_neurons", "top_k_heads", "common_neurons", "common_heads"}
+    for s in scores.values():  # the exact refinement replaced the estimates it covers
+        assert len(s.refined) == 2 * (3 + 2) and s.settings["spearman"].keys() == {"neuron", "head"}
     probe = UtilityProbe.build(smollm2, neutral_texts()[:2])
-    result = generalize(smollm2, candidates, splits, probe=probe, batch_size=4, null_draws=2, n_bootstrap=200,
+    result = generalize(smollm2, candidates, splits, probe=probe, batch_size=4, null_draws=1, n_bootstrap=100,
                         progress=False)
 
     matrix = result.matrix(value="delta_gap")
@@ -52,6 +56,10 @@ def test_scores_pruning_generalization_and_overlap_on_smollm2(smollm2, tmp_path)
     assert np.isfinite(matrix["delta_gap"]).all()
     assert (result.frame["delta_low"] <= result.frame["delta_high"]).all()
     assert np.isfinite(result.frame[["gap", "kl"]].to_numpy(dtype=float)).all()
+    strategies = result.frame[result.frame["strategy"] != "none"]
+    assert result.nulls is not None and len(result.nulls)  # the random-set band, one draw per candidate
+    assert strategies[["null_low", "null_high"]].notna().all().all()
+    assert np.isfinite(result.power()["mde"]).all()  # the power line, per context and split
 
     tables = overlap_tables(scores, result, k=50, n_null=20, seed=0, out_dir=tmp_path)
     pairwise = tables["pairwise"]
