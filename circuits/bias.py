@@ -266,25 +266,23 @@ TEMPLATE = ("context", "variation", "detail")  # the prompts of a template diffe
 
 
 def _template_answers(model, cands: PromptCandidates, rows: pd.DataFrame) -> None:
-    """Give every prompt of a template (``TEMPLATE``) the union of its prompts' own answers, so that
-    the two prompts of a counterfactual pair are expanded alike (patching and attribution run them
-    position by position). Prompts that already have answers keep them."""
+    """Give every prompt of a template (``TEMPLATE``) among ``rows`` the union of those prompts' own
+    answers, so that the two prompts of a counterfactual pair are expanded alike (patching and
+    attribution run them position by position). The union depends only on ``rows`` (never on what
+    was derived or scored before), so a resumed study scores exactly as an uninterrupted one."""
     keys = [tuple(encode(model, t)) for t in rows["prompt_text"]]
-    new = [k for k in dict.fromkeys(keys) if k not in cands.sets]
-    if not new:
-        return
-    own = cands.derive(new)
+    cands.derive_own(keys)
     by_key = dict(zip(keys, map(tuple, rows[list(TEMPLATE)].to_numpy())))
     groups: dict[tuple, list] = {}
-    for key in new:
+    for key in dict.fromkeys(keys):
         groups.setdefault(by_key[key], []).append(key)
     for members in groups.values():
         merged: dict[tuple[int, ...], tuple] = {}
         for key in members:
-            c = own[key]
+            c = cands.own[key]
             for text, value, ids, end in zip(c.texts, c.values, c.token_ids, c._ends):
                 merged.setdefault(ids, (text, value, end))
-        first = own[members[0]]
+        first = cands.own[members[0]]
         paths = sorted(merged)
         union = CandidateAnswers(tuple(merged[p][0] for p in paths), tuple(merged[p][1] for p in paths),
                                  tuple(paths), first.packed, tuple(merged[p][2] for p in paths), first.answer_tokens)
@@ -379,7 +377,7 @@ def measure(
         if isinstance(cands, PromptCandidates):
             keys = [tuple(i) for i in ids]
             found = _numeric_answers(model, answer, list(dict.fromkeys(keys)), expansion, batch_size)
-            cands.sets.update({k: a.candidates for k, a in found.items()})
+            cands.own.update({k: a.candidates for k, a in found.items()})
             check_answer_alignment(model, texts[0], found[keys[0]].candidates)
             per_prompt = [(found[k].candidates.texts, found[k].mass, np.array(found[k].candidates.values),
                            found[k].other) for k in keys]

@@ -397,9 +397,10 @@ def _padded(rows: Sequence[Tensor], fill, dims: int) -> Tensor:
 class PromptCandidates:
     """Each prompt's own candidate answers, looked up by the prompt's token ids.
 
-    ``sets`` maps a prompt's tokens (a tuple of ids, padding excluded) to its ``CandidateAnswers``;
-    a prompt not there is passed to ``derive`` (a list of token tuples -> their candidate sets),
-    whose sets are kept. ``expand`` packs every row with the trie of its own candidates (the model
+    ``sets`` maps a prompt's tokens (a tuple of ids, padding excluded) to the ``CandidateAnswers``
+    it is scored with; ``own`` to the prompt's own answers as derived (``sets`` may hold a union
+    over several prompts instead). A prompt in neither is passed to ``derive`` (a list of token
+    tuples -> their candidate sets); a prompt not in ``sets`` is scored with its own. ``expand`` packs every row with the trie of its own candidates (the model
     must take the packed layout, as the TransformerLens bridge does); ``log_probs`` is then
     ``[prompt, cand]`` padded with ``-inf`` to the largest set, ``values_of`` the values (0 padded).
     """
@@ -408,6 +409,7 @@ class PromptCandidates:
     derive: Callable[[list], dict] | None = None
     packed: bool = True
     single_token: bool = False
+    own: dict = field(default_factory=dict)
 
     @staticmethod
     def keys(batch: TokenBatch) -> list[tuple[int, ...]]:
@@ -418,12 +420,16 @@ class PromptCandidates:
     def of(self, batch: TokenBatch) -> list[CandidateAnswers]:
         """The candidate set of every prompt of ``batch`` (deriving the missing ones)."""
         keys = self.keys(batch)
-        missing = list(dict.fromkeys(k for k in keys if k not in self.sets))
+        self.derive_own(k for k in keys if k not in self.sets)
+        return [self.sets.get(k) or self.own[k] for k in keys]
+
+    def derive_own(self, keys) -> None:
+        """Derive the own answers of those ``keys`` that have none yet."""
+        missing = list(dict.fromkeys(k for k in keys if k not in self.own))
         if missing:
             if self.derive is None:
                 raise KeyError(f"{len(missing)} prompts have no candidate answers and there is no derive function")
-            self.sets.update(self.derive(missing))
-        return [self.sets[k] for k in keys]
+            self.own.update(self.derive(missing))
 
     def expand(self, batch: TokenBatch) -> RowCandidateBatch:
         cands = self.of(batch)
