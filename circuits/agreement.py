@@ -358,12 +358,15 @@ def compare(
 
 
 def _prompt_candidates(model, candidates, texts: Sequence[str]) -> list:
-    """Each prompt's ``CandidateAnswers``: the shared set, or a ``PromptCandidates``' set of the prompt."""
-    if not hasattr(candidates, "sets"):
+    """Each prompt's ``CandidateAnswers``: the shared set, or a ``PromptCandidates``' own answers of
+    the prompt (what ``measure`` scores)."""
+    if not hasattr(candidates, "own"):
         return [candidates] * len(texts)
-    from interp.batching import encode, pad_ids, pad_token_id
+    from interp.batching import encode
 
-    return candidates.of(pad_ids([encode(model, t) for t in texts], pad_token_id(model.tokenizer)))
+    keys = [tuple(encode(model, t)) for t in texts]
+    candidates.derive_own(keys)
+    return [candidates.own[k] for k in keys]
 
 
 def _check_candidates(candidates, scored: list[str], prompt_id: str) -> None:
