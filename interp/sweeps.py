@@ -195,6 +195,17 @@ def _stacked(
     return out
 
 
+def _prepared(model, variants, means, batch: TokenBatch, prompts_per_pass: int | None):
+    """A sweep's checked inputs: the model's shape, the variants as sets (means checked against them),
+    the device, the batch on it and the prompts per pass."""
+    shape = ComponentShape.of(model)
+    sets = _as_sets(variants, shape)
+    _check_means(sets, means, shape)
+    device = torch.device(model.cfg.device)
+    step = len(batch) if prompts_per_pass is None else max(1, prompts_per_pass)
+    return shape, sets, device, batch.to(device), step
+
+
 def metric_sweep(
     model,
     batch: TokenBatch,
@@ -233,13 +244,8 @@ def metric_sweep(
         groups: a label per prompt (e.g. its template); each group runs as its own passes, so the
             prefix its prompts share (up to the name, say) runs once per set and group.
     """
-    shape = ComponentShape.of(model)
-    sets = _as_sets(variants, shape)
-    _check_means(sets, means, shape)
-    device = torch.device(model.cfg.device)
-    batch = batch.to(device)
+    shape, sets, device, batch, step = _prepared(model, variants, means, batch, prompts_per_pass)
     n_all = len(batch)
-    step = n_all if prompts_per_pass is None else max(1, prompts_per_pass)
     if groups is None:
         passes = [torch.arange(b, min(b + step, n_all)) for b in range(0, n_all, step)]
     else:
@@ -311,13 +317,8 @@ def ablation_sweep(
     ``rows_per_forward`` (halved on out-of-memory) bounds the rows of one forward.
     ``prompts_per_pass`` (default all) bounds the prompts whose residual streams are kept at once.
     """
-    shape = ComponentShape.of(model)
-    sets = _as_sets(variants, shape)
-    _check_means(sets, means, shape)
-    device = torch.device(model.cfg.device)
-    batch = batch.to(device)
+    shape, sets, device, batch, step = _prepared(model, variants, means, batch, prompts_per_pass)
     n_all = len(batch)
-    step = n_all if prompts_per_pass is None else max(1, prompts_per_pass)
     starts = sorted({min(c.layer for c in s) for s in sets})
     backoff = Backoff(max(1, rows_per_forward), what="ablation batch")
     bar = tqdm(total=len(sets) * n_all, desc=desc, disable=not progress)
