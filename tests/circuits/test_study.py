@@ -240,3 +240,16 @@ def test_killed_study_resumes_with_identical_results(finished_study, tmp_path):
         ours = pd.read_parquet(out / "stages" / table)
         reference = pd.read_parquet(finished_study.out_dir / "stages" / table)
         pd.testing.assert_frame_equal(ours, reference)
+
+
+def test_results_match_the_reference_tables(finished_study):
+    """The tiny study's tables equal those the code wrote before the architecture change
+    (tests/data/study_tables, see tests/circuits/study_tables.py), up to float rounding."""
+    from tests.circuits.study_tables import REFERENCE, study_tables
+
+    ours = study_tables(finished_study.out_dir)
+    reference = {p.stem: pd.read_parquet(p) for p in sorted(REFERENCE.glob("*.parquet"))}
+    assert reference and set(ours) == set(reference)
+    for name, table in reference.items():
+        pd.testing.assert_frame_equal(ours[name].reset_index(drop=True), table, check_exact=False, rtol=1e-4,
+                                      atol=1e-6, obj=name)
