@@ -45,7 +45,6 @@ Sampled gaps and correlations use the papers' reading (``value``) on that same s
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from circuits.config import StudyConfig
 from circuits.prompts import PromptSet
 from circuits.sampling import AnswerType, format_ids, parse_answer, parse_ids, sample_answers
 from circuits.stats import correlation, mann_whitney
+from interp.results import SavedResult
 
 META = ("prompt_id", "context", "variation", "detail", "name", "group", "gender", "answer_type", "sign")
 GAP_COLUMNS = ("gap", "ci_low", "ci_high", "smd", "p_mann_whitney")
@@ -75,10 +75,12 @@ READINGS = {
 
 
 @dataclass(frozen=True, eq=False)
-class Agreement:
-    """Per-context agreement (``table``), per-prompt values (``prompts``), every sample (``samples``),
-    the pooled bin distributions behind the TV distances (``bins``, with ``reading`` saying which)
-    and the metric's per-prompt distribution over its covered answers (``distribution``)."""
+class Agreement(SavedResult):
+    """Per-context agreement (``table``, saved as ``agreement``), per-prompt values (``prompts``), every
+    sample (``samples``), the pooled bin distributions behind the TV distances (``bins``, with ``reading``
+    saying which) and the metric's per-prompt distribution over its covered answers (``distribution``)."""
+
+    RESULT = "Agreement"
 
     table: pd.DataFrame
     prompts: pd.DataFrame
@@ -101,27 +103,14 @@ class Agreement:
         ``n_examples`` most frequent reply texts with their count (``"text" x count``)."""
         return readings(self.samples, n_examples=n_examples)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write agreement.parquet, prompts.parquet, samples.parquet, bins.parquet, distribution.parquet
-        and settings.json."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("agreement", "prompts", "samples", "bins", "distribution"):
-            frame = self.table if name == "agreement" else getattr(self, name)
-            frame.to_parquet(out / f"{name}.parquet", index=False)
-        (out / "settings.json").write_text(json.dumps(self.settings, indent=2, default=str))
-        return out
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        return {"agreement": self.table, "prompts": self.prompts, "samples": self.samples, "bins": self.bins,
+                "distribution": self.distribution}
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> Agreement:
-        out = Path(out_dir)
-        files = ("agreement.parquet", "prompts.parquet", "samples.parquet", "bins.parquet", "settings.json")
-        missing = [n for n in files if not (out / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"{out} is not a saved Agreement: {missing} missing")
-        dist = out / "distribution.parquet"
-        return cls(*(pd.read_parquet(out / n) for n in files[:4]), json.loads((out / "settings.json").read_text()),
-                   pd.read_parquet(dist) if dist.exists() else pd.DataFrame())
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> Agreement:
+        return cls(tables["agreement"], tables["prompts"], tables["samples"], tables["bins"], settings,
+                   tables["distribution"])
 
 
 def read_reply(prefix: str, text: str, answer_type: AnswerType) -> float:

@@ -25,13 +25,19 @@ from circuits.coverage import warn_low_coverage
 from circuits.prompts import PromptSet, build_prompts
 from circuits.stages import frame_digest, settings_key
 from interp.locking import directory_lock
+from interp.results import SavedResult
 
 CHUNKS = "chunks"
 
 
 @dataclass(frozen=True, eq=False)
-class AuditResult:
-    """Per-prompt values (``measurement``) and the gap table with intervals (``gaps``)."""
+class AuditResult(SavedResult):
+    """Per-prompt values (``measurement``) and the gap table with intervals (``gaps``).
+
+    Saved as the measurement's tables (``values``, ``distribution``) beside ``gaps``, with the
+    measurement's and the gap table's settings under ``measurement`` and ``gaps``."""
+
+    RESULT = "AuditResult"
 
     measurement: Measurement
     gaps: GapTable
@@ -41,21 +47,16 @@ class AuditResult:
         """The gap table: one row per context x contrast."""
         return self.gaps.to_dataframe()
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write the measurement (``values.parquet``, ``distribution.parquet``, ``measurement.json``),
-        ``gaps.parquet`` and ``settings.json`` (the audit's and the gap table's settings)."""
-        out = self.measurement.save(out_dir)
-        self.gaps.table.to_parquet(out / "gaps.parquet", index=False)
-        settings = {**self.settings, "gaps": self.gaps.settings}
-        (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
-        return out
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        return {**self.measurement._tables(), "gaps": self.gaps.table}
+
+    def _settings(self) -> dict:
+        return {**self.settings, "measurement": self.measurement.settings, "gaps": self.gaps.settings}
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> AuditResult:
-        out = Path(out_dir)
-        settings = json.loads((out / "settings.json").read_text())
-        gaps = GapTable(pd.read_parquet(out / "gaps.parquet"), settings.pop("gaps", {}))
-        return cls(Measurement.load(out), gaps, settings)
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> AuditResult:
+        measurement = Measurement._from_saved(tables, settings.pop("measurement"))
+        return cls(measurement, GapTable(tables["gaps"], settings.pop("gaps")), settings)
 
 
 def run_settings(model, prompts: PromptSet, **extra) -> dict:

@@ -27,13 +27,11 @@ context's sign convention, so a positive advantage means the first group is favo
 from __future__ import annotations
 
 import functools
-import json
 import re
 import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,6 +45,7 @@ from circuits.stats import cluster_bootstrap, mann_whitney, permutation_pvalue, 
 from interp.batching import encode, microbatches, pad_ids, pad_token_id
 from interp.metrics import SUMMARIES, CandidateAnswers, ExpectedValue, PromptCandidates, takes_layout
 from interp.numeric import NumberGrammar, expand, expand_each
+from interp.results import SavedResult
 
 CONTRASTS = {"race": ("group", "White", "Black"), "gender": ("gender", "woman", "man")}
 # The default summary per answer type (``value``; the attribution target of ``context_metric``).
@@ -316,8 +315,10 @@ def check_answer_alignment(model, prompt_text: str, candidates: CandidateAnswers
 
 
 @dataclass(frozen=True, eq=False)
-class Measurement:
+class Measurement(SavedResult):
     """Per-prompt expected answers (``values``) and each prompt's distribution over its grid."""
+
+    RESULT = "Measurement"
 
     values: pd.DataFrame
     distribution: pd.DataFrame
@@ -326,22 +327,12 @@ class Measurement:
     def to_dataframe(self) -> pd.DataFrame:
         return self.values.copy()
 
-    def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.values.to_parquet(out / "values.parquet", index=False)
-        self.distribution.to_parquet(out / "distribution.parquet", index=False)
-        (out / "measurement.json").write_text(json.dumps(self.settings, indent=2))
-        return out
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        return {"values": self.values, "distribution": self.distribution}
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> Measurement:
-        out = Path(out_dir)
-        return cls(
-            pd.read_parquet(out / "values.parquet"),
-            pd.read_parquet(out / "distribution.parquet"),
-            json.loads((out / "measurement.json").read_text()),
-        )
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> Measurement:
+        return cls(tables["values"], tables["distribution"], settings)
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ report utility on, so no text is both.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from interp.components import ComponentSet
 from interp.distributed import all_gather_rows, current_shard
 from interp.memory import Backoff
 from interp.metrics import Metric, run_metric
+from interp.results import SavedResult
 
 
 def neutral_texts(part: str | None = None) -> list[str]:
@@ -192,8 +192,10 @@ def paired_values(
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(SavedResult):
     """One row per (component set, evaluation set): bias with the set ablated, and utility."""
+
+    RESULT = "Evaluation"
 
     frame: pd.DataFrame
     settings: dict = field(default_factory=dict)
@@ -201,17 +203,12 @@ class Evaluation:
     def to_dataframe(self) -> pd.DataFrame:
         return self.frame.copy()
 
-    def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.frame.to_parquet(out / "evaluation.parquet", index=False)
-        (out / "evaluation.json").write_text(json.dumps(self.settings, indent=2, default=str))
-        return out
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        return {"evaluation": self.frame}
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "Evaluation":
-        out = Path(out_dir)
-        return cls(pd.read_parquet(out / "evaluation.parquet"), json.loads((out / "evaluation.json").read_text()))
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "Evaluation":
+        return cls(tables["evaluation"], settings)
 
 
 def evaluate(

@@ -15,12 +15,10 @@ Scores are ``{kind: [layer, index]}`` tensors or ``ContextScores`` (oriented: po
 """
 from __future__ import annotations
 
-import json
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,6 +34,7 @@ from circuits.scoring import ContextScores
 from circuits.stats import bootstrap_ci, gap_change
 from interp.activations import masked_means
 from interp.components import KINDS, Component, ComponentSet, ComponentShape, Kind
+from interp.results import SavedResult
 
 SEP = " & "  # joins the contexts of an intersection's label
 MAX_CONTEXTS = 12  # 2**12 membership patterns per null draw
@@ -67,7 +66,7 @@ def _patterns(sets: Sequence[ComponentSet]) -> dict[Component, int]:
 
 
 @dataclass(frozen=True, eq=False)
-class SetComparison:
+class SetComparison(SavedResult):
     """Exclusive intersections of several contexts' component sets, against random sets.
 
     ``table``: one row per intersection (every non-empty one, and the one of all contexts): ``intersection``
@@ -76,6 +75,8 @@ class SetComparison:
     observed one). ``membership``: ``kind, layer, index, intersection`` for every component of the union.
     ``effects`` (after :func:`intersection_effects`): one row per intersection and evaluation set.
     """
+
+    RESULT = "SetComparison"
 
     contexts: tuple[str, ...]
     table: pd.DataFrame
@@ -106,24 +107,17 @@ class SetComparison:
             return self.table.copy()
         return self.table.merge(self.effects, on="intersection", how="left")
 
-    def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.table.to_parquet(out / "intersections.parquet", index=False)
-        self.membership.to_parquet(out / "membership.parquet", index=False)
-        if self.effects is not None:
-            self.effects.to_parquet(out / "effects.parquet", index=False)
-        meta = {"contexts": list(self.contexts), "n_null": self.n_null, "seed": self.seed}
-        (out / "comparison.json").write_text(json.dumps(meta, indent=2))
-        return out
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        effects = {} if self.effects is None else {"effects": self.effects}
+        return {"intersections": self.table, "membership": self.membership, **effects}
+
+    def _settings(self) -> dict:
+        return {"contexts": list(self.contexts), "n_null": self.n_null, "seed": self.seed}
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "SetComparison":
-        out = Path(out_dir)
-        meta = json.loads((out / "comparison.json").read_text())
-        effects = pd.read_parquet(out / "effects.parquet") if (out / "effects.parquet").exists() else None
-        return cls(tuple(meta["contexts"]), pd.read_parquet(out / "intersections.parquet"),
-                   pd.read_parquet(out / "membership.parquet"), meta["n_null"], meta["seed"], effects)
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "SetComparison":
+        return cls(tuple(settings["contexts"]), tables["intersections"], tables["membership"], settings["n_null"],
+                   settings["seed"], tables.get("effects"))
 
 
 def compare_sets(
@@ -236,7 +230,7 @@ def layer_profile(
 
 
 @dataclass(frozen=True, eq=False)
-class ComponentCard:
+class ComponentCard(SavedResult):
     """What one neuron or head does, in every context.
 
     ``scores``: ``context, score`` (the selection score, exact where refined), ``rank`` (among its kind),
@@ -247,6 +241,8 @@ class ComponentCard:
     mean output at the answer position), ``centred`` (minus the mean over the answer's tokens: only
     differences among them move the answer). ``top_prompts``: the prompts it is most active on.
     """
+
+    RESULT = "ComponentCard"
 
     component: Component
     scores: pd.DataFrame
@@ -261,20 +257,16 @@ class ComponentCard:
         frames = [getattr(self, part).assign(part=part) for part in self.PARTS]
         return pd.concat(frames, ignore_index=True).assign(component=str(self.component))
 
-    def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for part in self.PARTS:
-            getattr(self, part).to_parquet(out / f"{part}.parquet", index=False)
-        c = self.component
-        (out / "component.json").write_text(json.dumps({"kind": c.kind, "layer": c.layer, "index": c.index}))
-        return out
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        return {part: getattr(self, part) for part in self.PARTS}
+
+    def _settings(self) -> dict:
+        return {"component": {"kind": self.component.kind, "layer": self.component.layer,
+                              "index": self.component.index}}
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "ComponentCard":
-        out = Path(out_dir)
-        component = Component(**json.loads((out / "component.json").read_text()))
-        return cls(component, *(pd.read_parquet(out / f"{part}.parquet") for part in cls.PARTS))
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "ComponentCard":
+        return cls(Component(**settings["component"]), *(tables[part] for part in cls.PARTS))
 
 
 def _rank(values: Float[Tensor, "layer index"], component: Component) -> int:

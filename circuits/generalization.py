@@ -19,9 +19,7 @@ The train-context x eval-context matrix has L1 on its diagonal and L2 off it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -30,6 +28,7 @@ import pandas as pd
 from circuits.evaluation import EvalSet, UtilityProbe, evaluate
 from circuits.pruning import null_sets
 from interp.components import ComponentSet, ComponentShape
+from interp.results import SavedResult
 
 LEVELS = ("L0", "names", "L1", "L2")
 
@@ -59,8 +58,10 @@ class CandidateSet:
 
 
 @dataclass(frozen=True)
-class Generalization:
+class Generalization(SavedResult):
     """Bias endpoints of each candidate set at each level, with utility and the random-set null."""
+
+    RESULT = "Generalization"
 
     frame: pd.DataFrame
     settings: dict = field(default_factory=dict)
@@ -79,23 +80,14 @@ class Generalization:
         keys = ["strategy", "k", "train_context", "eval_context"]
         return rows.groupby(keys, as_index=False)[value].mean()
 
-    def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.frame.to_parquet(out / "generalization.parquet", index=False)
-        if self.nulls is not None:
-            self.nulls.to_parquet(out / "nulls.parquet", index=False)
-        if "mde" in self.frame:
-            self.power().to_parquet(out / "power.parquet", index=False)
-        (out / "generalization.json").write_text(json.dumps(self.settings, indent=2, default=str))
-        return out
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        """``generalization``, with ``nulls`` (when drawn) and ``power`` (derived, for readers of the directory)."""
+        nulls = {} if self.nulls is None else {"nulls": self.nulls}
+        return {"generalization": self.frame, **nulls, **({"power": self.power()} if "mde" in self.frame else {})}
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "Generalization":
-        out = Path(out_dir)
-        nulls = pd.read_parquet(out / "nulls.parquet") if (out / "nulls.parquet").exists() else None
-        return cls(pd.read_parquet(out / "generalization.parquet"),
-                   json.loads((out / "generalization.json").read_text()), nulls)
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "Generalization":
+        return cls(tables["generalization"], settings, tables.get("nulls"))
 
     def power(self) -> pd.DataFrame:
         """Per evaluation set of the unablated model: gap, its bootstrap SD and the minimum detectable delta."""

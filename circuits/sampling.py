@@ -18,10 +18,8 @@ keeps all of them. So a reply can be read token by token, as the deterministic m
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -36,6 +34,7 @@ from circuits.parsing import parse_number, parse_yes_no
 from circuits.stats import mann_whitney, smd
 from interp.batching import encode, pad_token_id
 from interp.patching import _attention_reads_cache
+from interp.results import SavedResult
 
 AnswerType = Literal["number", "yes_no"]
 
@@ -53,9 +52,11 @@ def parse_answer(text: str, answer_type: AnswerType) -> float:
 
 
 @dataclass(frozen=True, eq=False)
-class SampledAnswers:
+class SampledAnswers(SavedResult):
     """Sampled replies to each prompt: ``texts[p][s]`` and parsed ``values[p, s]`` (NaN = invalid);
     ``token_ids[p][s]``, when given, the reply's generated tokens (see the module docstring)."""
+
+    RESULT = "SampledAnswers"
 
     prompts: tuple[str, ...]
     texts: tuple[tuple[str, ...], ...]
@@ -107,24 +108,15 @@ class SampledAnswers:
             frame["token_ids"] = [format_ids(ids) for row in self.token_ids for ids in row]
         return frame
 
-    def save(self, directory: str | Path) -> Path:
-        """Write answers.parquet, prompts.parquet and settings.json into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.to_dataframe().to_parquet(directory / "answers.parquet", index=False)
-        pd.DataFrame({"prompt_id": range(len(self.prompts)), "prompt": list(self.prompts)}).to_parquet(
-            directory / "prompts.parquet", index=False)
-        (directory / "settings.json").write_text(json.dumps(self.settings, indent=2, sort_keys=True))
-        return directory
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        """``answers`` (``to_dataframe``) and ``prompts`` (``prompt_id, prompt``)."""
+        return {"answers": self.to_dataframe(),
+                "prompts": pd.DataFrame({"prompt_id": range(len(self.prompts)), "prompt": list(self.prompts)})}
 
     @classmethod
-    def load(cls, directory: str | Path) -> SampledAnswers:
-        directory = Path(directory)
-        missing = [n for n in ("answers.parquet", "prompts.parquet", "settings.json") if not (directory / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"{directory} is not a saved SampledAnswers: {missing} missing")
-        prompts = pd.read_parquet(directory / "prompts.parquet").sort_values("prompt_id")
-        answers = pd.read_parquet(directory / "answers.parquet").sort_values(["prompt_id", "sample"])
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> SampledAnswers:
+        prompts = tables["prompts"].sort_values("prompt_id")
+        answers = tables["answers"].sort_values(["prompt_id", "sample"])
         n_prompts, n_samples = len(prompts), int(answers["sample"].max()) + 1 if len(answers) else 0
         texts = answers["text"].to_numpy().reshape(n_prompts, n_samples)
         ids = None
@@ -135,7 +127,7 @@ class SampledAnswers:
             prompts=tuple(prompts["prompt"]),
             texts=tuple(tuple(row) for row in texts),
             values=answers["value"].to_numpy().reshape(n_prompts, n_samples),
-            settings=json.loads((directory / "settings.json").read_text()),
+            settings=settings,
             token_ids=ids,
         )
 

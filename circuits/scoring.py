@@ -12,33 +12,35 @@ selection of a top-k with k <= ``refine_top`` ranks exact effects. Counterfactua
 measured gap, so positive means "ablating it shrinks the gap as measured") and *scaled* by a
 robust width of the context's answer values (``grid_scale``: their interquartile range as the
 metric summarizes them), so contexts with different units compare. The papers' scores
-are baselines: Wanda-style per-group activation-weighted norms with set difference, attention paid
-to the name, weight magnitude and random.
+are baselines (``Baselines``): Wanda-style per-group activation-weighted norms with set difference
+and attention paid to the name. ``HeadScores`` keeps one score per head (FASP's z_bias and z_ppl).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
 from circuits.evaluation import EvalSet, prompt_values
 from circuits.prompts import span_aligned
-from circuits.pruning import wanda_set_difference, weight_magnitude_scores
+from circuits.pruning import wanda_set_difference
 from circuits.stats import correlation
 from interp.activations import activation_norms, attention_to_positions
 from interp.attribution import AblationAttribution, AttributionResult, ablation_attribution, attribute
 from interp.components import ComponentSet, ComponentShape, Head, hook_name
 from interp.patching import patch_sweep
+from interp.results import SavedResult
 
 
 @dataclass(frozen=True)
-class ContextScores:
+class ContextScores(SavedResult):
     """Oriented, grid-scaled scores of every neuron and head for one context."""
+
+    RESULT = "ContextScores"
 
     context: str
     scores: dict[str, Float[Tensor, "layer index"]]
@@ -76,24 +78,17 @@ class ContextScores:
                                         "index": index.flatten().numpy(), "score": values.flatten().numpy()}))
         return pd.concat(frames, ignore_index=True)
 
-    def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        self.attribution.save(out / "attribution")
-        if self.refined is not None:
-            self.refined.to_parquet(out / "refined.parquet", index=False)
-        meta = {"context": self.context, "orientation": self.orientation, "scale": self.scale, **self.settings}
-        (out / "scores.json").write_text(json.dumps(meta, indent=2, default=str))
-        return out
+    def _tables(self) -> dict[str, pd.DataFrame | SavedResult]:
+        """``attribution`` (nested) and, when refined, ``refined``."""
+        return {"attribution": self.attribution, **({} if self.refined is None else {"refined": self.refined})}
+
+    def _settings(self) -> dict:
+        return {"context": self.context, "orientation": self.orientation, "scale": self.scale, **self.settings}
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "ContextScores":
-        out = Path(out_dir)
-        meta = json.loads((out / "scores.json").read_text())
-        pair_free = (out / "attribution" / "prompts.parquet").exists()
-        attribution = (AblationAttribution if pair_free else AttributionResult).load(out / "attribution")
-        refined = pd.read_parquet(out / "refined.parquet") if (out / "refined.parquet").exists() else None
-        context, orientation, scale = meta.pop("context"), meta.pop("orientation"), meta.pop("scale")
-        return _oriented(context, attribution, orientation, scale, refined, meta)
+    def _from_saved(cls, tables: dict[str, pd.DataFrame | SavedResult], settings: dict) -> "ContextScores":
+        context, orientation, scale = settings.pop("context"), settings.pop("orientation"), settings.pop("scale")
+        return _oriented(context, tables["attribution"], orientation, scale, tables.get("refined"), settings)
 
 
 def _oriented(context, attribution, orientation, scale, refined, settings) -> ContextScores:
@@ -191,6 +186,31 @@ def score_prompts(
     return _oriented(eval_set.name, result, orientation, grid_scale(eval_set.metric), refined, settings)
 
 
+@dataclass(frozen=True)
+class HeadScores(SavedResult):
+    """One score per attention head: FASP's z_bias (``fasp_head_bias``) or z_ppl (``head_utility``)."""
+
+    RESULT = "HeadScores"
+
+    scores: Float[Tensor, "layer head"]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per head: ``layer, head, score``."""
+        n_layers, n_heads = self.scores.shape
+        return pd.DataFrame({"layer": torch.arange(n_layers).repeat_interleave(n_heads).numpy(),
+                             "head": torch.arange(n_heads).repeat(n_layers).numpy(),
+                             "score": rearrange(self.scores.detach().cpu(), "layer head -> (layer head)").numpy()})
+
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        return {"scores": self.to_dataframe()}
+
+    @classmethod
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "HeadScores":
+        frame = tables["scores"].sort_values(["layer", "head"])
+        flat = torch.from_numpy(frame["score"].to_numpy().copy())
+        return cls(rearrange(flat, "(layer head) -> layer head", layer=frame["layer"].nunique()))
+
+
 def fasp_head_bias(model, eval_set: EvalSet, *, means=None, batch_size: int = 16,
                    progress: bool = False) -> Float[Tensor, "layer head"]:
     """FASP's z_bias as a reduction: |gap| - |gap with head h removed alone| (exact, batched), per head.
@@ -283,14 +303,33 @@ def wanda_scores(model, batch, *, batch_size: int = 16) -> dict[str, Float[Tenso
     return {"neuron": neuron * w_out, "head": (head_x * w_o).sum(-1)}
 
 
-def baseline_sets(
-    model, eval_set: EvalSet, *, top_fraction: float = 0.15, batch_size: int = 16
-) -> dict[str, dict[str, Tensor] | ComponentSet]:
-    """The papers' scores for one context's prompts (every prompt of ``eval_set.rows()``).
+@dataclass(frozen=True)
+class Baselines(SavedResult):
+    """The papers' baselines for one context: the Wanda set difference and each head's attention to the name."""
+
+    RESULT = "Baselines"
+
+    wanda_difference: ComponentSet
+    attention_to_name: Float[Tensor, "layer head"]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The Wanda set difference: ``kind, layer, index``."""
+        return self.wanda_difference.to_dataframe()
+
+    def _tables(self) -> dict[str, pd.DataFrame | SavedResult]:
+        return {"wanda_difference": self.to_dataframe(), "attention_to_name": HeadScores(self.attention_to_name)}
+
+    @classmethod
+    def _from_saved(cls, tables: dict[str, pd.DataFrame | SavedResult], settings: dict) -> "Baselines":
+        return cls(ComponentSet.from_dataframe(tables["wanda_difference"]), tables["attention_to_name"].scores)
+
+
+def baseline_sets(model, eval_set: EvalSet, *, top_fraction: float = 0.15, batch_size: int = 16) -> Baselines:
+    """The papers' baselines for one context's prompts (every prompt of ``eval_set.rows()``).
 
     ``wanda_difference``: neurons and heads in group A's top ``top_fraction`` Wanda scores but not
     group B's (per layer); ``attention_to_name``: [layer, head] attention the answer position pays
-    to the name's tokens (mean of the group A and group B means); ``magnitude``: weight-norm scores.
+    to the name's tokens (mean of the group A and group B means).
     """
     batch, frame = eval_set.rows()
     in_a = torch.tensor((frame["group"] == eval_set.group_a).to_numpy(), device=batch.tokens.device)
@@ -306,8 +345,4 @@ def baseline_sets(
         return attention_to_positions(model, chosen, names[rows][:, : chosen.tokens.shape[1]], batch_size=batch_size)
 
     attention = (attention(in_a) + attention(~in_a)) / 2
-    return {
-        "wanda_difference": difference,
-        "attention_to_name": {"head": attention.cpu()},
-        "magnitude": weight_magnitude_scores(model),
-    }
+    return Baselines(difference, attention.cpu())

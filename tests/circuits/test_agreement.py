@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ from circuits.cli import build_parser, main
 from circuits.prompts import build_prompts
 from circuits.stats import UndefinedStatisticWarning, correlation
 from interp.metrics import CandidateAnswers
+from interp.results import ResultFormatError
 from interp.testing import tiny_model_dir
 
 SETTINGS = {"max_prompts": 4, "n_samples": 2, "max_new_tokens": 2, "n_resamples": 50, "progress": False}
@@ -180,8 +183,16 @@ def test_save_and_load_round_trip(agreement, tmp_path):
     pd.testing.assert_frame_equal(loaded.bins, agreement.bins)
     pd.testing.assert_frame_equal(loaded.distribution, agreement.distribution)
     assert loaded.settings == agreement.settings
-    with pytest.raises(FileNotFoundError, match="not a saved Agreement"):
+    with pytest.raises(FileNotFoundError, match="no saved Agreement"):
         Agreement.load(tmp_path / "missing")
+
+
+def test_an_agreement_of_the_older_format_is_refused(agreement, tmp_path):
+    """Saved before the result base: the same tables, settings.json without a kind or format."""
+    out = agreement.save(tmp_path / "old")
+    (out / "settings.json").write_text(json.dumps(agreement.settings, default=str))
+    with pytest.raises(ResultFormatError, match=r"of kind unknown \(an older version"):
+        Agreement.load(out)
 
 
 def test_cli_is_deterministic_and_each_context_stands_alone(agreement, tmp_path, capsys):

@@ -3,8 +3,10 @@ import pandas as pd
 import pytest
 
 from circuits.audit import AuditResult, run_audit
+from circuits.bias import Measurement
 from circuits.cli import build_parser, main
 from circuits.prompts import build_prompts
+from interp.results import ResultFormatError
 from interp.testing import tiny_model_dir
 
 
@@ -22,7 +24,6 @@ def test_run_audit_writes_and_reloads(tiny_model, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {
         "values.parquet",
         "distribution.parquet",
-        "measurement.json",
         "gaps.parquet",
         "settings.json",
     }
@@ -34,6 +35,9 @@ def test_run_audit_writes_and_reloads(tiny_model, tmp_path):
     pd.testing.assert_frame_equal(loaded.to_dataframe(), gaps)
     pd.testing.assert_frame_equal(loaded.measurement.values, result.measurement.values)
     assert loaded.settings["contexts"] == ["chess", "lending_approval"]
+    assert loaded.measurement.settings == result.measurement.settings and loaded.gaps.settings == result.gaps.settings
+    with pytest.raises(ResultFormatError, match="of kind AuditResult; Measurement.load reads only"):
+        Measurement.load(tmp_path)
     with pytest.raises(ValueError, match="not both"):
         run_audit(tiny_model, ["chess"], build_prompts(tiny_model, ["chess"], details=["low"]))
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,6 +8,7 @@ from scipy import stats as sps
 
 from circuits.bias import (
     Expansion,
+    Measurement,
     answer_candidates,
     check_answer_alignment,
     context_metric,
@@ -126,6 +129,20 @@ def test_measure_distributions_and_expected_values(tiny_model, small):
     assert np.allclose(again.values["value"], values["value"], rtol=1e-4, atol=1e-6)
     part = measure(tiny_model, small.filter(gender="woman"), progress=False, expansion=TINY).values
     assert np.allclose(part["value"], by_prompt.loc[part["prompt_id"], "value"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_measurement_round_trips_and_an_older_one_is_refused(tiny_model, small, tmp_path):
+    result = measure(tiny_model, small, progress=False, expansion=TINY)
+    loaded = Measurement.load(result.save(tmp_path / "m"))
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), result.to_dataframe())
+    pd.testing.assert_frame_equal(loaded.distribution, result.distribution)
+    assert loaded.settings == json.loads(json.dumps(result.settings))
+    old = tmp_path / "old"  # as saved before the result base: the tables and measurement.json
+    old.mkdir()
+    result.values.to_parquet(old / "values.parquet")
+    (old / "measurement.json").write_text(json.dumps(result.settings))
+    with pytest.raises(FileNotFoundError, match="holds no saved Measurement .*older version"):
+        Measurement.load(old)
 
 
 def test_dollars_default_to_expected_log10_and_yes_no_to_p_yes(tiny_model):

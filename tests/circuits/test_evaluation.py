@@ -84,6 +84,16 @@ def test_delta_gap_endpoints_are_the_paired_cluster_bootstrap_of_the_prompt_valu
     assert again.to_dataframe()["delta_low"].equals(result.to_dataframe()["delta_low"])
 
 
+def test_an_evaluation_round_trips(tiny_model, tmp_path):
+    import pandas as pd
+
+    eval_set, sets, probe = eval_inputs(tiny_model)
+    result = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, n_bootstrap=50, progress=False)
+    loaded = evaluation.Evaluation.load(result.save(tmp_path / "e"))
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), result.to_dataframe())
+    assert loaded.settings.keys() == result.settings.keys()
+
+
 def test_utility_texts_for_selection_and_for_reporting_are_disjoint():
     select, report = evaluation.neutral_texts("select"), evaluation.neutral_texts("report")
     assert select and report and not set(select) & set(report)

@@ -51,7 +51,7 @@ def test_compare_sets_partitions_the_union_and_round_trips(tmp_path):
     assert ((table["p_value"] > 0) & (table["p_value"] <= 1)).all()
     comparison.save(tmp_path)
     loaded = explore.SetComparison.load(tmp_path)
-    pd.testing.assert_frame_equal(loaded.table, comparison.table)
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), comparison.to_dataframe())
     assert loaded.sets() == sets and loaded.effects is None
 
 
@@ -75,7 +75,8 @@ def test_compare_sets_refuses_bad_input():
         explore.compare_sets({"a": _set(Neuron(0, 11)), "c": _set(Neuron(0, 2))}, shape)
 
 
-def test_intersection_effects_are_the_gap_change_of_ablating_each_intersection(tiny_model, eval_sets, scores):
+def test_intersection_effects_are_the_gap_change_of_ablating_each_intersection(tiny_model, eval_sets, scores,
+                                                                              tmp_path):
     shape = ComponentShape.of(tiny_model)
     comparison = explore.compare_sets(explore.top_sets(scores, 12, "neuron"), shape, n_null=20)
     measured = explore.intersection_effects(tiny_model, comparison, list(eval_sets.values()), n_bootstrap=50,
@@ -92,6 +93,8 @@ def test_intersection_effects_are_the_gap_change_of_ablating_each_intersection(t
     assert row["delta_gap"] == pytest.approx(float(weights @ (after - before)), rel=1e-4, abs=1e-7)
     assert row["delta_low"] <= row["delta_gap"] <= row["delta_high"]
     assert len(measured.to_dataframe()) == len(effects)
+    loaded = explore.SetComparison.load(measured.save(tmp_path))
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), measured.to_dataframe())
 
 
 def test_layer_profile_counts_and_sums_scores(scores):

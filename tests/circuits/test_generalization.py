@@ -43,8 +43,10 @@ def test_generalization_rows_carry_the_endpoints_and_the_null_band(result, tmp_p
         assert row.outside_null == (not row.null_low <= row.delta_gap <= row.null_high)
         assert row.delta_low <= row.delta_gap <= row.delta_high
     assert result.nulls["set"].nunique() == 8  # 4 draws x 2 candidates, each a distinct set
-    loaded = Generalization.load(result.save(tmp_path / "gen"))
-    assert loaded.nulls.equals(result.nulls) and loaded.frame.equals(result.frame)
+    out = result.save(tmp_path / "gen")
+    assert {"generalization.parquet", "nulls.parquet", "power.parquet"} <= {p.name for p in out.iterdir()}
+    loaded = Generalization.load(out)
+    assert loaded.nulls.equals(result.nulls) and loaded.to_dataframe().equals(result.to_dataframe())
 
 
 def test_power_lists_the_minimum_detectable_delta_per_evaluation_set(result):

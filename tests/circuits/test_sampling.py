@@ -154,7 +154,7 @@ def test_save_load_round_trip(tiny_model, tmp_path):
     assert loaded.settings == answers.settings
     pd.testing.assert_frame_equal(loaded.to_dataframe(), answers.to_dataframe())
     assert loaded.token_ids == answers.token_ids and len(answers.token_ids[0][0]) >= 1
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(FileNotFoundError, match="no saved SampledAnswers"):
         SampledAnswers.load(tmp_path / "nothing")
 
 

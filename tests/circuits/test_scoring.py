@@ -1,14 +1,24 @@
 """Pair-free scores on the tiny model: estimates, exact refinement, FASP's z_bias, round trip."""
+import pandas as pd
 import pytest
 import torch
 
 from circuits.evaluation import EvalSet
 from circuits.prompts import build_prompts
-from circuits.scoring import ContextScores, exact_gap_changes, fasp_head_bias, group_weights, score_prompts
+from circuits.scoring import (
+    Baselines,
+    ContextScores,
+    HeadScores,
+    exact_gap_changes,
+    fasp_head_bias,
+    group_weights,
+    score_prompts,
+)
 from interp.ablation import ablated
 from interp.attribution import ablation_attribution
-from interp.components import Head, Neuron
+from interp.components import ComponentSet, Head, Neuron
 from interp.metrics import CandidateAnswers, ExpectedValue, run_metric
+from interp.results import ResultFormatError
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +81,9 @@ def test_score_prompts_refines_the_top_candidates_exactly_and_round_trips(tiny_m
     assert per_prompt.shape[0] == len(batch)
     torch.testing.assert_close(per_prompt.mean(0)[unrefined], scores.scores["neuron"][unrefined], rtol=1e-4, atol=1e-7)
     loaded = ContextScores.load(scores.save(tmp_path / "scores"))
-    torch.testing.assert_close(loaded.scores["neuron"], scores.scores["neuron"])
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), scores.to_dataframe())
+    pd.testing.assert_frame_equal(loaded.refined, scores.refined)
+    assert isinstance(loaded.attribution, type(scores.attribution))
     assert loaded.settings["spearman"] == scores.settings["spearman"] and loaded.gap == pytest.approx(scores.gap)
 
 
@@ -90,12 +102,12 @@ def test_baselines_read_every_prompt_by_group(tiny_model, eval_set):
     got = baseline_sets(tiny_model, eval_set, top_fraction=0.2, batch_size=4)
     batch, frame = eval_set.rows()
     in_a = torch.tensor((frame["group"] == "White").to_numpy())
-    assert got["attention_to_name"]["head"].shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
-    assert (got["attention_to_name"]["head"] > 0).all()  # every head pays some attention to the name
+    assert got.attention_to_name.shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
+    assert (got.attention_to_name > 0).all()  # every head pays some attention to the name
     wanda_a = wanda_scores(tiny_model, batch.select(in_a))["neuron"]
     wanda_b = wanda_scores(tiny_model, batch.select(~in_a))["neuron"]
     top = int(0.2 * tiny_model.cfg.d_mlp)
-    for c in got["wanda_difference"]:
+    for c in got.wanda_difference:
         if c.kind == "neuron":
             assert c.index in wanda_a[c.layer].topk(top).indices and c.index not in wanda_b[c.layer].topk(top).indices
 
@@ -115,3 +127,17 @@ def test_grid_scale_is_the_interquartile_range_of_the_summarized_values(tiny_mod
     q = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=torch.float64))
     assert grid_scale(pooled) == pytest.approx(float(q[1] - q[0]))
     assert grid_scale(object()) == 1.0
+
+
+def test_baselines_and_head_scores_round_trip(tmp_path):
+    heads = HeadScores(torch.randn(3, 4, dtype=torch.float64))
+    loaded = HeadScores.load(heads.save(tmp_path / "h"))
+    assert torch.equal(loaded.scores, heads.scores)
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), heads.to_dataframe())
+    baselines = Baselines(ComponentSet([Neuron(0, 2), Head(1, 3)]), torch.rand(3, 4))
+    back = Baselines.load(baselines.save(tmp_path / "b"))
+    assert back.wanda_difference == baselines.wanda_difference
+    assert torch.equal(back.attention_to_name, baselines.attention_to_name)
+    pd.testing.assert_frame_equal(back.to_dataframe(), baselines.to_dataframe())
+    with pytest.raises(ResultFormatError, match="of kind Baselines; HeadScores.load reads only"):
+        HeadScores.load(tmp_path / "b")

@@ -47,7 +47,7 @@ def test_wrong_directories_say_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="no saved AttributionResult"):
         AttributionResult.load(tmp_path)
     out = attribution(False).save(tmp_path / "a")
-    with pytest.raises(ResultFormatError, match="holds a saved AttributionResult, not a PatchingResult"):
+    with pytest.raises(ResultFormatError, match="of kind AttributionResult; PatchingResult.load reads only"):
         PatchingResult.load(out)
     settings = json.loads((out / "settings.json").read_text())
     (out / "settings.json").write_text(json.dumps({**settings, "format": 0}))
