@@ -1,9 +1,11 @@
 """Cross-context analyses of a study: overlap of component scores and the shared/specific split.
 
-Writes plain Parquet tables whose columns the figures in ``circuits.plots`` read.
+Saved as ``Overlap``: one Parquet table each (``TABLES``), whose columns the figures in
+``circuits.plots`` read.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Mapping
@@ -13,8 +15,29 @@ import pandas as pd
 from circuits import overlap
 from circuits.generalization import Generalization
 from circuits.scoring import ContextScores
+from interp.results import SavedResult
 
 TABLES = ("pairwise", "jaccard_curves", "permutation", "shared_specific")
+
+
+@dataclass(frozen=True, eq=False)
+class Overlap(SavedResult):
+    """The cross-context tables of a study, by name (``TABLES``)."""
+
+    RESULT = "Overlap"
+
+    tables: dict[str, pd.DataFrame]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Every table stacked, with ``table`` naming it."""
+        return pd.concat([t.assign(table=name) for name, t in self.tables.items()], ignore_index=True)
+
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        return self.tables
+
+    @classmethod
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "Overlap":
+        return cls(tables)
 
 
 def pairwise_overlap(scores: Mapping[str, ContextScores], *, k: int, n_null: int, seed: int) -> pd.DataFrame:
@@ -94,10 +117,9 @@ def overlap_tables(scores: Mapping[str, ContextScores], generalization: Generali
             "permutation": permutation_tests(scores, k=k, n_null=n_null, seed=seed),
             "shared_specific": shared_specific_table(generalization),
         }
-    for name, table in tables.items():
-        table.to_parquet(Path(out_dir) / f"{name}.parquet", index=False)
+    Overlap(tables).save(out_dir)
     return tables
 
 
 def load_overlap_tables(out_dir: Path) -> dict[str, pd.DataFrame]:
-    return {name: pd.read_parquet(Path(out_dir) / f"{name}.parquet") for name in TABLES}
+    return Overlap.load(out_dir).tables

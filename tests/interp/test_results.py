@@ -1,5 +1,7 @@
 """The one save/load of results: round trip, and a clear error for every wrong directory."""
 import json
+import shutil
+from dataclasses import dataclass
 
 import pandas as pd
 import pytest
@@ -8,7 +10,7 @@ import torch
 from interp.attribution import AblationAttribution, AttributionResult
 from interp.components import ComponentSet, Head, Neuron
 from interp.patching import PatchingResult
-from interp.results import ResultFormatError
+from interp.results import ResultFormatError, SavedResult
 
 
 def attribution(per_prompt: bool) -> AttributionResult:
@@ -61,3 +63,38 @@ def test_wrong_directories_say_what_is_wrong(tmp_path):
     with pytest.raises(ResultFormatError, match="not valid JSON"):
         AttributionResult.load(out)
     assert isinstance(pd.read_parquet(out / "scores.parquet"), pd.DataFrame)
+
+
+@dataclass(frozen=True)
+class Wrapped(SavedResult):
+    """A result that nests another, as ``circuits.scoring.ContextScores`` nests its attribution."""
+
+    RESULT = "tests.Wrapped"
+
+    inner: AttributionResult
+    label: str
+
+    def _tables(self):
+        return {"inner": self.inner}
+
+    def _settings(self):
+        return {"label": self.label}
+
+    @classmethod
+    def _from_saved(cls, tables, settings):
+        return cls(tables["inner"], settings["label"])
+
+
+def test_a_nested_result_is_saved_in_its_subdirectory_and_read_as_its_kind(tmp_path):
+    out = Wrapped(attribution(False), "x").save(tmp_path / "w")
+    loaded = Wrapped.load(out)
+    assert isinstance(loaded.inner, AttributionResult) and loaded.label == "x"
+    pd.testing.assert_frame_equal(loaded.inner.to_dataframe(), attribution(False).to_dataframe())
+    assert AttributionResult.load(out / "inner").method == "atp"
+    shutil.rmtree(out / "inner")
+    with pytest.raises(FileNotFoundError, match="lacks inner/"):
+        Wrapped.load(out)
+    clashing = Wrapped(attribution(False), "x")
+    object.__setattr__(clashing, "_settings", lambda: {"format": 2})
+    with pytest.raises(ValueError, match="may not use the names"):
+        clashing.save(tmp_path / "c")
