@@ -28,7 +28,15 @@ from circuits.evaluation import EvalSet, UtilityProbe, head_utility, neutral_tex
 from circuits.generalization import CandidateSet, ContextSplits, Generalization, generalize
 from circuits.names import sample_names
 from circuits.prompts import PromptSet, build_pairs, build_prompts, span_aligned
-from circuits.scoring import ContextScores, baseline_sets, fasp_head_bias, score_context, score_prompts
+from circuits.scoring import (
+    Baselines,
+    ContextScores,
+    HeadScores,
+    baseline_sets,
+    fasp_head_bias,
+    score_context,
+    score_prompts,
+)
 from circuits.stages import ConfigView, StageStore, frame_digest, settings_key
 from interp.components import ComponentSet, ComponentShape
 from interp.locking import directory_lock
@@ -297,7 +305,7 @@ class Study:
         splits = self.splits(prompts, heldout_names=self._view("generalization").heldout_names,
                              scoring=self._view("scores").scoring)
         scores: dict[str, ContextScores] = {}
-        baselines: dict[str, dict] = {}
+        baselines: dict[str, Baselines] = {}
         head_bias: dict[str, torch.Tensor] = {}
         c, b, h = self._view("scores"), self._view("baselines"), self._view("head-bias")
         means = self._means(splits, c.ablation)
@@ -309,23 +317,22 @@ class Study:
                 seed=c.seed, batch_size=c.batch_size, progress=c.progress)).save(d))
             scores[ctx] = ContextScores.load(rec.path)
             if f"head-bias-{ctx}" in keys:
-                rec = self.store.run(f"head-bias-{ctx}", keys[f"head-bias-{ctx}"], lambda d, s=split: torch.save(
-                    fasp_head_bias(self.model, s.train, means=means, batch_size=h.batch_size, progress=h.progress),
-                    d / "head_bias.pt"))
-                head_bias[ctx] = torch.load(rec.path / "head_bias.pt")
+                rec = self.store.run(f"head-bias-{ctx}", keys[f"head-bias-{ctx}"], lambda d, s=split: HeadScores(
+                    fasp_head_bias(self.model, s.train, means=means, batch_size=h.batch_size, progress=h.progress)
+                ).save(d))
+                head_bias[ctx] = HeadScores.load(rec.path).scores
             if f"baselines-{ctx}" in keys:
-                rec = self.store.run(f"baselines-{ctx}", keys[f"baselines-{ctx}"], lambda d, s=split: _save_baselines(
-                    baseline_sets(self.model, s.train, top_fraction=b.wanda_fraction, batch_size=b.batch_size), d))
-                baselines[ctx] = _load_baselines(rec.path)
+                rec = self.store.run(f"baselines-{ctx}", keys[f"baselines-{ctx}"], lambda d, s=split: baseline_sets(
+                    self.model, s.train, top_fraction=b.wanda_fraction, batch_size=b.batch_size).save(d))
+                baselines[ctx] = Baselines.load(rec.path)
         probe = UtilityProbe.build(self.model)  # the reporting half of the neutral text
         utility = None
         if "head-utility" in keys:  # FASP's z_ppl, on the other half
             c = self._view("head-utility")
-            rec = self.store.run("head-utility", keys["head-utility"], lambda d: torch.save(
+            rec = self.store.run("head-utility", keys["head-utility"], lambda d: HeadScores(
                 head_utility(self.model, UtilityProbe.build(self.model, neutral_texts("select")),
-                             n_texts=c.utility_texts, progress=c.progress),
-                d / "head_utility.pt"))
-            utility = torch.load(rec.path / "head_utility.pt")
+                             n_texts=c.utility_texts, progress=c.progress)).save(d))
+            utility = HeadScores.load(rec.path).scores
         candidates = self.candidates(scores, baselines, utility, head_bias)
         self.store.run("selection", keys["selection"], lambda d: _candidates_frame(candidates).to_parquet(
             d / "candidates.parquet", index=False))
@@ -384,13 +391,14 @@ class Study:
                 if "top_k_heads" in c.strategies:
                     add("top_k_heads", k, ctx, pruning.top_k_heads(s.scores, k))
                 if "attention_to_name" in c.strategies:
-                    add("attention_to_name", k, ctx, pruning.top_k_heads(baselines[ctx]["attention_to_name"], k))
+                    attention = {"head": baselines[ctx].attention_to_name}
+                    add("attention_to_name", k, ctx, pruning.top_k_heads(attention, k))
             if "fasp" in c.strategies:
                 for alpha in c.fasp_alphas:
                     chosen = pruning.fasp(head_bias[ctx], utility, gamma=c.fasp_gamma, alpha=alpha)
                     add("fasp", len(chosen), ctx, chosen)
             if "wanda_difference" in c.strategies:
-                chosen = baselines[ctx]["wanda_difference"]
+                chosen = baselines[ctx].wanda_difference
                 add("wanda_difference", len(chosen), ctx, chosen)
         if "common" in c.strategies:
             for kind, ks in (("neuron", c.neuron_ks), ("head", c.head_ks)):
@@ -420,18 +428,6 @@ def _candidates_frame(candidates: list[CandidateSet]) -> pd.DataFrame:
         frame.insert(3, "train_context", cand.train_context)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def _save_baselines(baselines: dict, out: Path) -> None:
-    baselines["wanda_difference"].to_dataframe().to_parquet(out / "wanda_difference.parquet", index=False)
-    torch.save({"attention_to_name": baselines["attention_to_name"], "magnitude": baselines["magnitude"]},
-               out / "scores.pt")
-
-
-def _load_baselines(path: Path) -> dict:
-    loaded = torch.load(path / "scores.pt")
-    loaded["wanda_difference"] = ComponentSet.from_dataframe(pd.read_parquet(path / "wanda_difference.parquet"))
-    return loaded
 
 
 def rebuild_report(out_dir: str | Path) -> Path:
