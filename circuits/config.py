@@ -17,19 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from circuits.contexts import CONTEXTS, DETAILS
+from circuits.pruning import STRATEGIES
 from interp.models import ModelLoadError, check_device, peek_shape, resolve_model_path
-
-Strategy = Literal[
-    "top_k_neurons",  # top-k AtP neurons per context
-    "top_k_heads",  # top-k AtP heads per context
-    "fasp",  # FASP: protect utility-critical heads, prune the most bias-carrying of the rest
-    "common",  # neurons (and heads) in the top-k of every training context
-    "random",  # random neurons, same count as the top-k set
-    "wanda_difference",  # the paper's neuron method: group A's top Wanda units not in group B's
-    "attention_to_name",  # the paper's head ranking: heads attending most to the name
-]
-STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
-
 
 class ConfigError(ValueError):
     """A configuration field with a bad value; the message names the field."""
@@ -95,7 +84,7 @@ class StudyConfig:
     heldout_names: bool = True  # held-out levels use held-out names (and a "names" level is added)
     utility_texts: int = 10  # neutral sentences (of the selection half) for FASP's per-head utility sweep
     metric: Literal["expected_value"] = "expected_value"
-    strategies: tuple[Strategy, ...] = ("top_k_neurons", "top_k_heads")  # the rest: examples/study-larger.toml
+    strategies: tuple[str, ...] = ("top_k_neurons", "top_k_heads")  # circuits.pruning.STRATEGIES; examples/study-larger.toml
     neuron_ks: tuple[int, ...] = (25,)
     head_ks: tuple[int, ...] = (3,)
     fasp_gamma: float = 0.5

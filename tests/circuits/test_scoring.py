@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from circuits.evaluation import EvalSet
-from circuits.prompts import build_prompts
+from circuits.prompts import build_prompts, select_prompts
 from circuits.scoring import ContextScores, exact_gap_changes, fasp_head_bias, group_weights, score_prompts
 from interp.ablation import ablated
 from interp.attribution import ablation_attribution
@@ -13,7 +13,7 @@ from interp.metrics import CandidateAnswers, ExpectedValue, run_metric
 
 @pytest.fixture(scope="module")
 def eval_set(tiny_model):
-    prompts = build_prompts(tiny_model, ["lending_amount"], details=["low"]).sample(variations=2, names_per_cell=1)
+    prompts = select_prompts(build_prompts(tiny_model, ["lending_amount"], details=["low"]), variations=2, names_per_cell=1)
     grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" 5", " 50", " 1,000"], [0.0, 50.0, 1000.0])
     return EvalSet.from_prompts(tiny_model, "lending_amount:train", prompts, ExpectedValue(grid))
 
