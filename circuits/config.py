@@ -20,6 +20,9 @@ from circuits.contexts import CONTEXTS, DETAILS
 from circuits.pruning import STRATEGIES
 from interp.models import ModelLoadError, check_device, peek_shape, resolve_model_path
 
+Strategy = Literal[tuple(STRATEGIES)]  # a name in the registry circuits.pruning.STRATEGIES
+
+
 class ConfigError(ValueError):
     """A configuration field with a bad value; the message names the field."""
 
@@ -84,7 +87,7 @@ class StudyConfig:
     heldout_names: bool = True  # held-out levels use held-out names (and a "names" level is added)
     utility_texts: int = 10  # neutral sentences (of the selection half) for FASP's per-head utility sweep
     metric: Literal["expected_value"] = "expected_value"
-    strategies: tuple[str, ...] = ("top_k_neurons", "top_k_heads")  # circuits.pruning.STRATEGIES; examples/study-larger.toml
+    strategies: tuple[Strategy, ...] = ("top_k_neurons", "top_k_heads")  # the rest: examples/study-larger.toml
     neuron_ks: tuple[int, ...] = (25,)
     head_ks: tuple[int, ...] = (3,)
     fasp_gamma: float = 0.5
@@ -190,9 +193,6 @@ class StudyConfig:
         bad = [d for d in self.details if d not in DETAILS]
         if bad or not self.details:
             raise ConfigError(f"details: unknown detail level(s) {bad or '(none given)'}; known: {list(DETAILS)}")
-        bad = [s for s in self.strategies if s not in STRATEGIES]
-        if bad:
-            raise ConfigError(f"strategies: unknown strategy {bad}; known: {list(STRATEGIES)}")
         if "common" in self.strategies and len(self.contexts) < 2:
             raise ConfigError("strategies: 'common' needs at least two contexts")
         if self.metric != "expected_value":
