@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from common import parse_args, result_line, timed
 
-from circuits.agreement import cap_prompts
 from circuits.audit import run_audit
-from circuits.prompts import build_prompts
+from circuits.prompts import build_prompts, select_prompts
 from circuits.sampling import sample_answers
 from interp import load_model
 from interp.batching import encode, microbatches, pad_token_id
@@ -54,7 +53,8 @@ def main(argv=None) -> None:
     model = load_model("smollm2-135m-instruct", device=args.device)
     warnings.simplefilter("ignore")  # small name sets: gaps without a side, NaN bootstrap resamples
     contexts, per_context, sampled, repeats = (CONTEXTS[:2], 8, 2, 1) if args.quick else (CONTEXTS, 16, 8, 2)
-    prompts = cap_prompts(build_prompts(model, list(contexts), details=["low"], seed=0), per_context, seed=0)
+    prompts = select_prompts(build_prompts(model, list(contexts), details=["low"], seed=0), per_context=per_context,
+                             seed=0)
     texts = prompts.texts
     subset = [texts[i] for i in np.random.default_rng(0).choice(len(texts), sampled, replace=False)]
     print(f"{platform.node()} {args.device} threads={torch.get_num_threads()} contexts={len(contexts)} "
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     def audit():
         return run_audit(model, prompts=prompts, batch_size=BATCH, progress=False)
 
-    warm = cap_prompts(prompts, 2, seed=0)
+    warm = select_prompts(prompts, per_context=2, seed=0)
     run_audit(model, prompts=warm, batch_size=BATCH, progress=False)
     bare_forward(model, warm.texts)
     result, t_audit = timed(audit, args.device, repeats=repeats)

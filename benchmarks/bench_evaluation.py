@@ -34,8 +34,8 @@ import torch
 from circuits import pruning
 from circuits.bias import context_metric
 from circuits.evaluation import EvalSet, UtilityProbe, evaluate
+from circuits.prompts import build_prompts, select_prompts
 from circuits.scoring import score_prompts
-from circuits.study import study_prompts
 from interp import load_model
 from interp.components import ComponentShape
 
@@ -67,7 +67,8 @@ def main() -> None:
 
     model = load_model("smollm2-135m-instruct", device="cpu")
     shape = ComponentShape.of(model)
-    prompts = study_prompts(model, [args.context], variations=4, heldout_variations=1, names_per_cell=8)
+    prompts = select_prompts(build_prompts(model, [args.context], details=["low"]), variations=4, heldout_variations=1,
+                             names_per_cell=8)
     train = prompts.filter(variation_split="train", name_split="train")
     train = replace(train, frame=train.frame.loc[_even_sample(train.frame, n_prompts)].reset_index(drop=True))
     metric = context_metric(model, args.context, prompts=train)

@@ -21,8 +21,8 @@ import torch
 
 from circuits.bias import Expansion, context_metric
 from circuits.evaluation import EvalSet
+from circuits.prompts import build_prompts, select_prompts
 from circuits.scoring import score_prompts
-from circuits.study import study_prompts
 from interp import load_model
 
 
@@ -42,8 +42,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     top, n_random = (40, 20) if args.quick else (args.top, args.random)
     model = load_model("smollm2-135m-instruct", device="cpu")
-    prompts = study_prompts(model, [args.context], variations=args.variations, heldout_variations=1,
-                            names_per_cell=args.names_per_cell)
+    prompts = select_prompts(build_prompts(model, [args.context], details=["low"]), variations=args.variations,
+                             heldout_variations=1, names_per_cell=args.names_per_cell)
     train = prompts.filter(variation_split="train", name_split="train")
     expansion = Expansion() if args.max_nodes is None else Expansion(max_nodes=args.max_nodes)
     metric = context_metric(model, args.context, prompts=prompts, expansion=expansion)

@@ -56,7 +56,7 @@ import pandas as pd
 from circuits.audit import run_settings
 from circuits.bias import CONTRASTS, context_metric, group_gaps, measure
 from circuits.config import StudyConfig
-from circuits.prompts import PromptSet
+from circuits.prompts import PromptSet, build_prompts, select_prompts
 from circuits.sampling import AnswerType, format_ids, parse_answer, parse_ids, sample_answers
 from circuits.stats import correlation, mann_whitney
 from interp.results import SavedResult
@@ -365,18 +365,6 @@ def _check_candidates(candidates, scored: list[str], prompt_id: str) -> None:
                            f"({len(scored)} vs {len(candidates.texts)}); cannot read replies as the metric does")
 
 
-def cap_prompts(prompts: PromptSet, max_prompts: int, *, seed: int = 0) -> PromptSet:
-    """At most ``max_prompts`` prompts per context: a seeded draw taking one prompt per name, cycling
-    over the group x gender cells, before any name's second prompt."""
-    if max_prompts < 1:
-        raise ValueError(f"max_prompts must be at least 1, got {max_prompts}")
-    frame = prompts.frame.assign(_draw=np.random.default_rng(seed).random(len(prompts)))
-    frame["_round"] = frame.groupby(["context", "name"])["_draw"].rank(method="first")
-    frame["_turn"] = frame.groupby(["context", "group", "gender", "_round"])["_draw"].rank(method="first")
-    keep = frame.sort_values(["_round", "_turn", "_draw"]).groupby("context", sort=False).head(max_prompts)
-    return prompts.filter(prompt_id=list(keep["prompt_id"]))
-
-
 def run_agreement(
     model,
     contexts: Sequence[str] | None = None,
@@ -399,14 +387,11 @@ def run_agreement(
 ) -> Agreement:
     """Measure and sample the same prompts, then ``compare`` them per context.
 
-    Prompts default to the study's selection (``circuits.study.study_prompts``) of ``contexts``
-    (default: the study's three), capped at ``max_prompts`` per context (``cap_prompts``); or pass a
-    ready ``prompts`` set. Each context is sampled on its own, seeded per (prompt index in the
+    Prompts default to a ``select_prompts`` choice of ``contexts`` (default: the study's three); or
+    pass a ready ``prompts`` set; either capped at ``max_prompts`` per context. Each context is sampled on its own, seeded per (prompt index in the
     context, sample batch), so its rows do not depend on the other contexts chosen. ``batch_size``
     counts rows per forward pass; ``n_noise`` simulated draws make the TV noise reference.
     """
-    from circuits.study import study_prompts
-
     if prompts is not None and contexts is not None:
         raise ValueError("give contexts or prompts, not both: prompts already fix their contexts")
     if isinstance(model, (str, Path)):
@@ -414,10 +399,9 @@ def run_agreement(
 
         model = load_model(model)
     if prompts is None:
-        prompts = study_prompts(model, contexts or StudyConfig.contexts, details=details, variations=variations,
-                                names_per_cell=names_per_cell, seed=seed)
-    if max_prompts is not None:
-        prompts = cap_prompts(prompts, max_prompts, seed=seed)
+        prompts = select_prompts(build_prompts(model, list(contexts or StudyConfig.contexts), details=list(details),
+                                               seed=seed), variations=variations, names_per_cell=names_per_cell, seed=seed)
+    prompts = select_prompts(prompts, per_context=max_prompts, seed=seed)
     measurement = measure(model, prompts, batch_size=batch_size, progress=progress)
     measured, distribution = measurement.values, measurement.distribution
     tokenizer = model.tokenizer
@@ -470,6 +454,6 @@ def run_agreement(
 
 
 __all__ = [
-    "READINGS", "Agreement", "cap_prompts", "compare", "metric_reading", "per_prompt", "read_reply", "reading_of",
+    "READINGS", "Agreement", "compare", "metric_reading", "per_prompt", "read_reply", "reading_of",
     "readings", "run_agreement", "sample_scale", "scaled_samples", "value_tv",
 ]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from circuits.bias import GapTable, Measurement, group_gaps, measure
 from circuits.contexts import DETAILS
 from circuits.coverage import warn_low_coverage
-from circuits.prompts import PromptSet, build_prompts
+from circuits.prompts import PromptSet, build_prompts, select_prompts
 from circuits.stages import frame_digest, settings_key
 from interp.locking import directory_lock
 from interp.results import SavedResult
@@ -169,7 +169,7 @@ def run_audit(
     """Measure the chosen contexts (all by default) or an imported ``prompts`` set; gaps per context.
 
     ``model`` is a loaded model or a name/path for ``interp.load_model``. ``variations`` and
-    ``names_per_cell`` take a seeded subset (per context; per group x gender cell) to bound the
+    ``names_per_cell`` take a ``select_prompts`` subset (per context; per group x gender cell) to bound the
     cost. Prompts are measured ``chunk_size`` at a time with a progress bar (ETA) over prompts. With
     ``out_dir`` each chunk is kept as it finishes, a re-run resumes after the last complete one, and
     the result is written there (see ``AuditResult.save``); one run at a time holds ``out_dir``.
@@ -187,7 +187,7 @@ def run_audit(
     elif tuple(details) != DETAILS:
         prompts = prompts.filter(detail=list(details))
     if variations is not None or names_per_cell is not None:
-        prompts = prompts.sample(variations=variations, names_per_cell=names_per_cell, seed=seed)
+        prompts = select_prompts(prompts, variations=variations, names_per_cell=names_per_cell, seed=seed)
     if out_dir is None:
         return _audit(model, prompts, None, chunk_size=chunk_size, batch_size=batch_size, n_resamples=n_resamples,
                       confidence=confidence, seed=seed, variations=variations, names_per_cell=names_per_cell,

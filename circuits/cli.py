@@ -312,7 +312,7 @@ def _add_attribute(subparsers) -> None:
     parser.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--context", required=True, help="context to score")
     parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--names-per-cell", type=int, default=4, help="names per race x gender cell (default 4)")
+    parser.add_argument("--names-per-cell", type=int, default=4, help="names per race x gender cell in each name split (default 4)")
     parser.add_argument("--pairs-per-cell", type=int, default=4, help="pairs kept per template (default 4)")
     parser.add_argument("--method", choices=("atp", "ig"), default="atp")
     parser.add_argument("--refine-top", type=int, default=0, help="refine the top N by exact patching")
@@ -325,24 +325,23 @@ def _add_attribute(subparsers) -> None:
 def _run_attribute(args) -> int:
     from circuits.bias import context_metric
     from circuits.contexts import get_context
-    from circuits.evaluation import EvalSet
-    from circuits.names import sample_names
-    from circuits.prompts import build_pairs, build_prompts
+    from circuits.evaluation import eval_set
+    from circuits.prompts import build_prompts, select_prompts
     from circuits.scoring import score_context
     from interp import DEFAULT_MODEL, load_model
 
     get_context(args.context)
     model = load_model(args.model or DEFAULT_MODEL, device=args.device)
-    prompts = build_prompts(model, [args.context], details=["low"], seed=args.seed)
-    prompts = prompts.filter(name=sample_names(prompts.frame, args.names_per_cell, seed=args.seed))
-    pairs = build_pairs(model, prompts, max_pairs_per_cell=args.pairs_per_cell, seed=args.seed)
+    prompts = select_prompts(build_prompts(model, [args.context], details=["low"], seed=args.seed),
+                             names_per_cell=args.names_per_cell, seed=args.seed)
     metric = context_metric(model, args.context, prompts=prompts)
-    scores = score_context(model, EvalSet(args.context, pairs, metric), method=args.method,
-                           refine_top=args.refine_top, batch_size=args.batch_size)
+    train = eval_set(model, args.context, prompts, metric, pairs=True, max_pairs_per_cell=args.pairs_per_cell,
+                     seed=args.seed)
+    scores = score_context(model, train, method=args.method, refine_top=args.refine_top, batch_size=args.batch_size)
     scores.save(args.out)
     table = scores.to_dataframe()
     top = table.reindex(table["score"].abs().sort_values(ascending=False).index).head(args.top)
-    print(f"{len(pairs)} pairs; gap A - B = {scores.gap:.4g}")
+    print(f"{len(train.pairs)} pairs; gap A - B = {scores.gap:.4g}")
     print(top.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {args.out}")
     return 0

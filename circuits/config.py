@@ -17,18 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from circuits.contexts import CONTEXTS, DETAILS
+from circuits.pruning import STRATEGIES
 from interp.models import ModelLoadError, check_device, peek_shape, resolve_model_path
 
-Strategy = Literal[
-    "top_k_neurons",  # top-k AtP neurons per context
-    "top_k_heads",  # top-k AtP heads per context
-    "fasp",  # FASP: protect utility-critical heads, prune the most bias-carrying of the rest
-    "common",  # neurons (and heads) in the top-k of every training context
-    "random",  # random neurons, same count as the top-k set
-    "wanda_difference",  # the paper's neuron method: group A's top Wanda units not in group B's
-    "attention_to_name",  # the paper's head ranking: heads attending most to the name
-]
-STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
+Strategy = Literal[tuple(STRATEGIES)]  # a name in the registry circuits.pruning.STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -201,9 +193,6 @@ class StudyConfig:
         bad = [d for d in self.details if d not in DETAILS]
         if bad or not self.details:
             raise ConfigError(f"details: unknown detail level(s) {bad or '(none given)'}; known: {list(DETAILS)}")
-        bad = [s for s in self.strategies if s not in STRATEGIES]
-        if bad:
-            raise ConfigError(f"strategies: unknown strategy {bad}; known: {list(STRATEGIES)}")
         if "common" in self.strategies and len(self.contexts) < 2:
             raise ConfigError("strategies: 'common' needs at least two contexts")
         if self.metric != "expected_value":

@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.prompts import PairSet, PromptSet, tokenize_prompts
+from circuits.prompts import PairSet, PromptSet, build_pairs, span_aligned, tokenize_prompts
 from circuits.stats import gap_change
 from interp.ablation import ablated
 from interp.batching import TokenBatch, tokenize
@@ -144,6 +144,20 @@ class EvalSet:
             frame["prompt_id"] = frame["name"]
             frame["template"] = "all"
         return batch, frame
+
+
+def eval_set(model, name: str, prompts: PromptSet, metric: Metric, *, pairs: bool = False,
+             max_pairs_per_cell: int | None = None, seed: int = 0, **criteria) -> EvalSet:
+    """The one recipe for an evaluation split: the prompts matching ``criteria``, with their
+    counterfactual pairs when ``pairs`` (``build_pairs``), measured by ``metric`` (span-aligned when
+    the pairs carry fillers, names of unequal length). Errors name the split."""
+    try:
+        rows = prompts.filter(**criteria)
+        built = build_pairs(model, rows, max_pairs_per_cell=max_pairs_per_cell, seed=seed) if pairs else None
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}; select more names or variations") from err
+    laid_out = built is not None and built.clean.key_mask is not None
+    return EvalSet.from_prompts(model, name, rows, span_aligned(metric) if laid_out else metric, pairs=built)
 
 
 def _sharded_values(model, metric: Metric, batch: TokenBatch, backoff: Backoff) -> Tensor:

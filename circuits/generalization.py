@@ -58,6 +58,35 @@ class CandidateSet:
 
 
 @dataclass(frozen=True)
+class CandidateSets(SavedResult):
+    """The component sets a study prunes (its selection stage): ``sets`` (one row per set) and
+    ``components`` (one row per set and component)."""
+
+    RESULT = "CandidateSets"
+
+    sets: tuple[CandidateSet, ...]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per set and component: ``label, strategy, k, train_context, kind, layer, index``."""
+        frames = [c.components.to_dataframe().assign(label=c.label, strategy=c.strategy, k=c.k,
+                                                     train_context=c.train_context) for c in self.sets]
+        columns = ["label", "strategy", "k", "train_context", "kind", "layer", "index"]
+        return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        sets = pd.DataFrame([(c.label, c.strategy, c.k, c.train_context) for c in self.sets],
+                            columns=["label", "strategy", "k", "train_context"])
+        return {"sets": sets, "components": self.to_dataframe()}
+
+    @classmethod
+    def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "CandidateSets":
+        parts = tables["components"]
+        return cls(tuple(CandidateSet(row.label, row.strategy, int(row.k), row.train_context,
+                                      ComponentSet.from_dataframe(parts[parts["label"] == row.label]))
+                         for row in tables["sets"].itertuples()))
+
+
+@dataclass(frozen=True)
 class Generalization(SavedResult):
     """Bias endpoints of each candidate set at each level, with utility and the random-set null."""
 

@@ -152,23 +152,6 @@ class PromptSet:
         column = f"{by}_split"
         return self.filter(**{column: "train"}), self.filter(**{column: "heldout"})
 
-    def sample(
-        self, *, variations: int | None = None, names_per_cell: int | None = None, seed: int = 0
-    ) -> PromptSet:
-        """A seeded subset: ``variations`` per context and ``names_per_cell`` per group x gender."""
-        frame = self.frame
-        rng = np.random.default_rng(seed)
-        if variations is not None:
-            keep = []
-            for _, rows in frame.groupby("context", sort=False):
-                keys = list(dict.fromkeys(rows["variation"]))
-                chosen = set(rng.permutation(keys)[:variations]) if variations < len(keys) else set(keys)
-                keep.append(rows[rows["variation"].isin(chosen)])
-            frame = pd.concat(keep)
-        if names_per_cell is not None:
-            frame = frame[frame["name"].isin(sample_names(frame, names_per_cell, seed=seed))]
-        return self._with(frame)
-
 
 def build_prompts(
     model_or_tokenizer,
@@ -227,6 +210,47 @@ def build_prompts(
                         }
                     )
     return PromptSet(pd.DataFrame(rows, columns=list(COLUMNS)), {c.name: c.answer for c in chosen}, chat)
+
+
+def select_prompts(
+    prompts: PromptSet,
+    *,
+    variations: int | None = None,
+    heldout_variations: int | None = None,
+    names_per_cell: int | None = None,
+    per_context: int | None = None,
+    seed: int = 0,
+) -> PromptSet:
+    """The one way to take a subset of prompts (None keeps everything of that kind).
+
+    ``names_per_cell``: a seeded draw of that many names from every group x gender cell of each name
+    split. ``variations``: per context, the first ``heldout_variations`` held-out variations (default a
+    third of ``variations``, rounded down) and the first training ones, ``variations`` in all.
+    ``per_context``: at most that many prompts per context, a seeded draw taking one prompt per name,
+    cycling over the group x gender cells, before any name's second prompt.
+    """
+    if names_per_cell is not None:
+        frame = prompts.frame
+        prompts = prompts.filter(name=[n for split in ("train", "heldout")
+                                       for n in sample_names(frame[frame["name_split"] == split], names_per_cell,
+                                                             seed=seed)])
+    if variations is not None:
+        held = variations // 3 if heldout_variations is None else heldout_variations
+        frame, keep = prompts.frame, set()
+        for ctx, rows in frame.groupby("context", sort=False):
+            for split, n in (("heldout", held), ("train", variations - held)):
+                keep |= {(ctx, v) for v in list(dict.fromkeys(rows.loc[rows["variation_split"] == split, "variation"]))[:n]}
+        chosen = [(ctx, v) in keep for ctx, v in zip(frame["context"], frame["variation"])]
+        prompts = prompts.filter(prompt_id=list(frame.loc[chosen, "prompt_id"]))
+    if per_context is not None:
+        if per_context < 1:
+            raise ValueError(f"per_context must be at least 1, got {per_context}")
+        frame = prompts.frame.assign(_draw=np.random.default_rng(seed).random(len(prompts)))
+        frame["_round"] = frame.groupby(["context", "name"])["_draw"].rank(method="first")
+        frame["_turn"] = frame.groupby(["context", "group", "gender", "_round"])["_draw"].rank(method="first")
+        keep = frame.sort_values(["_round", "_turn", "_draw"]).groupby("context", sort=False).head(per_context)
+        prompts = prompts.filter(prompt_id=list(keep["prompt_id"]))
+    return prompts
 
 
 # --------------------------------------------------------------------------- tokens and names
@@ -860,6 +884,7 @@ __all__ = [
     "load_prompt_table",
     "read_prompt_table",
     "scenario_signs",
+    "select_prompts",
     "split_variations",
     "tokenize_prompts",
     "uses_chat",

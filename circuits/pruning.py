@@ -7,14 +7,15 @@ Strategies: top-k per kind or mixed, FASP (Zayed et al. 2024), the "common" set 
 contexts (Ma et al. 2025), and the baselines: random sets (optionally matching another set's
 per-layer counts), weight magnitude, and the Wanda set difference between two groups' scores.
 ``null_sets`` draws the random sets of the same kind and size that a strategy is compared against.
+``STRATEGIES`` is the registry a study chooses from by name (``select`` applies it).
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from jaxtyping import Bool, Float
@@ -280,85 +281,108 @@ def wanda_set_difference(
     return ComponentSet.from_mask(kind, top_mask(score_a) & ~top_mask(score_b))
 
 
-# -- strategy configs ----------------------------------------------------------------------------
-STRATEGIES = ("top_k_neurons", "top_k_heads", "top_k_mixed", "fasp", "random", "wanda_difference")
+# -- the strategy registry ---------------------------------------------------------------------
+class SelectionSettings(Protocol):
+    """The settings a strategy reads (a study config has them)."""
+
+    neuron_ks: Sequence[int]
+    head_ks: Sequence[int]
+    fasp_gamma: float
+    fasp_alphas: Sequence[float]
+    seed: int
+
+
+Picked = Iterator[tuple[str, int, ComponentSet]]  # (strategy name, k, components)
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """A pruning strategy by name with its settings; ``select`` applies it to scores.
+    """A pruning strategy: ``pick(settings, scores, inputs)`` yields its sets for one context from the
+    context's scores and the study results named in ``reads`` (``inputs[name]``); a ``common``
+    strategy picks once from every context's scores (``{context: scores}``)."""
 
-    Fields used per name: ``top_k_neurons``/``top_k_heads``: ``k``, ``absolute``; ``top_k_mixed``:
-    also ``normalize``; ``fasp``: ``gamma``, ``alpha``; ``random``: ``kind``, ``k``, ``seed``;
-    ``wanda_difference``: ``kind``, ``top_fraction``. The weight-magnitude baseline is a top-k
-    strategy applied to ``weight_magnitude_scores(model)``.
-    """
+    doc: str
+    pick: Callable[..., Picked]
+    reads: tuple[str, ...] = ()
+    common: bool = False
 
-    name: str
-    k: int | None = None
-    kind: Kind = "neuron"
-    gamma: float = 0.5
-    alpha: float = 0.1
-    normalize: Normalization = "raw"
-    top_fraction: float = 0.15
-    absolute: bool = False
-    seed: int = 0
 
-    def __post_init__(self):
-        if self.name not in STRATEGIES:
-            raise ValueError(f"unknown pruning strategy {self.name!r}; known strategies: {', '.join(STRATEGIES)}")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.name.startswith("top_k") and (self.k is None or self.k < 0):
-            raise ValueError(f"strategy {self.name!r} needs k >= 0, got k={self.k}")
+def _top_k_neurons(c: SelectionSettings, scores: Scores, inputs) -> Picked:
+    for k in c.neuron_ks:
+        yield "top_k_neurons", k, top_k_neurons(scores, k)
 
-    @property
-    def label(self) -> str:
-        """A short name for tables and plots, e.g. ``fasp(gamma=0.5, alpha=0.1)``."""
-        settings = {
-            "top_k_neurons": f"k={self.k}",
-            "top_k_heads": f"k={self.k}",
-            "top_k_mixed": f"k={self.k}, {self.normalize}",
-            "fasp": f"gamma={self.gamma}, alpha={self.alpha}",
-            "random": f"{self.kind}, k={self.k}, seed={self.seed}",
-            "wanda_difference": f"{self.kind}, top={self.top_fraction}",
-        }[self.name]
-        return f"{self.name}({settings})"
+
+def _random(c: SelectionSettings, scores: Scores, inputs) -> Picked:
+    for k in c.neuron_ks:
+        like = top_k_neurons(scores, k)
+        yield "random", k, random_set(shape_of_scores(scores), "neuron", k, seed=c.seed, per_layer_like=like)
+
+
+def _top_k_heads(c: SelectionSettings, scores: Scores, inputs) -> Picked:
+    for k in c.head_ks:
+        yield "top_k_heads", k, top_k_heads(scores, k)
+
+
+def _attention_to_name(c: SelectionSettings, scores: Scores, inputs) -> Picked:
+    for k in c.head_ks:
+        yield "attention_to_name", k, top_k_heads({"head": inputs["baselines"].attention_to_name}, k)
+
+
+def _fasp(c: SelectionSettings, scores: Scores, inputs) -> Picked:
+    for alpha in c.fasp_alphas:
+        chosen = fasp(inputs["head_bias"], inputs["head_utility"], gamma=c.fasp_gamma, alpha=alpha)
+        yield "fasp", len(chosen), chosen
+
+
+def _wanda_difference(c: SelectionSettings, scores: Scores, inputs) -> Picked:
+    chosen = inputs["baselines"].wanda_difference
+    yield "wanda_difference", len(chosen), chosen
+
+
+def _common(c: SelectionSettings, scores: Mapping[str, Scores], inputs) -> Picked:
+    for kind, ks in (("neuron", c.neuron_ks), ("head", c.head_ks)):
+        for k in ks:
+            sets = [ComponentSet.top_k(s[kind], k, kind=kind) for s in scores.values()]
+            yield f"common_{kind}s", k, common(sets, min_count=max(2, len(sets) - 1))
+
+
+STRATEGIES: dict[str, Strategy] = {  # in the order their sets are listed
+    "top_k_neurons": Strategy("top-k AtP neurons per context", _top_k_neurons),
+    "random": Strategy("random neurons, per layer as many as the top-k set", _random),
+    "top_k_heads": Strategy("top-k AtP heads per context", _top_k_heads),
+    "attention_to_name": Strategy("the paper's head ranking: heads attending most to the name",
+                                  _attention_to_name, ("baselines",)),
+    "fasp": Strategy("FASP: protect utility-critical heads, prune the most bias-carrying of the rest",
+                     _fasp, ("head_bias", "head_utility")),
+    "wanda_difference": Strategy("the paper's neuron method: group A's top Wanda units not in group B's",
+                                 _wanda_difference, ("baselines",)),
+    "common": Strategy("neurons (and heads) in the top-k of all but at most one training context (at least two)",
+                       _common, common=True),
+}
+
+
+def strategy_reads(names: Sequence[str]) -> set[str]:
+    """The study results the strategies ``names`` read beside the scores."""
+    return {r for name in names for r in STRATEGIES[name].reads}
 
 
 def select(
-    strategy: Strategy,
-    scores: Scores,
-    *,
-    utility: Scores | None = None,
-    contrast: Scores | None = None,
-    like: ComponentSet | None = None,
-) -> ComponentSet:
-    """Apply ``strategy`` to ``scores``.
-
-    ``utility``: per-head utility damage, required by ``fasp`` (``scores["head"]`` is the bias
-    reduction). ``contrast``: the other group's scores, required by ``wanda_difference``
-    (``scores`` is group A). ``like``: for ``random``, match this set's per-layer counts; the
-    layer/width of the random draw is read from ``scores[strategy.kind]``.
-    """
-    s = strategy
-    if s.name == "top_k_neurons":
-        return top_k_neurons(scores, s.k, absolute=s.absolute)
-    if s.name == "top_k_heads":
-        return top_k_heads(scores, s.k, absolute=s.absolute)
-    if s.name == "top_k_mixed":
-        return top_k_mixed(scores, s.k, normalize=s.normalize, absolute=s.absolute)
-    if s.name == "fasp":
-        if utility is None:
-            raise ValueError("strategy 'fasp' needs utility={'head': [layer, head] utility damage per head}")
-        return fasp(_kind_scores(scores, "head"), _kind_scores(utility, "head"), gamma=s.gamma, alpha=s.alpha)
-    if s.name == "random":
-        _kind_scores(scores, s.kind)  # the draw needs this kind's [layer, index] extent
-        return random_set(shape_of_scores(scores), s.kind, s.k, seed=s.seed, per_layer_like=like)
-    if s.name == "wanda_difference":
-        if contrast is None:
-            raise ValueError("strategy 'wanda_difference' needs contrast= the other group's scores")
-        return wanda_set_difference(
-            _kind_scores(scores, s.kind), _kind_scores(contrast, s.kind), top_fraction=s.top_fraction, kind=s.kind
-        )
-    raise ValueError(f"unknown pruning strategy {s.name!r}; known strategies: {', '.join(STRATEGIES)}")
+    names: Sequence[str], settings: SelectionSettings, scores: Mapping[str, Scores],
+    inputs: Mapping[str, Mapping[str, object] | object] | None = None,
+) -> list[tuple[str, int, str, ComponentSet]]:
+    """``(strategy, k, train context, components)`` of every set the strategies ``names`` pick from
+    each context's ``scores``: per context in registry order, then the common sets. ``inputs[name]``
+    is a per-context result as ``{context: value}`` or a whole-study one (the strategies' ``reads``)."""
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown pruning strategy {unknown}; known: {list(STRATEGIES)}")
+    inputs = inputs or {}
+    chosen = [s for n, s in STRATEGIES.items() if n in names]
+    out = []
+    for ctx, ctx_scores in scores.items():
+        here = {r: v[ctx] if isinstance(v, Mapping) else v for r, v in inputs.items()}
+        for strategy in (s for s in chosen if not s.common):
+            out += [(name, int(k), ctx, components) for name, k, components in strategy.pick(settings, ctx_scores, here)]
+    for strategy in (s for s in chosen if s.common):
+        out += [(name, int(k), "common", components) for name, k, components in strategy.pick(settings, scores, inputs)]
+    return out

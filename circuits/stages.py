@@ -95,14 +95,16 @@ class StageStore:
         meta = self._meta(name)
         return meta is not None and meta.get("key") == key
 
-    def run(self, name: str, key: str, compute: Callable[[Path], None], *, resumable: bool = False) -> StageRecord:
-        """Run ``compute(tmp_dir)`` unless a finished stage with this key exists; return its record.
+    def run(self, name: str, key: str, compute: Callable[[Path], None], *, resumable: bool = False,
+            rerun: bool = False) -> StageRecord:
+        """Run ``compute(tmp_dir)`` unless a finished stage with this key exists (``rerun``: even
+        then, replacing it); return its record.
 
         With ``resumable`` an interrupted ``compute`` finds its partial output in ``tmp_dir`` on the
         next run with the same key."""
         target = self.root / name
         started = time.time()
-        if self.done(name, key):
+        if self.done(name, key) and not rerun:
             for old in self.root.glob(f".{name}{self.PARTIAL}*"):
                 shutil.rmtree(old, ignore_errors=True)
             record = StageRecord(name, key, target, False, 0.0)

@@ -1,10 +1,13 @@
-"""The study runner: audit -> scores -> selection -> generalization -> overlap -> report.
+"""The study runner: a declared list of stages (``STAGES``) that one runner walks.
 
-Every stage is written atomically under ``<out_dir>/stages/`` with a key of everything it reads
-(see ``STAGES`` and ``stage_keys``); re-running the same command after an interruption loads the
-finished stages and computes only the rest. One run at a time holds the output directory (a lock
-in it). ``manifest.json`` records the config, package versions, model id and weight hash, seeds
-and git commit.
+A stage is a function from named inputs (the results of the stages it ``reads``) and the config
+fields it declares to a result. Every stored stage is written atomically under
+``<out_dir>/stages/`` with a key of its model, code, fields and the keys of what it reads
+(``stage_keys``); re-running the same command after an interruption loads the finished stages and
+computes only the rest (inputs, the stages without a ``load``, are computed in memory, and only when
+a stage that needs them runs). One run at a time holds the output directory (a lock in it).
+``manifest.json`` records the config, the stage keys, package versions, model id and weight hash,
+seeds and git commit.
 """
 from __future__ import annotations
 
@@ -12,10 +15,11 @@ import hashlib
 import json
 import subprocess
 import time
-import warnings
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -24,19 +28,11 @@ from circuits import pruning
 from circuits.audit import AuditResult, run_audit
 from circuits.bias import Expansion, context_metric
 from circuits.config import StudyConfig
-from circuits.evaluation import EvalSet, UtilityProbe, head_utility, neutral_texts
-from circuits.generalization import CandidateSet, ContextSplits, Generalization, generalize
-from circuits.names import sample_names
-from circuits.prompts import PromptSet, build_pairs, build_prompts, span_aligned
-from circuits.scoring import (
-    Baselines,
-    ContextScores,
-    HeadScores,
-    baseline_sets,
-    fasp_head_bias,
-    score_context,
-    score_prompts,
-)
+from circuits.evaluation import EvalSet, UtilityProbe, eval_set, head_utility, neutral_texts
+from circuits.generalization import CandidateSet, CandidateSets, ContextSplits, Generalization, generalize
+from circuits.prompts import PromptSet, build_prompts, select_prompts
+from circuits.scoring import (Baselines, ContextScores, HeadScores, baseline_sets, fasp_head_bias, score_context,
+                              score_prompts)
 from circuits.stages import ConfigView, StageStore, frame_digest, settings_key
 from interp.components import ComponentSet, ComponentShape
 from interp.locking import directory_lock
@@ -44,40 +40,186 @@ from interp.locking import directory_lock
 PACKAGES = ("bias-circuits", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy")
 
 
+# -- the stage functions: (study, config view, output directory or None, **inputs) -> result --------
+def study_prompts(model, c) -> PromptSet:
+    """The study's prompts (the root input): ``names_per_cell`` names per group x gender cell in each
+    name split (``heldout_name_fraction`` of every cell's names held out) and per context
+    ``variations`` variations (None = all), ``heldout_variations`` of them held out."""
+    prompts = build_prompts(model, list(c.contexts), details=list(c.details), heldout_names=c.heldout_name_fraction,
+                            seed=c.seed)
+    return select_prompts(prompts, variations=c.variations, heldout_variations=c.heldout_variations,
+                          names_per_cell=c.names_per_cell, seed=c.seed)
+
+
+@dataclass
+class ContextPrompts:
+    """One context's prompts and metric, and its evaluation splits (each built once, by ``eval_set``)."""
+
+    model: Any
+    context: str
+    prompts: PromptSet
+    max_pairs_per_cell: int | None = None  # pairs kept per template cell (None: all)
+    seed: int = 0
+    expansion: Expansion | None = None  # how answers are found (default ``Expansion()``); smaller for quick checks
+    built: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.metric = context_metric(self.model, self.context, prompts=self.prompts,
+                                     **({"expansion": self.expansion} if self.expansion else {}))
+
+    def split(self, name: str, *, pairs: bool = False, **criteria) -> EvalSet:
+        key = (name, pairs, tuple(criteria.items()))
+        if key not in self.built:
+            self.built[key] = eval_set(self.model, f"{self.context}:{name}", self.prompts, self.metric, pairs=pairs,
+                                       max_pairs_per_cell=self.max_pairs_per_cell, seed=self.seed, **criteria)
+        return self.built[key]
+
+    def train(self, *, pairs: bool = False) -> EvalSet:
+        """The training templates with the training names (with pairs for pair scoring)."""
+        return self.split("train", pairs=pairs, variation_split="train", name_split="train")
+
+    def splits(self, *, heldout_names: bool, pairs: bool = False) -> ContextSplits:
+        """Training split (with pairs when ``pairs``), held-out templates (with held-out names when
+        ``heldout_names``) and, with ``heldout_names``, the training templates with held-out names."""
+        held = {"name_split": "heldout"} if heldout_names else {}
+        names = self.split("names", variation_split="train", name_split="heldout") if heldout_names else None
+        return ContextSplits(self.context, self.train(pairs=pairs), self.split("heldout", variation_split="heldout",
+                                                                             **held), names)
+
+
+def _pairs(s: Study, c, out, prompts: PromptSet) -> ContextPrompts:
+    return ContextPrompts(s.model, prompts.contexts[0], prompts, c.max_pairs_per_cell, c.seed)
+
+
+def _means(s: Study, c, out, pairs: dict[str, ContextPrompts]):
+    """Mean activations over every training prompt of every context (for mean ablation)."""
+    from interp.activations import mean_activations
+    from interp.batching import pad_ids, pad_token_id
+    from interp.components import hook_name
+
+    shape = ComponentShape.of(s.model)
+    names = [hook_name(k, layer) for k in ("neuron", "head") for layer in range(shape.n_layers)]
+    batches = [p.train().rows()[0] for p in pairs.values()]
+    rows = [b.tokens[i, : int(b.lengths[i])].tolist() for b in batches for i in range(len(b))]
+    reference = pad_ids(rows, pad_token_id(s.model.tokenizer)).to(s.model.cfg.device)
+    return mean_activations(s.model, reference, names, batch_size=c.batch_size)
+
+
+def _audit(s: Study, c, out, prompts: PromptSet) -> None:
+    run_audit(s.model, prompts=prompts, out_dir=out, batch_size=c.batch_size * 8, seed=c.seed, progress=c.progress)
+
+
+def _scores(s: Study, c, out, pairs: ContextPrompts, means=None) -> None:
+    if c.scoring == "pairs":
+        scores = score_context(s.model, pairs.train(pairs=True), refine_top=c.refine_top, per_prompt=True,
+                               batch_size=c.batch_size, progress=c.progress)
+    else:
+        scores = score_prompts(s.model, pairs.train(), how=c.ablation, means=means, refine_top=c.refine_top,
+                               n_random=c.refine_random, seed=c.seed, batch_size=c.batch_size, progress=c.progress)
+    scores.save(out)
+
+
+def _head_bias(s: Study, c, out, pairs: ContextPrompts, means=None) -> None:
+    HeadScores(fasp_head_bias(s.model, pairs.train(), means=means, batch_size=c.batch_size,
+                              progress=c.progress)).save(out)
+
+
+def _baselines(s: Study, c, out, pairs: ContextPrompts) -> None:
+    baseline_sets(s.model, pairs.train(), top_fraction=c.wanda_fraction, batch_size=c.batch_size).save(out)
+
+
+def _head_utility(s: Study, c, out) -> None:
+    probe = UtilityProbe.build(s.model, neutral_texts("select"))  # the other half reports utility
+    HeadScores(head_utility(s.model, probe, n_texts=c.utility_texts, progress=c.progress)).save(out)
+
+
+def select_candidates(c, scores: dict[str, ContextScores], inputs: dict | None = None) -> list[CandidateSet]:
+    """The component sets of the strategies ``c.strategies`` (``circuits.pruning.STRATEGIES``)."""
+    picked = pruning.select(c.strategies, c, {ctx: s.scores for ctx, s in scores.items()}, inputs)
+    return [CandidateSet(f"{name}@{k}|{ctx}", name, k, ctx, components) for name, k, ctx, components in picked]
+
+
+def _selection(s: Study, c, out, scores, **inputs) -> None:
+    CandidateSets(tuple(select_candidates(c, scores, inputs))).save(out)
+
+
+def _generalization(s: Study, c, out, selection, pairs, means=None) -> None:
+    splits = {ctx: p.splits(heldout_names=c.heldout_names) for ctx, p in pairs.items()}
+    generalize(s.model, selection, splits, probe=UtilityProbe.build(s.model), how=c.ablation, means=means,
+               batch_size=c.batch_size, null_draws=c.null_draws, n_bootstrap=c.n_bootstrap, seed=c.seed,
+               progress=c.progress).save(out)
+
+
+def _overlap(s: Study, c, out, scores, generalization) -> None:
+    from circuits.analysis import overlap_tables
+
+    overlap_tables(scores, generalization, k=c.overlap_k, n_null=c.n_null, seed=c.seed, out_dir=out)
+
+
+def _report(s: Study, c, out, audit, scores, generalization, overlap) -> None:
+    from circuits.study_report import write_study_report
+
+    write_study_report(out, config=s.config, manifest=json.loads((s.out / "manifest.json").read_text()),
+                       audit=audit, scores=scores, generalization=generalization, overlap_dir=overlap)
+
+
+def _head_scores(path: Path) -> torch.Tensor:
+    return HeadScores.load(path).scores
+
+
+# -- the declared stages ------------------------------------------------------------------------------
+def _uses(stage: str) -> Callable[[StudyConfig], bool]:
+    """Whether a config's strategies read the results of ``stage``."""
+    return lambda config: stage.replace("-", "_") in pruning.strategy_reads(config.strategies)
+
 
 @dataclass(frozen=True)
 class Stage:
-    """What a stage reads: config ``fields`` and the results of the stages in ``reads``. A
-    ``per_context`` stage is stored as ``<name>-<context>`` and reads the same context's per-context
-    stages; a whole-study stage reads those of every context. ``prompts`` and ``pairs`` are inputs
-    (keyed, not stored): the prompts by their content, which the fields determine."""
+    """One step: ``run(study, c, out, **inputs)`` with ``c`` the config as far as ``fields`` declares
+    it (plus ``UNKEYED``) and ``inputs`` the results of the active stages in ``reads``. A
+    ``per_context`` stage runs per context (stored as ``<name>-<context>``) and reads the same
+    context's per-context results; a whole-study stage reads them as ``{context: result}``. A stage
+    with ``load`` writes its result into ``out`` and is stored; one without is an input, computed in
+    memory when first needed and keyed, not stored. The root input (no ``run``) is the prompts,
+    keyed by their content, which the fields determine."""
 
+    name: str
     fields: tuple[str, ...]
     reads: tuple[str, ...] = ()
     per_context: bool = False
+    run: Callable | None = None
+    load: Callable[[Path], Any] | None = None
+    active: Callable[[StudyConfig], bool] = lambda config: True
+    resumable: bool = False  # the stage picks up its own partial work after an interruption
 
 
 ALL_FIELDS = tuple(f.name for f in fields(StudyConfig))
 # Every StudyConfig field is read by a stage below, by the model (MODEL_FIELDS, in every key) or
 # is in UNKEYED; tests/circuits/test_study.py fails on a field in none, and a stage that reads an
 # undeclared field through its ConfigView raises.
-STAGES: dict[str, Stage] = {  # in dependency order
-    "prompts": Stage(("contexts", "details", "variations", "heldout_variations", "names_per_cell",
-                      "heldout_name_fraction", "seed"),
-                     per_context=True),
-    "audit": Stage(("seed", "metric"), ("prompts",)),
-    "pairs": Stage(("max_pairs_per_cell", "seed", "metric"), ("prompts",), per_context=True),
-    "scores": Stage(("scoring", "refine_top", "refine_random", "ablation", "seed"), ("pairs",), per_context=True),
-    "head-bias": Stage(("ablation",), ("pairs",), per_context=True),  # FASP's exact z_bias per head
-    "baselines": Stage(("wanda_fraction",), ("pairs",), per_context=True),
-    "head-utility": Stage(("utility_texts",)),
-    "selection": Stage(("strategies", "neuron_ks", "head_ks", "fasp_gamma", "fasp_alphas", "seed"),
-                       ("scores", "baselines", "head-utility", "head-bias")),
-    "generalization": Stage(("ablation", "heldout_names", "null_draws", "n_bootstrap", "seed"), ("selection", "pairs")),
-    "overlap": Stage(("overlap_k", "n_null", "seed"), ("scores", "generalization")),
-    "report": Stage(ALL_FIELDS, ("audit", "scores", "generalization", "overlap")),  # it prints the config
-}
-INPUTS = ("prompts", "pairs")
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (  # in dependency order
+    Stage("prompts", ("contexts", "details", "variations", "heldout_variations", "names_per_cell",
+                      "heldout_name_fraction", "seed"), per_context=True),
+    Stage("audit", ("seed", "metric"), ("prompts",), run=_audit, load=AuditResult.load, resumable=True),
+    Stage("pairs", ("max_pairs_per_cell", "seed", "metric"), ("prompts",), per_context=True, run=_pairs),
+    Stage("means", ("ablation",), ("pairs",), run=_means, active=lambda config: config.ablation == "mean"),
+    Stage("scores", ("scoring", "refine_top", "refine_random", "ablation", "seed"), ("pairs", "means"),
+          per_context=True, run=_scores, load=ContextScores.load),
+    Stage("head-bias", ("ablation",), ("pairs", "means"), per_context=True, run=_head_bias,  # FASP's exact z_bias
+          load=_head_scores, active=_uses("head-bias")),
+    Stage("baselines", ("wanda_fraction",), ("pairs",), per_context=True, run=_baselines, load=Baselines.load,
+          active=_uses("baselines")),
+    Stage("head-utility", ("utility_texts",), run=_head_utility, load=_head_scores,
+          active=_uses("head-utility")),
+    Stage("selection", ("strategies", "neuron_ks", "head_ks", "fasp_gamma", "fasp_alphas", "seed"),
+          ("scores", "baselines", "head-utility", "head-bias"), run=_selection, load=lambda path: list(CandidateSets.load(path).sets)),
+    Stage("generalization", ("ablation", "heldout_names", "null_draws", "n_bootstrap", "seed"),
+          ("selection", "pairs", "means"), run=_generalization, load=Generalization.load),
+    Stage("overlap", ("overlap_k", "n_null", "seed"), ("scores", "generalization"), run=_overlap,
+          load=lambda path: path),
+    Stage("report", ALL_FIELDS, ("audit", "scores", "generalization", "overlap"), run=_report,  # it prints the config
+          load=lambda path: path / "report.html"),
+)}
 MODEL_FIELDS = ("model", "device")
 UNKEYED = {
     "out_dir": "where the results go",
@@ -85,17 +227,18 @@ UNKEYED = {
     "batch_size": "speed and memory only (results equal up to float rounding), so a run that ran out "
     "of memory resumes with a smaller batch",
 }
-BASELINE_STRATEGIES = {"wanda_difference", "attention_to_name"}
 
 
 def active_stages(config: StudyConfig) -> list[str]:
-    """The stages ``config`` runs (baselines only for their strategies, head utility only for FASP)."""
-    skip = set()
-    if not BASELINE_STRATEGIES & set(config.strategies):
-        skip.add("baselines")
-    if "fasp" not in config.strategies:
-        skip |= {"head-utility", "head-bias"}
-    return [name for name in STAGES if name not in skip]
+    """The stages ``config`` runs (baselines and FASP's head scores only for the strategies reading them)."""
+    return [name for name, stage in STAGES.items() if stage.active(config)]
+
+
+def _labels(name: str, ctx: str | None, contexts: list[str]) -> list[str]:
+    """The stored names of stage ``name`` as a stage of context ``ctx`` (None: the whole study) reads it."""
+    if not STAGES[name].per_context:
+        return [name]
+    return [f"{name}-{x}" for x in ([ctx] if ctx else contexts)]
 
 
 def code_version() -> dict:
@@ -117,26 +260,19 @@ def model_key(config: StudyConfig) -> dict:
 
 
 def stage_keys(config: StudyConfig, model: dict, prompts: PromptSet) -> dict[str, str]:
-    """The key of every stage ``config`` runs (and of its inputs ``prompts-<ctx>``, ``pairs-<ctx>``):
-    a hash of the model key, the code version, the stage's declared fields and the keys it reads."""
+    """The key of every stage ``config`` runs, inputs included: a hash of the model key, the code
+    version, the stage's declared fields and the keys of the stages it reads (the prompts: their content)."""
     base = settings_key(model, code_version())
     active = active_stages(config)
-    contexts = prompts.contexts
     keys: dict[str, str] = {}
-
-    def labels(name: str, ctx: str | None) -> list[str]:
-        if not STAGES[name].per_context:
-            return [name]
-        return [f"{name}-{x}" for x in ([ctx] if ctx else contexts)]
-
     for name in active:
         stage = STAGES[name]
-        for ctx in contexts if stage.per_context else [None]:
-            label = labels(name, ctx)[0]
-            if name == "prompts":
+        for ctx in prompts.contexts if stage.per_context else [None]:
+            label = _labels(name, ctx, prompts.contexts)[0]
+            if stage.run is None:
                 keys[label] = settings_key(base, label, frame_digest(prompts.filter(context=ctx).frame))
                 continue
-            upstream = [keys[x] for r in stage.reads if r in active for x in labels(r, ctx)]
+            upstream = [keys[x] for r in stage.reads if r in active for x in _labels(r, ctx, prompts.contexts)]
             keys[label] = settings_key(base, label, {f: getattr(config, f) for f in stage.fields}, upstream)
     return keys
 
@@ -158,32 +294,6 @@ def _versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             found[name] = None
     return found
-
-
-def study_prompts(
-    model, contexts, *, details=("low",), variations: int | None = 3, heldout_variations: int = 2,
-    names_per_cell: int = 2, heldout_name_fraction: float = 0.25, seed: int = 0
-) -> PromptSet:
-    """The study's prompts: ``names_per_cell`` names per group x gender cell from each name split
-    (``heldout_name_fraction`` of every cell's names held out), and per context ``variations``
-    variations (None = all) of which ``heldout_variations`` are held out (at most the context's
-    held-out variations)."""
-    prompts = build_prompts(model, list(contexts), details=list(details), heldout_names=heldout_name_fraction,
-                            seed=seed)
-    frame = prompts.frame
-    names = [n for split in ("train", "heldout")
-             for n in sample_names(frame[frame["name_split"] == split], names_per_cell, seed=seed)]
-    prompts = prompts.filter(name=names)
-    if variations is None:
-        return prompts
-    keep = set()
-    n_held = heldout_variations
-    frame = prompts.frame
-    for ctx, rows in frame.groupby("context", sort=False):
-        for split, n in (("heldout", n_held), ("train", variations - n_held)):
-            keep |= {(ctx, v) for v in list(dict.fromkeys(rows.loc[rows["variation_split"] == split, "variation"]))[:n]}
-    chosen = [(ctx, v) in keep for ctx, v in zip(frame["context"], frame["variation"])]
-    return prompts.filter(prompt_id=list(frame.loc[chosen, "prompt_id"]))
 
 
 @dataclass
@@ -209,21 +319,22 @@ class StudyRun:
 
 
 class Study:
-    """One study: its config, output directory, model and stage store."""
+    """One study: its config, output directory, model, stage store and the results it has so far."""
 
-    def __init__(self, config: StudyConfig):
-        self.config = config.validate()
-        self.out = Path(config.out_dir).expanduser()
-        self.store: StageStore | None = None  # opened by run(), under the output directory's lock
-        self.model = None
+    def __init__(self, config: StudyConfig, *, out_dir: str | Path | None = None, check: bool = True):
+        self.config = config.validate() if check else config
+        self.out = Path(out_dir or config.out_dir).expanduser()
+        self.store: StageStore | None = None  # opened under the output directory's lock
+        self.model = None  # None: load finished stages only
         self.model_key = None
+        self.prompts: PromptSet | None = None
         self.keys: dict[str, str] = {}
+        self.results: dict[str, Any] = {}
 
-    def _view(self, stage: str) -> ConfigView:
+    def view(self, stage: str) -> ConfigView:
         """The config as ``stage`` may read it: its declared fields and the unkeyed ones."""
         return ConfigView(self.config, stage, (*STAGES[stage].fields, *UNKEYED))
 
-    # -- set-up --------------------------------------------------------------------------
     def _load_model(self) -> None:
         from interp.models import load_model
 
@@ -240,172 +351,53 @@ class Study:
             "packages": _versions(),
             "git_commit": _git_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "stage_keys": self.keys,
         }
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
 
-    # -- prompts ---------------------------------------------------------------------------
-    def prompts(self) -> PromptSet:
-        c = self._view("prompts")
-        return study_prompts(self.model, c.contexts, details=c.details, variations=c.variations,
-                             heldout_variations=c.heldout_variations, names_per_cell=c.names_per_cell,
-                             heldout_name_fraction=c.heldout_name_fraction, seed=c.seed)
-
-    def splits(self, prompts: PromptSet, *, heldout_names: bool, scoring: str,
-               expansion: Expansion | None = None) -> dict[str, ContextSplits]:
-        """Per context, every prompt of: the training split (training templates and names; with pairs
-        when ``scoring == "pairs"``), the held-out templates (with held-out names when
-        ``heldout_names``) and, with ``heldout_names``, the training templates with held-out names.
-
-        ``expansion`` (default ``circuits.bias.Expansion()``) sets how each context's answers are
-        found; a smaller one (fewer pilots and nodes) makes every scored row shorter, for quick checks.
-        """
-        c = self._view("pairs")
-        out = {}
-        for ctx in prompts.contexts:
-            rows = prompts.filter(context=ctx)
-            metric = context_metric(self.model, ctx, prompts=rows, **({"expansion": expansion} if expansion else {}))
-
-            def eval_set(name, with_pairs=False, **criteria):
-                try:
-                    subset = rows.filter(**criteria)
-                    pairs = build_pairs(self.model, subset, max_pairs_per_cell=c.max_pairs_per_cell,
-                                        seed=c.seed) if with_pairs else None
-                except ValueError as err:
-                    raise ValueError(f"{ctx} {name} split: {err}; raise names_per_cell or variations") from err
-                laid_out = pairs is not None and pairs.clean.key_mask is not None  # names of unequal length
-                return EvalSet.from_prompts(self.model, f"{ctx}:{name}", subset,
-                                            span_aligned(metric) if laid_out else metric, pairs=pairs)
-
-            held = {"name_split": "heldout"} if heldout_names else {}
-            out[ctx] = ContextSplits(
-                ctx,
-                train=eval_set("train", scoring == "pairs", variation_split="train", name_split="train"),
-                heldout=eval_set("heldout", variation_split="heldout", **held),
-                names=eval_set("names", variation_split="train", name_split="heldout") if heldout_names else None,
-            )
-        return out
-
-    # -- stages ----------------------------------------------------------------------------
     def run(self) -> StudyRun:
-        """Run (or resume) the study, holding its output directory against a second writer."""
+        """Run (or resume) the study, holding its output directory against a second writer: every
+        stored stage in ``STAGES`` order, each loaded when finished and computed otherwise."""
         with directory_lock(self.out, "running a study"):
             self.store = StageStore(self.out)
-            return self._run()
+            self._load_model()
+            self.prompts = study_prompts(self.model, self.view("prompts"))
+            self.keys = stage_keys(self.config, self.model_key, self.prompts)
+            self._write_manifest()
+            for name in active_stages(self.config):
+                if STAGES[name].load is not None:
+                    self.result(name)
+            return StudyRun(self.config, self.out, dict(self.store.records), self.result("report"),
+                            power_lines(self.result("generalization")))
 
-    def _run(self) -> StudyRun:
-        self._load_model()
-        self._write_manifest()
-        prompts = self.prompts()
-        keys = self.keys = stage_keys(self.config, self.model_key, prompts)
-        c = self._view("audit")
-        self.store.run("audit", keys["audit"], lambda d: run_audit(
-            self.model, prompts=prompts, out_dir=d, batch_size=c.batch_size * 8, seed=c.seed, progress=c.progress),
-            resumable=True)
-        splits = self.splits(prompts, heldout_names=self._view("generalization").heldout_names,
-                             scoring=self._view("scores").scoring)
-        scores: dict[str, ContextScores] = {}
-        baselines: dict[str, Baselines] = {}
-        head_bias: dict[str, torch.Tensor] = {}
-        c, b, h = self._view("scores"), self._view("baselines"), self._view("head-bias")
-        means = self._means(splits, c.ablation)
-        for ctx, split in splits.items():
-            rec = self.store.run(f"scores-{ctx}", keys[f"scores-{ctx}"], lambda d, s=split: (score_context(
-                self.model, s.train, refine_top=c.refine_top, per_prompt=True, batch_size=c.batch_size,
-                progress=c.progress) if c.scoring == "pairs" else score_prompts(
-                self.model, s.train, how=c.ablation, means=means, refine_top=c.refine_top, n_random=c.refine_random,
-                seed=c.seed, batch_size=c.batch_size, progress=c.progress)).save(d))
-            scores[ctx] = ContextScores.load(rec.path)
-            if f"head-bias-{ctx}" in keys:
-                rec = self.store.run(f"head-bias-{ctx}", keys[f"head-bias-{ctx}"], lambda d, s=split: HeadScores(
-                    fasp_head_bias(self.model, s.train, means=means, batch_size=h.batch_size, progress=h.progress)
-                ).save(d))
-                head_bias[ctx] = HeadScores.load(rec.path).scores
-            if f"baselines-{ctx}" in keys:
-                rec = self.store.run(f"baselines-{ctx}", keys[f"baselines-{ctx}"], lambda d, s=split: baseline_sets(
-                    self.model, s.train, top_fraction=b.wanda_fraction, batch_size=b.batch_size).save(d))
-                baselines[ctx] = Baselines.load(rec.path)
-        probe = UtilityProbe.build(self.model)  # the reporting half of the neutral text
-        utility = None
-        if "head-utility" in keys:  # FASP's z_ppl, on the other half
-            c = self._view("head-utility")
-            rec = self.store.run("head-utility", keys["head-utility"], lambda d: HeadScores(
-                head_utility(self.model, UtilityProbe.build(self.model, neutral_texts("select")),
-                             n_texts=c.utility_texts, progress=c.progress)).save(d))
-            utility = HeadScores.load(rec.path).scores
-        candidates = self.candidates(scores, baselines, utility, head_bias)
-        self.store.run("selection", keys["selection"], lambda d: _candidates_frame(candidates).to_parquet(
-            d / "candidates.parquet", index=False))
-        c = self._view("generalization")
-        rec = self.store.run("generalization", keys["generalization"], lambda d: generalize(
-            self.model, candidates, splits, probe=probe, how=c.ablation, means=means,
-            batch_size=c.batch_size, null_draws=c.null_draws, n_bootstrap=c.n_bootstrap, seed=c.seed,
-            progress=c.progress).save(d))
-        generalization = Generalization.load(rec.path)
-        from circuits.analysis import overlap_tables
+    def result(self, name: str, ctx: str | None = None, *, rerun: bool = False):
+        """The result of stage ``name`` (of context ``ctx``; without one, a per-context stage's results
+        as ``{context: result}``): loaded when finished, else computed from its inputs (``rerun``:
+        computed again even if finished)."""
+        stage = STAGES[name]
+        if stage.run is None:  # the root input
+            return self.prompts if ctx is None else self.prompts.filter(context=ctx)
+        if stage.per_context and ctx is None:
+            return {x: self.result(name, x, rerun=rerun) for x in self.config.contexts}
+        label = _labels(name, ctx, list(self.config.contexts))[0]
+        if label not in self.results:
+            self.results[label] = self._compute(stage, label, ctx, rerun)
+        return self.results[label]
 
-        o = self._view("overlap")
-        self.store.run("overlap", keys["overlap"], lambda d: overlap_tables(
-            scores, generalization, k=o.overlap_k, n_null=o.n_null, seed=o.seed, out_dir=d))
-        from circuits.study_report import write_study_report
+    def _compute(self, stage: Stage, label: str, ctx: str | None, rerun: bool):
+        active = active_stages(self.config)
 
-        audit = AuditResult.load(self.store.root / "audit")
-        rec = self.store.run("report", keys["report"], lambda d: write_study_report(
-            d, config=self.config, manifest=json.loads((self.out / "manifest.json").read_text()), audit=audit,
-            scores=scores, generalization=generalization, overlap_dir=self.store.root / "overlap"))
-        return StudyRun(self.config, self.out, dict(self.store.records), rec.path / "report.html",
-                        power_lines(generalization))
+        def run(out: Path | None):
+            if self.model is None and not rerun:
+                raise FileNotFoundError(f"{self.out} has no finished stage {label!r}; run 'bias-circuits study' first")
+            inputs = {r.replace("-", "_"): self.result(r, ctx) for r in stage.reads if r in active}
+            return stage.run(self, self.view(stage.name), out, **inputs)
 
-    def _means(self, splits: dict[str, ContextSplits], ablation: str):
-        """Mean activations over every training prompt of every context (mean ablation only)."""
-        if ablation != "mean":
-            return None
-        from interp.activations import mean_activations
-        from interp.batching import pad_ids, pad_token_id
-        from interp.components import hook_name
-
-        shape = ComponentShape.of(self.model)
-        names = [hook_name(k, layer) for k in ("neuron", "head") for layer in range(shape.n_layers)]
-        batches = [s.train.rows()[0] for s in splits.values()]
-        rows = [b.tokens[i, : int(b.lengths[i])].tolist() for b in batches for i in range(len(b))]
-        reference = pad_ids(rows, pad_token_id(self.model.tokenizer)).to(self.model.cfg.device)
-        return mean_activations(self.model, reference, names, batch_size=self.config.batch_size)
-
-    # -- selection -------------------------------------------------------------------------
-    def candidates(self, scores, baselines, utility, head_bias) -> list[CandidateSet]:
-        c = self._view("selection")
-        shape = ComponentShape.of(self.model)
-        out: list[CandidateSet] = []
-
-        def add(strategy, k, ctx, components):
-            out.append(CandidateSet(f"{strategy}@{k}|{ctx}", strategy, int(k), ctx, components))
-
-        for ctx, s in scores.items():
-            for k in c.neuron_ks:
-                top = pruning.top_k_neurons(s.scores, k)
-                if "top_k_neurons" in c.strategies:
-                    add("top_k_neurons", k, ctx, top)
-                if "random" in c.strategies:
-                    add("random", k, ctx, pruning.random_set(shape, "neuron", k, seed=c.seed, per_layer_like=top))
-            for k in c.head_ks:
-                if "top_k_heads" in c.strategies:
-                    add("top_k_heads", k, ctx, pruning.top_k_heads(s.scores, k))
-                if "attention_to_name" in c.strategies:
-                    attention = {"head": baselines[ctx].attention_to_name}
-                    add("attention_to_name", k, ctx, pruning.top_k_heads(attention, k))
-            if "fasp" in c.strategies:
-                for alpha in c.fasp_alphas:
-                    chosen = pruning.fasp(head_bias[ctx], utility, gamma=c.fasp_gamma, alpha=alpha)
-                    add("fasp", len(chosen), ctx, chosen)
-            if "wanda_difference" in c.strategies:
-                chosen = baselines[ctx].wanda_difference
-                add("wanda_difference", len(chosen), ctx, chosen)
-        if "common" in c.strategies:
-            for kind, ks in (("neuron", c.neuron_ks), ("head", c.head_ks)):
-                for k in ks:
-                    sets = [ComponentSet.top_k(s.scores[kind], k, kind=kind) for s in scores.values()]
-                    add(f"common_{kind}s", k, "common", pruning.common(sets, min_count=max(2, len(sets) - 1)))
-        return out
+        if stage.load is None:
+            return run(None)
+        record = self.store.run(label, self.keys[label], run, resumable=stage.resumable, rerun=rerun)
+        return stage.load(record.path)
 
 
 def power_lines(generalization: Generalization) -> str:
@@ -418,37 +410,17 @@ def power_lines(generalization: Generalization) -> str:
     return "\n".join(lines)
 
 
-def _candidates_frame(candidates: list[CandidateSet]) -> pd.DataFrame:
-    frames = []
-    for cand in candidates:
-        frame = cand.components.to_dataframe()
-        frame.insert(0, "label", cand.label)
-        frame.insert(1, "strategy", cand.strategy)
-        frame.insert(2, "k", cand.k)
-        frame.insert(3, "train_context", cand.train_context)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 def rebuild_report(out_dir: str | Path) -> Path:
-    """Re-render the report of a finished study from its saved stages."""
-    from circuits.study_report import write_study_report
-
+    """Re-render the report of a finished study from its saved stages (no model needed)."""
     out = Path(out_dir)
-    stages = out / "stages"
-    needed = ["audit", "generalization", "overlap"]
-    missing = [n for n in needed if not (stages / n / "stage.json").exists()]
-    if missing:
-        raise FileNotFoundError(f"{out} has no finished stages {missing}; run 'bias-circuits study' first")
-    config = StudyConfig.from_dict(json.loads((out / "config.json").read_text()))
-    scores = {c: ContextScores.load(stages / f"scores-{c}") for c in config.contexts}
-    target = stages / "report"
+    manifest = out / "manifest.json"
+    keys = json.loads(manifest.read_text()).get("stage_keys") if manifest.exists() else None
+    if not keys:
+        raise FileNotFoundError(f"{out} holds no study of this version; run 'bias-circuits study' first")
+    study = Study(StudyConfig.from_dict(json.loads(manifest.read_text())["config"]), out_dir=out, check=False)
     with directory_lock(out, "rebuilding the report"):
-        target.mkdir(exist_ok=True)
-        return write_study_report(target, config=config, manifest=json.loads((out / "manifest.json").read_text()),
-                                  audit=AuditResult.load(stages / "audit"), scores=scores,
-                                  generalization=Generalization.load(stages / "generalization"),
-                                  overlap_dir=stages / "overlap")
+        study.store, study.keys = StageStore(out), keys
+        return study.result("report", rerun=True)
 
 
 def run_study(config: StudyConfig | None = None) -> StudyRun:

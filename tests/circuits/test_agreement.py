@@ -6,12 +6,12 @@ import pytest
 from scipy import stats
 
 from circuits.agreement import (
-    READINGS, Agreement, _prompt_candidates, cap_prompts, compare, metric_reading, read_reply, reading_of, readings, run_agreement,
+    READINGS, Agreement, _prompt_candidates, compare, metric_reading, read_reply, reading_of, readings, run_agreement,
     value_tv,
 )
 from circuits.bias import context_metric
 from circuits.cli import build_parser, main
-from circuits.prompts import build_prompts
+from circuits.prompts import build_prompts, select_prompts
 from circuits.stats import UndefinedStatisticWarning, correlation
 from interp.metrics import CandidateAnswers
 from interp.results import ResultFormatError
@@ -135,14 +135,14 @@ def test_read_reply_reads_after_the_prefix(prefix, text, answer_type, value):
     np.testing.assert_equal(read_reply(prefix, text, answer_type), value)
 
 
-def test_cap_prompts_balances_cells_and_names(tiny_model):
+def test_per_context_cap_balances_cells_and_names(tiny_model):
     prompts = build_prompts(tiny_model, ["chess", "sports"], details=["low"])
-    capped = cap_prompts(prompts, 8, seed=3)
+    capped = select_prompts(prompts, per_context=8, seed=3)
     frame = capped.frame
     assert frame.groupby("context").size().tolist() == [8, 8]
     assert (frame.groupby(["context", "group", "gender"]).size() == 2).all()
     assert not frame.duplicated(["context", "name"]).any()
-    assert capped.frame.equals(cap_prompts(prompts, 8, seed=3).frame)
+    assert capped.frame.equals(select_prompts(prompts, per_context=8, seed=3).frame)
 
 
 def test_frames_are_well_formed(agreement):

@@ -30,7 +30,7 @@ def test_run_audit_writes_and_reloads(tiny_model, tmp_path):
     gaps = result.to_dataframe()
     assert set(gaps["context"]) == {"chess", "lending_approval"}
     assert set(gaps["contrast"]) == {"race", "gender"}
-    assert result.settings["n_prompts"] == 8 and result.settings["names_per_cell"] == 1
+    assert result.settings["n_prompts"] == 16 and result.settings["names_per_cell"] == 1  # a name per cell and split
     loaded = AuditResult.load(tmp_path)
     pd.testing.assert_frame_equal(loaded.to_dataframe(), gaps)
     pd.testing.assert_frame_equal(loaded.measurement.values, result.measurement.values)
@@ -178,13 +178,13 @@ def slow(*args, **kwargs):
     return real(*args, **kwargs)
 audit.measure = slow
 audit.run_audit(load_tiny_model(), ["chess", "lending_approval"], out_dir={out!r}, details=["low"], variations=2,
-                names_per_cell=2, chunk_size=4, n_resamples=50, progress=False)
+                names_per_cell=1, chunk_size=4, n_resamples=50, progress=False)
 """
 
 
 def _audit(model, out, **kwargs):
     return run_audit(model, ["chess", "lending_approval"], out_dir=out, details=["low"], variations=2,
-                     names_per_cell=2, n_resamples=50, progress=False, **{"chunk_size": 4, **kwargs})
+                     names_per_cell=1, n_resamples=50, progress=False, **{"chunk_size": 4, **kwargs})
 
 
 def test_killed_audit_resumes_after_the_last_chunk_with_identical_results(tiny_model, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from circuits.bias import (
     paired_gaps,
 )
 from circuits.contexts import CONTEXTS, AnswerFormat, AnswerGrid
-from circuits.prompts import build_pairs, build_prompts, span_aligned
+from circuits.prompts import build_pairs, build_prompts, select_prompts, span_aligned
 from interp.batching import tokenize
 from interp.hooks import hooked
 from interp.metrics import CandidateAnswers, PromptCandidates
@@ -97,9 +97,8 @@ TINY = Expansion(max_nodes=24, per_round=8, target=1.0, min_mass=1e-6)  # small 
 
 @pytest.fixture(scope="module")
 def small(tiny_model):
-    return build_prompts(tiny_model, ["chess", "lending_rate"], details=["low"]).sample(
-        variations=1, names_per_cell=1
-    )
+    return select_prompts(build_prompts(tiny_model, ["chess", "lending_rate"], details=["low"]), variations=1,
+                          names_per_cell=1)
 
 
 def test_measure_distributions_and_expected_values(tiny_model, small):
@@ -146,8 +145,8 @@ def test_a_measurement_round_trips_and_an_older_one_is_refused(tiny_model, small
 
 
 def test_dollars_default_to_expected_log10_and_yes_no_to_p_yes(tiny_model):
-    prompts = build_prompts(tiny_model, ["lending_amount", "lending_approval"], details=["low"]).sample(
-        variations=1, names_per_cell=1)
+    prompts = select_prompts(build_prompts(tiny_model, ["lending_amount", "lending_approval"], details=["low"]),
+                             variations=1, names_per_cell=1)
     result = measure(tiny_model, prompts, progress=False, expansion=TINY)
     values = result.values.set_index("context")
     assert result.settings["summary"] == {"lending_amount": "log10", "lending_approval": "mean"}
@@ -191,7 +190,7 @@ def test_context_metric_is_differentiable_and_matches_measure(tiny_model, small)
 
 
 def test_answers_tokenize_as_continuations_of_their_prompts(tiny_model):
-    prompts = build_prompts(tiny_model, details=["numeric"]).sample(variations=1, names_per_cell=1)
+    prompts = select_prompts(build_prompts(tiny_model, details=["numeric"]), variations=1, names_per_cell=1)
     for ctx in prompts.contexts:
         cands = context_metric(tiny_model, ctx, expansion=TINY).candidates
         text = prompts.filter(context=ctx).texts[0]

@@ -104,11 +104,12 @@ def _evaluation_inputs(model):
     """Two evaluation sets of variable-length prompts with a packed multi-token metric, and sets starting
     at every layer (one empty, one planned on a single evaluation set only)."""
     from circuits.evaluation import EvalSet, UtilityProbe
-    from circuits.prompts import build_prompts
+    from circuits.prompts import build_prompts, select_prompts
     from interp.components import ComponentSet, Head, Neuron
     from interp.metrics import CandidateAnswers, ExpectedValue
 
-    prompts = build_prompts(model, ["lending_amount"], details=["low"]).sample(variations=3, names_per_cell=1)
+    prompts = select_prompts(build_prompts(model, ["lending_amount"], details=["low"]), variations=3,
+                             names_per_cell=1)
     metric = ExpectedValue(CandidateAnswers.from_texts(model.tokenizer, [" 5", " 50", " 1,000"], [0.0, 50.0, 1000.0]))
     eval_sets = [EvalSet.from_prompts(model, f"lending:{split}", prompts.filter(variation_split=split), metric)
                  for split in ("train", "heldout")]

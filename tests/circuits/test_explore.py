@@ -6,7 +6,7 @@ import torch
 
 from circuits import explore
 from circuits.evaluation import EvalSet, prompt_values
-from circuits.prompts import build_prompts
+from circuits.prompts import build_prompts, select_prompts
 from circuits.scoring import group_weights, score_prompts
 from interp.ablation import ablated
 from interp.components import ComponentSet, ComponentShape, Head, Neuron
@@ -18,7 +18,7 @@ CONTEXTS = ["lending_amount", "commerce_buy"]
 @pytest.fixture(scope="module")
 def eval_sets(tiny_model):
     grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" 5", " 50", " 1,000"], [0.0, 50.0, 1000.0])
-    prompts = build_prompts(tiny_model, CONTEXTS, details=["low"]).sample(variations=2, names_per_cell=1)
+    prompts = select_prompts(build_prompts(tiny_model, CONTEXTS, details=["low"]), variations=2, names_per_cell=1)
     return {c: EvalSet.from_prompts(tiny_model, c, prompts.filter(context=c), ExpectedValue(grid)) for c in CONTEXTS}
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from circuits.evaluation import EvalSet, UtilityProbe
 from circuits.generalization import CandidateSet, ContextSplits, Generalization, generalize
-from circuits.prompts import build_prompts
+from circuits.prompts import build_prompts, select_prompts
 from interp.components import ComponentSet, Head, Neuron
 from interp.metrics import CandidateAnswers, ExpectedValue
 
@@ -14,7 +14,7 @@ COLUMNS = ["delta_gap", "delta_low", "delta_high", "share_removed", "share_low",
 
 @pytest.fixture(scope="module")
 def result(tiny_model):
-    prompts = build_prompts(tiny_model, ["lending_amount"], details=["low"]).sample(variations=3, names_per_cell=1)
+    prompts = select_prompts(build_prompts(tiny_model, ["lending_amount"], details=["low"]), variations=3, names_per_cell=1)
     grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" 5", " 50", " 1,000"], [0.0, 50.0, 1000.0])
     metric = ExpectedValue(grid)
     train = EvalSet.from_prompts(tiny_model, "lending_amount:train",

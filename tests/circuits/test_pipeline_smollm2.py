@@ -14,7 +14,7 @@ from circuits.config import StudyConfig
 from circuits.evaluation import UtilityProbe, neutral_texts
 from circuits.generalization import generalize
 from circuits.scoring import score_prompts
-from circuits.study import Study
+from circuits.study import ContextPrompts, select_candidates, study_prompts
 
 
 @pytest.mark.slow
@@ -33,15 +33,15 @@ def test_scores_pruning_generalization_and_overlap_on_smollm2(smollm2, tmp_path)
         out_dir=str(tmp_path / "study"),
         progress=False,
     )
-    study = Study(config)
-    study.model = smollm2
-    splits = study.splits(study.prompts(), heldout_names=False, scoring="ablation",
-                          expansion=Expansion(max_nodes=32, target=0.95))
+    prompts = study_prompts(smollm2, config)
+    expansion = Expansion(max_nodes=32, target=0.95)
+    splits = {ctx: ContextPrompts(smollm2, ctx, prompts.filter(context=ctx), config.max_pairs_per_cell, config.seed,
+                                  expansion).splits(heldout_names=False) for ctx in config.contexts}
     scores = {ctx: score_prompts(smollm2, s.train, refine_top=3, n_random=2, batch_size=4, progress=False)
               for ctx, s in splits.items()}
     for s in scores.values():
         assert all(np.isfinite(t.numpy()).all() for t in s.scores.values())
-    candidates = study.candidates(scores, {}, None, {})
+    candidates = select_candidates(config, scores)
     assert {c.strategy for c in candidates} == {"top_k_neurons", "top_k_heads", "common_neurons", "common_heads"}
     for s in scores.values():  # the exact refinement replaced the estimates it covers
         assert len(s.refined) == 2 * (3 + 2) and s.settings["spearman"].keys() == {"neuron", "head"}

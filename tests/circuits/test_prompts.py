@@ -14,6 +14,7 @@ from circuits.prompts import (
     format_prompt,
     load_prompt_table,
     read_prompt_table,
+    select_prompts,
     tokenize_prompts,
 )
 
@@ -59,9 +60,11 @@ def test_splits_filters_and_samples(prompts):
         (g, s) for g in ("White", "Black") for s in ("man", "woman")
     }
     assert set(prompts.filter(detail=["low", "numeric"]).frame["detail"]) == {"low", "numeric"}
-    small = prompts.sample(variations=2, names_per_cell=1, seed=0)
-    assert len(small) == 2 * 2 * len(DETAILS) * 4
-    assert small.frame.equals(prompts.sample(variations=2, names_per_cell=1, seed=0).frame)
+    small = select_prompts(prompts, variations=3, names_per_cell=1, seed=0)
+    assert len(small) == 2 * 3 * len(DETAILS) * 4 * 2  # contexts x variations x details x cells x name splits
+    assert small.frame.groupby(["context", "variation_split"])["variation"].nunique().to_dict() == {
+        (c, split): n for c in small.contexts for split, n in (("heldout", 1), ("train", 2))}
+    assert small.frame.equals(select_prompts(prompts, variations=3, names_per_cell=1, seed=0).frame)
     with pytest.raises(ValueError, match="no prompt matches"):
         prompts.filter(context="sports")
     with pytest.raises(ValueError, match="cannot filter"):

@@ -1,21 +1,24 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from circuits.pruning import (
     STRATEGIES,
-    Strategy,
     common,
     fasp,
     random_layer_masks,
     random_set,
     select,
     shape_of_scores,
+    strategy_reads,
     top_k_heads,
     top_k_mixed,
     top_k_neurons,
     wanda_set_difference,
     weight_magnitude_scores,
 )
+from circuits.scoring import Baselines
 from interp.components import ComponentSet, ComponentShape, Head, Neuron
 
 NEURONS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -148,31 +151,26 @@ def test_shape_of_scores():
         shape_of_scores({"neuron": NEURONS, "head": HEADS[:1]})
 
 
-def test_strategy_dispatch_matches_the_functions():
-    assert select(Strategy("top_k_neurons", k=2), SCORES) == top_k_neurons(SCORES, 2)
-    assert select(Strategy("top_k_heads", k=1), SCORES) == top_k_heads(SCORES, 1)
-    assert select(Strategy("top_k_mixed", k=2, normalize="zscore"), SCORES) == top_k_mixed(SCORES, 2, normalize="zscore")
-    utility = {"head": FASP_UTILITY}
-    fasp_strategy = Strategy("fasp", gamma=0.5, alpha=0.34)
-    assert select(fasp_strategy, {"head": FASP_BIAS}, utility=utility) == ComponentSet([Head(1, 0), Head(0, 1)])
-    assert fasp_strategy.label == "fasp(gamma=0.5, alpha=0.34)"
-    random = select(Strategy("random", kind="neuron", seed=4), SCORES, like=ComponentSet([Neuron(1, 0)]))
-    assert len(random) == 1 and next(iter(random)).layer == 1
-    wanda = Strategy("wanda_difference", top_fraction=0.34)
-    assert select(wanda, SCORES, contrast={"neuron": -NEURONS}) == wanda_set_difference(NEURONS, -NEURONS, top_fraction=0.34)
-
-
-def test_strategy_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown pruning strategy 'magic'; known strategies: " + ", ".join(STRATEGIES)):
-        Strategy("magic")
-    with pytest.raises(ValueError, match="needs k >= 0"):
-        Strategy("top_k_heads")
-    with pytest.raises(ValueError, match="kind must be one of"):
-        Strategy("random", k=1, kind="mlp")
-    with pytest.raises(ValueError, match="needs utility="):
-        select(Strategy("fasp"), {"head": FASP_BIAS})
-    with pytest.raises(ValueError, match="needs contrast="):
-        select(Strategy("wanda_difference"), SCORES)
+def test_the_registry_picks_each_context_then_the_common_sets():
+    settings = SimpleNamespace(neuron_ks=(2,), head_ks=(1,), fasp_gamma=0.5, fasp_alphas=(0.34,), seed=4)
+    scores = {"a": SCORES, "b": {"neuron": NEURONS.flip(1), "head": HEADS}}
+    wanda = ComponentSet([Neuron(0, 0)])
+    inputs = {"baselines": {c: Baselines(wanda, HEADS) for c in scores},
+              "head_bias": {c: FASP_BIAS for c in scores}, "head_utility": FASP_UTILITY}
+    picked = select(list(STRATEGIES), settings, scores, inputs)
+    per_context = ["top_k_neurons", "random", "top_k_heads", "attention_to_name", "fasp", "wanda_difference"]
+    assert [(name, ctx) for name, _, ctx, _ in picked] == [(n, c) for c in scores for n in per_context] + [
+        ("common_neurons", "common"), ("common_heads", "common")]
+    sets = {(name, ctx): (k, components) for name, k, ctx, components in picked}
+    assert sets["top_k_neurons", "a"] == (2, top_k_neurons(SCORES, 2))
+    assert sets["fasp", "a"] == (2, ComponentSet([Head(1, 0), Head(0, 1)]))
+    assert sets["wanda_difference", "b"] == (1, wanda)
+    assert sets["attention_to_name", "b"] == (1, top_k_heads(SCORES, 1))
+    assert {c.layer for c in sets["random", "a"][1]} == {1}  # as many per layer as the top-k set
+    assert sets["common_neurons", "common"] == (2, common([top_k_neurons(s, 2) for s in scores.values()]))
+    assert strategy_reads(["fasp", "top_k_heads"]) == {"head_bias", "head_utility"}
+    with pytest.raises(ValueError, match="unknown pruning strategy"):
+        select(["magic"], settings, scores)
 
 
 def test_null_sets_keep_per_layer_neuron_counts_and_head_count():

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from circuits.config import ConfigError, StudyConfig
-from circuits.study import ALL_FIELDS, MODEL_FIELDS, UNKEYED, model_key, run_study, stage_keys, study_prompts
+from circuits.study import (ALL_FIELDS, MODEL_FIELDS, UNKEYED, model_key, rebuild_report, run_study, stage_keys,
+                            study_prompts)
 from circuits.study import STAGES as STAGE_SPECS
 from interp.testing import tiny_model_dir
 
@@ -56,6 +57,13 @@ def test_study_runs_every_stage_and_writes_the_report(finished_study):
 def test_rerun_reuses_every_stage(finished_study):
     again = run_study(finished_study.config)
     assert not any(rec.computed for rec in again.stages.values())
+
+
+def test_rebuilt_report_replaces_the_report_stage(finished_study):
+    meta = finished_study.out_dir / "stages/report/stage.json"
+    before = json.loads(meta.read_text())
+    assert rebuild_report(finished_study.out_dir) == finished_study.report
+    assert json.loads(meta.read_text())["key"] == before["key"] and finished_study.report.exists()
 
 
 def test_every_config_field_is_declared():
@@ -112,10 +120,7 @@ _PROMPTS = {}
 def _stored_keys(config, tiny_model):
     inputs = tuple(getattr(config, f) for f in STAGE_SPECS["prompts"].fields)
     if inputs not in _PROMPTS:
-        _PROMPTS[inputs] = study_prompts(tiny_model, config.contexts, details=config.details,
-                                      variations=config.variations, heldout_variations=config.heldout_variations,
-                                      names_per_cell=config.names_per_cell,
-                                      heldout_name_fraction=config.heldout_name_fraction, seed=config.seed)
+        _PROMPTS[inputs] = study_prompts(tiny_model, config)
     keys = stage_keys(config, model_key(config), _PROMPTS[inputs])
     return {k: v for k, v in keys.items() if not k.startswith(("prompts-", "pairs-"))}
 
@@ -142,8 +147,7 @@ def test_replaced_weights_invalidate_every_stage(tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir(), model_dir)
     config = tiny_config(tmp_path / "out", model=str(model_dir))
-    prompts = study_prompts(_Tokenizer(), config.contexts, details=config.details, variations=config.variations,
-                            names_per_cell=config.names_per_cell, seed=config.seed)
+    prompts = study_prompts(_Tokenizer(), config)
     before = stage_keys(config, model_key(config), prompts)
     shutil.copy(next(tiny_model_dir(seed=1).glob("*.safetensors")), next(model_dir.glob("*.safetensors")))
     after = stage_keys(config, model_key(config), prompts)
