@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from circuits.contexts import CONTEXTS, DETAILS
-from circuits.names import select_names
+from circuits.names import all_names
 from circuits.prompts import build_pairs, build_prompts, format_prompt, tokenize_prompts
 
 
@@ -13,7 +13,7 @@ def prompts(tiny_model):
 
 
 def test_every_template_detail_and_name_once(prompts):
-    n_names = len(select_names())
+    n_names = len(all_names())
     assert len(prompts) == 2 * 7 * len(DETAILS) * n_names
     assert not prompts.frame.duplicated(["context", "variation", "detail", "name"]).any()
     assert set(prompts.contexts) == {"chess", "lending_amount"}
