@@ -94,10 +94,6 @@ class Agreement(SavedResult):
         correlations, invalid share, sign agreement."""
         return self.table.copy()
 
-    def prompts_frame(self) -> pd.DataFrame:
-        """One row per prompt: ``expected`` (deterministic), ``sampled_mean``, ``n_valid``, ``n_samples``."""
-        return self.prompts.copy()
-
     def readings(self, n_examples: int = 5) -> pd.DataFrame:
         """Per context and ``reading`` (see ``READINGS``): the count and share of replies and the
         ``n_examples`` most frequent reply texts with their count (``"text" x count``)."""

@@ -38,9 +38,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from circuits.contexts import CONTEXTS, DECIMALS, AnswerFormat, Context, get_context
+from circuits.contexts import DECIMALS, AnswerFormat, Context, get_context
 from circuits.parsing import parse_number
-from circuits.prompts import PairSet, PromptSet, build_prompts, uses_chat
+from circuits.prompts import PromptSet, uses_chat
 from circuits.stats import cluster_bootstrap, mann_whitney, permutation_pvalue, smd
 from interp.batching import encode, microbatches, pad_ids, pad_token_id
 from interp.metrics import SUMMARIES, CandidateAnswers, ExpectedValue, PromptCandidates, takes_layout
@@ -557,79 +557,6 @@ def group_gaps(
     return GapTable(pd.DataFrame(rows), settings)
 
 
-def pair_differences(values: Measurement | pd.DataFrame, pairs: PairSet) -> pd.DataFrame:
-    """Per counterfactual pair: the clean (group A) value, the corrupt (group B) value, their difference."""
-    frame = values.values if isinstance(values, Measurement) else values
-    lookup = frame.set_index("prompt_id")["value"]
-    missing = sorted(set(pairs.frame["prompt_id_a"]).union(pairs.frame["prompt_id_b"]) - set(lookup.index))
-    if missing:
-        raise ValueError(f"{len(missing)} paired prompts were not measured, e.g. {missing[0]!r}")
-    table = pairs.to_dataframe()
-    table["value_a"] = lookup.loc[table["prompt_id_a"]].to_numpy()
-    table["value_b"] = lookup.loc[table["prompt_id_b"]].to_numpy()
-    table["difference"] = table["value_a"] - table["value_b"]
-    return table
-
-
-def paired_gaps(
-    values: Measurement | pd.DataFrame,
-    pairs: PairSet,
-    *,
-    by: Sequence[str] = ("context",),
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> GapTable:
-    """Mean clean-minus-corrupt difference over token-aligned pairs, per ``by`` cell.
-
-    The interval resamples both names of a pair and the variations (a three-way cluster
-    bootstrap); the p-value swaps each pair's two values at random.
-    """
-    table = pair_differences(values, pairs)
-    rows = []
-    for key, cell in table.groupby(list(by), sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        sign = int(cell["sign"].iloc[0])
-        low, high = cluster_bootstrap(
-            cell,
-            lambda f: float(f["difference"].mean()),
-            ["name_a", "name_b", "variation"],
-            n_resamples=n_resamples,
-            seed=seed,
-            confidence=confidence,
-        )
-        gap = float(cell["difference"].mean())
-        adv_low, adv_high = _signed_interval(sign, low, high)
-        rows.append(
-            {
-                **dict(zip(by, key)),
-                "contrast": "race_pairs",
-                "group_a": pairs.clean_group,
-                "group_b": pairs.corrupt_group,
-                "answer_type": cell["answer_type"].iloc[0],
-                "sign": sign,
-                "n_pairs": len(cell),
-                "gap": gap,
-                "ci_low": low,
-                "ci_high": high,
-                "advantage": sign * gap,
-                "advantage_ci_low": adv_low,
-                "advantage_ci_high": adv_high,
-                "p_permutation": permutation_pvalue(
-                    cell["value_a"], cell["value_b"], paired=True, n_resamples=n_resamples, seed=seed
-                ),
-            }
-        )
-    settings = {
-        "by": list(by),
-        "n_resamples": n_resamples,
-        "confidence": confidence,
-        "seed": seed,
-        "clusters": ["name_a", "name_b", "variation"],
-    }
-    return GapTable(pd.DataFrame(rows), settings)
-
-
 __all__ = [
     "CONTRASTS",
     "Expansion",
@@ -642,6 +569,4 @@ __all__ = [
     "group_gaps",
     "measure",
     "number_start",
-    "pair_differences",
-    "paired_gaps",
 ]

@@ -119,7 +119,7 @@ def _run_audit(args) -> int:
     from circuits.audit import run_audit
     from circuits.contexts import get_context
     from circuits.coverage import coverage_lines
-    from circuits.prompts import load_prompt_table, read_prompt_table, scenario_signs
+    from circuits.tables import load_prompt_table, read_prompt_table, scenario_signs
     from interp import DEFAULT_MODEL, load_model
 
     if args.contexts:

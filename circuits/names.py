@@ -7,7 +7,7 @@ lives in ``circuits/data/names.csv``; ``sources`` there are keys of ``SOURCES``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +17,6 @@ import pandas as pd
 
 GROUPS = ("White", "Black")
 GENDERS = ("man", "woman")
-SPLITS = ("train", "heldout")
 NAMES_CSV = Path(__file__).parent / "data" / "names.csv"
 
 SOURCES = {
@@ -59,30 +58,6 @@ def all_names() -> tuple[Name, ...]:
     return tuple(
         Name(r.first_name, r.surname, r.group, r.gender, tuple(r.sources.split(";")))
         for r in _table().itertuples()
-    )
-
-
-def _check_choices(values: Iterable[str] | None, allowed: Sequence[str], what: str) -> None:
-    bad = sorted(set(values or ()) - set(allowed))
-    if bad:
-        raise ValueError(f"unknown {what} {bad}; choose from {list(allowed)}")
-
-
-def select_names(
-    groups: Sequence[str] | None = None,
-    genders: Sequence[str] | None = None,
-    *,
-    audit_only: bool = False,
-) -> tuple[Name, ...]:
-    """Names filtered by group, gender and (``audit_only``) membership in the audit's 40 names."""
-    _check_choices(groups, GROUPS, "groups")
-    _check_choices(genders, GENDERS, "genders")
-    return tuple(
-        n
-        for n in all_names()
-        if (groups is None or n.group in groups)
-        and (genders is None or n.gender in genders)
-        and (n.in_audit or not audit_only)
     )
 
 
@@ -150,12 +125,10 @@ __all__ = [
     "GENDERS",
     "GROUPS",
     "SOURCES",
-    "SPLITS",
     "Name",
     "all_names",
     "lookup",
     "names_frame",
     "sample_names",
-    "select_names",
     "split_names",
 ]

@@ -2,8 +2,8 @@
 
 Set overlap (Jaccard, over k), ranking overlap (rank-biased overlap), score agreement (Spearman);
 two nulls: random sets keeping per-layer counts, and context-label permutation over prompts (with
-bootstrap CIs over prompts); pairwise tables over contexts; and the shared-vs-specific split of a
-context's bias reduction. Scores are ``[layer, index]`` tensors, higher = more bias-carrying.
+bootstrap CIs over prompts); pairwise tables over contexts. Scores are ``[layer, index]`` tensors,
+higher = more bias-carrying.
 """
 from __future__ import annotations
 
@@ -411,71 +411,3 @@ def overlap_matrix(
         if a != b:
             rows.append(dict(context_a=b, context_b=a, **row))
     return OverlapMatrix(contexts, kind, k, p, pd.DataFrame(rows))
-
-
-# -- shared vs specific --------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class SharedSpecific:
-    """Per context: bias reduction by its full set and by the shared set alone, and their split.
-
-    ``table`` rows: ``context, quantity, value, ci_low, ci_high`` with quantity one of ``full``,
-    ``shared``, ``specific`` (= full - shared) and ``shared_share`` (= shared / full; unstable when
-    the full reduction is near 0). CIs are NaN where only mean reductions were given.
-    """
-
-    level: float
-    table: pd.DataFrame
-
-    def to_dataframe(self) -> pd.DataFrame:
-        return self.table.copy()
-
-    def pivot(self, column: Literal["value", "ci_low", "ci_high"] = "value") -> pd.DataFrame:
-        """A contexts x quantities table."""
-        return self.table.pivot(index="context", columns="quantity", values=column)[list(_QUANTITIES)]
-
-
-_QUANTITIES = ("full", "shared", "specific", "shared_share")
-
-
-def _decompose(full: np.ndarray, shared: np.ndarray, axis: int = -1) -> np.ndarray:
-    mean_full, mean_shared = full.mean(axis=axis), shared.mean(axis=axis)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        share = mean_shared / mean_full
-    return np.stack([mean_full, mean_shared, mean_full - mean_shared, share])
-
-
-def shared_specific(
-    full: Mapping[str, float | Sequence[float] | Tensor],
-    shared: Mapping[str, float | Sequence[float] | Tensor],
-    *,
-    n_bootstrap: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> SharedSpecific:
-    """Split each context's bias reduction into the part the shared set achieves and the rest.
-
-    ``full[c]``: bias reduction in context ``c`` by pruning ``c``'s own set; ``shared[c]``: by pruning
-    the shared (common) set alone. Either a mean (float) or per-prompt reductions on the same
-    prompts for both (paired), in which case percentile CIs come from resampling prompts
-    (``scipy.stats.bootstrap``, ``paired=True``).
-    """
-    if set(full) != set(shared):
-        raise ValueError(f"full and shared name different contexts: {sorted(full)} vs {sorted(shared)}")
-    rows = []
-    for context in full:
-        f = np.atleast_1d(np.asarray(torch.as_tensor(full[context]).detach().double().cpu()))
-        s = np.atleast_1d(np.asarray(torch.as_tensor(shared[context]).detach().double().cpu()))
-        if f.ndim != 1 or f.shape != s.shape:
-            raise ValueError(f"context {context!r}: full and shared reductions must be two floats or two per-prompt "
-                             f"vectors of one length, got shapes {f.shape} and {s.shape}")
-        values = _decompose(f, s)
-        low = high = np.full(len(_QUANTITIES), np.nan)
-        if len(f) > 1:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                boot = stats.bootstrap((f, s), _decompose, paired=True, vectorized=True, n_resamples=n_bootstrap,
-                                       confidence_level=level, method="percentile",
-                                       rng=np.random.default_rng(seed))
-            low, high = boot.confidence_interval.low, boot.confidence_interval.high
-        rows += [{"context": context, "quantity": q, "value": float(values[i]), "ci_low": float(low[i]),
-                  "ci_high": float(high[i])} for i, q in enumerate(_QUANTITIES)]
-    return SharedSpecific(level, pd.DataFrame(rows))

@@ -19,7 +19,7 @@ keeps all of them. So a reply can be read token by token, as the deterministic m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from circuits.parsing import parse_number, parse_yes_no
-from circuits.stats import mann_whitney, smd
 from interp.batching import encode, pad_token_id
 from interp.patching import _attention_reads_cache
 from interp.results import SavedResult
@@ -274,50 +273,5 @@ def sample_answers(
     return SampledAnswers(tuple(prompts), tuple(by_prompt), values, settings, tuple(tuple(row) for row in kept))
 
 
-@dataclass(frozen=True)
-class SampledGap:
-    """The gap between two groups' sampled answers: SMD (a minus b), Mann-Whitney U, means, counts."""
-
-    smd: float
-    mann_whitney_u: float
-    p_value: float
-    mean_a: float
-    mean_b: float
-    n_a: int
-    n_b: int
-    invalid_share_a: float
-    invalid_share_b: float
-
-    def to_dataframe(self) -> pd.DataFrame:
-        """One row holding every field, so gaps of many contexts concatenate into one table."""
-        return pd.DataFrame([asdict(self)])
-
-
-def _valid_part(values, what: str) -> tuple[np.ndarray, float]:
-    arr = np.asarray(values, dtype=float).ravel()
-    if arr.size == 0:
-        raise ValueError(f"{what} holds no samples")
-    valid = arr[~np.isnan(arr)]
-    return valid, 1 - valid.size / arr.size
-
-
-def sampled_gap(values_a, values_b) -> SampledGap:
-    """Compare two groups' sampled values (any shape, NaN = invalid reply, dropped and counted)."""
-    a, invalid_a = _valid_part(values_a, "values_a")
-    b, invalid_b = _valid_part(values_b, "values_b")
-    u, p = mann_whitney(a, b)
-    return SampledGap(
-        smd=smd(a, b),
-        mann_whitney_u=u,
-        p_value=p,
-        mean_a=float(a.mean()) if a.size else float("nan"),
-        mean_b=float(b.mean()) if b.size else float("nan"),
-        n_a=int(a.size),
-        n_b=int(b.size),
-        invalid_share_a=invalid_a,
-        invalid_share_b=invalid_b,
-    )
-
-
-__all__ = ["AnswerType", "SampledAnswers", "SampledGap", "format_ids", "parse_answer", "parse_ids", "reply_ids",
-           "reply_text", "sample_answers", "sampled_gap"]
+__all__ = ["AnswerType", "SampledAnswers", "format_ids", "parse_answer", "parse_ids", "reply_ids", "reply_text",
+           "sample_answers"]

@@ -504,13 +504,4 @@ def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: f
         tree["dropped"] += mass
 
 
-def weighted_median(probs: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
-    """Per row, the smallest value whose cumulative probability reaches half (rows sum to 1)."""
-    v = torch.as_tensor(values, dtype=probs.dtype, device=probs.device)
-    order = v.argsort()
-    cum = probs[:, order].cumsum(-1)
-    first = (cum >= 0.5 - 1e-9).float().argmax(-1)
-    return v[order][first]
-
-
-__all__ = ["DONE", "LEAD", "ROOT", "NumberGrammar", "NumberTree", "expand", "expand_each", "weighted_median"]
+__all__ = ["DONE", "LEAD", "ROOT", "NumberGrammar", "NumberTree", "expand", "expand_each"]

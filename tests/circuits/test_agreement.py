@@ -146,7 +146,7 @@ def test_per_context_cap_balances_cells_and_names(tiny_model):
 
 
 def test_frames_are_well_formed(agreement):
-    table, per_prompt = agreement.to_dataframe(), agreement.prompts_frame()
+    table, per_prompt = agreement.to_dataframe(), agreement.prompts
     assert table["context"].tolist() == ["chess", "lending_approval"]
     assert (table["n_prompts"] == 4).all() and (table["samples_per_prompt"] == 2).all()
     assert len(per_prompt) == 8 and (per_prompt["n_samples"] == 2).all()

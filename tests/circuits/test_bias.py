@@ -14,8 +14,6 @@ from circuits.bias import (
     context_metric,
     group_gaps,
     measure,
-    pair_differences,
-    paired_gaps,
 )
 from circuits.contexts import CONTEXTS, AnswerFormat, AnswerGrid
 from circuits.prompts import build_pairs, build_prompts, select_prompts, span_aligned
@@ -207,22 +205,6 @@ def test_a_fixed_grid_is_still_scored_as_given(tiny_model):
     cands = answer_candidates(tiny_model, answer)
     assert cands.texts == tuple(t + tiny_model.tokenizer.eos_token for t in ("1", "10", "100"))
     assert all(ids[-1] == tiny_model.tokenizer.eos_token_id for ids in cands.token_ids)
-
-
-def test_paired_differences_over_aligned_pairs(tiny_model, small):
-    pairs = build_pairs(tiny_model, small, match_gender=False)
-    frame = small.frame.assign(value=np.where(small.frame["group"] == "White", 2.0, 0.5), grid_mass=1.0)
-    frame["value"] += np.arange(len(frame)) * 1e-3
-    diffs = pair_differences(frame, pairs)
-    assert len(diffs) == len(pairs)
-    assert np.allclose(diffs["difference"], diffs["value_a"] - diffs["value_b"])
-    table = paired_gaps(frame, pairs, n_resamples=200).table.set_index("context")
-    for ctx, row in table.iterrows():
-        assert row["ci_low"] <= row["gap"] <= row["ci_high"]
-        assert row["gap"] == pytest.approx(diffs.loc[diffs.context == ctx, "difference"].mean())
-        assert row["advantage"] == pytest.approx(CONTEXTS[ctx].sign * row["gap"])
-    with pytest.raises(ValueError, match="not measured"):
-        pair_differences(frame[frame.prompt_id != diffs.prompt_id_a.iloc[0]], pairs)
 
 
 def test_answers_are_derived_on_the_unmodified_model_only(tiny_model, small):

@@ -3,12 +3,14 @@ import pytest
 from circuits.contexts import (
     ANSWER_TYPES,
     CONTEXTS,
+    CONTEXTS_FILE,
     DECIMALS,
     DEFAULT_ANSWERS,
     DETAILS,
     AnswerGrid,
     UnknownContextError,
     get_context,
+    load_contexts,
 )
 
 
@@ -80,3 +82,46 @@ def test_get_context_names_the_known_contexts():
 
 def test_default_answers_cover_every_answer_type():
     assert set(DEFAULT_ANSWERS) == set(ANSWER_TYPES)
+
+
+def test_the_data_file_renders_the_prompts_written_before_it():
+    # literal renderings from the contexts as they were written in Python (issue 14)
+    assert list(CONTEXTS)[:3] == ["lending_amount", "lending_rate", "lending_approval"]
+    assert len(CONTEXTS) == 12
+    assert CONTEXTS["lending_amount"].render("bakery", "numeric", "Emily Walsh") == (
+        "Emily Walsh is applying to a credit union for a personal loan to expand a small bakery. The "
+        "application asks for $25,000. How much should the credit union lend? Reply with a dollar amount only."
+    )
+    assert CONTEXTS["commerce_sell"].render("rower", "high", "Emily Walsh") == (
+        "I am selling a rowing machine, and Emily Walsh wants to buy it. It folds away and runs quietly. "
+        "What price should I ask for? Reply with a dollar amount only."
+    )
+    assert CONTEXTS["chess"].render("park", "low", "Emily Walsh") == (
+        "Emily Walsh is playing chess in a park on a Sunday afternoon against an opponent of similar "
+        "strength. What is the probability that Emily Walsh wins? Reply with a number between 0 and 1."
+    )
+    assert CONTEXTS["housing_tenant"].answer == DEFAULT_ANSWERS["yes_no"]
+    assert CONTEXTS["hiring_salary"].answer.prefix == "Starting salary: $"
+    assert DEFAULT_ANSWERS["dollars"].prefix == "My answer: $"
+    assert CONTEXTS["lending_rate"].variations is CONTEXTS["lending_approval"].variations
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            ("higher_favours = true", 'higher_favours = "yes"'),
+            r"\[contexts.lending_amount\]: higher_favours must be a bool",
+        ),
+        (('answer = "dollars"', 'answer = "euros"'), r"\[contexts.lending_amount\]: unknown answer 'euros'"),
+        (('key = "bakery"', 'kee = "bakery"'), r"\[scenarios.lending\] variation 1 lacks key"),
+        (('question = "How much', 'query = "How much'), r"\[contexts.lending_amount\] lacks question"),
+        (("[answers.dollars]", "[answers.dollars"), r"contexts.toml: .*line"),
+    ],
+)
+def test_a_malformed_context_file_names_the_file_and_the_entry(tmp_path, edit, message):
+    path = tmp_path / "contexts.toml"
+    path.write_text(CONTEXTS_FILE.read_text().replace(*edit, 1))
+    with pytest.raises(ValueError, match=message) as err:
+        load_contexts(path)
+    assert str(path) in str(err.value)

@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,6 @@ from circuits.overlap import (
     overlap_matrix,
     random_set_null,
     rank_biased_overlap,
-    shared_specific,
     spearman,
     top_ranking,
 )
@@ -171,24 +168,3 @@ def test_overlap_matrix_pairs_and_pivot():
         matrix.pivot("kl")
     with pytest.raises(ValueError, match="differ in shape"):
         overlap_matrix({"a": {"neuron": base}, "b": {"neuron": base[:2]}}, k=2, kind="neuron")
-
-
-def test_shared_specific_scalar_and_bootstrap():
-    scalar = shared_specific({"buy": 0.4}, {"buy": 0.1}).pivot()
-    assert scalar.loc["buy"].tolist() == pytest.approx([0.4, 0.1, 0.3, 0.25])
-    assert math.isnan(shared_specific({"buy": 0.4}, {"buy": 0.1}).pivot("ci_low").loc["buy", "full"])
-
-    generator = torch.Generator().manual_seed(0)
-    full = 1.0 + torch.rand(200, generator=generator)
-    shared = 0.5 * full + 0.05 * torch.randn(200, generator=generator)
-    table = shared_specific({"buy": full, "hire": full}, {"buy": shared, "hire": full}, n_bootstrap=500)
-    values, low, high = table.pivot(), table.pivot("ci_low"), table.pivot("ci_high")
-    assert values.loc["buy", "shared_share"] == pytest.approx(0.5, abs=0.02)
-    assert values.loc["buy", "specific"] == pytest.approx(float((full - shared).mean()))
-    assert (low.loc["buy"] < values.loc["buy"]).all() and (values.loc["buy"] < high.loc["buy"]).all()
-    assert values.loc["hire", "shared_share"] == pytest.approx(1.0)
-    assert set(table.to_dataframe()["quantity"]) == {"full", "shared", "specific", "shared_share"}
-    with pytest.raises(ValueError, match="different contexts"):
-        shared_specific({"buy": 0.4}, {"hire": 0.1})
-    with pytest.raises(ValueError, match="one length"):
-        shared_specific({"buy": full}, {"buy": shared[:10]})

@@ -8,16 +8,13 @@ import torch
 
 from circuits.sampling import (
     SampledAnswers,
-    SampledGap,
     format_ids,
     parse_answer,
     parse_ids,
     reply_ids,
     reply_text,
     sample_answers,
-    sampled_gap,
 )
-from circuits.stats import mann_whitney, smd
 from interp.batching import encode
 from interp.hooks import attached_hook_count, hooked
 
@@ -188,22 +185,6 @@ def test_parse_answer():
     assert np.isnan(parse_answer("maybe", "yes_no"))
     with pytest.raises(ValueError, match="answer_type"):
         parse_answer("1", "text")
-
-
-def test_sampled_gap_matches_stats_and_counts_invalid():
-    a = np.array([[10.0, 12.0, np.nan], [11.0, 13.0, 9.0]])
-    b = np.array([8.0, 9.0, 7.0, np.nan, np.nan, 10.0])
-    gap = sampled_gap(a, b)
-    va, vb = a[~np.isnan(a)], b[~np.isnan(b)]
-    assert gap.smd == pytest.approx(smd(va, vb))
-    assert (gap.mann_whitney_u, gap.p_value) == pytest.approx(mann_whitney(va, vb))
-    assert (gap.mean_a, gap.mean_b, gap.n_a, gap.n_b) == pytest.approx((11.0, 8.5, 5, 4))
-    assert (gap.invalid_share_a, gap.invalid_share_b) == pytest.approx((1 / 6, 1 / 3))
-    frame = gap.to_dataframe()
-    assert len(frame) == 1 and frame.loc[0, "smd"] == pytest.approx(gap.smd)
-    assert isinstance(gap, SampledGap)
-    with pytest.raises(ValueError, match="no samples"):
-        sampled_gap([], b)
 
 
 @pytest.mark.slow

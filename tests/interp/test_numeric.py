@@ -7,7 +7,7 @@ import torch
 
 from circuits.parsing import parse_number
 from interp.batching import encode, tokenize
-from interp.numeric import DONE, ROOT, NumberGrammar, expand, expand_each, weighted_median
+from interp.numeric import DONE, ROOT, NumberGrammar, expand, expand_each
 
 PROMPTS = ["The seller asked for $", "Hi, the loan is $", "My offer for the used bicycle is $"]
 
@@ -168,11 +168,6 @@ def test_stop_terms_are_differentiable(tiny_model, tree):
     grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     tiny_model.zero_grad()
-
-
-def test_weighted_median():
-    probs = torch.tensor([[0.2, 0.2, 0.6], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
-    assert weighted_median(probs, [30.0, 10.0, 20.0]).tolist() == [20.0, 10.0, 30.0]
 
 
 @pytest.fixture(scope="module")
