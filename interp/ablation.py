@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from interp.activations import mean_activations, stop_layer
 from interp.batching import TokenBatch
 from interp.components import Component, ComponentSet, ComponentShape
-from interp.hooks import HookSpec, hooked
+from interp.hooks import HookedModel, HookSpec, capturing, hooked
 
 How = Literal["zero", "mean", "resample", "patch"]
 HOWS: tuple[How, ...] = ("zero", "mean", "resample", "patch")
@@ -97,18 +97,14 @@ def _source_slices(
     model, source: TokenBatch, index: Mapping[str, Int[Tensor, "k"]]
 ) -> dict[str, Float[Tensor, "row pos k ..."]]:
     """The ablated components' activations on ``source``, one no-grad forward, nothing else kept."""
-    kept: dict[str, Tensor] = {}
 
-    def keep(name: str) -> HookSpec:
-        def hook(act, hook):
-            kept[name] = act[:, :, index[name].to(act.device)].detach().clone()
-
-        return name, hook
+    def sliced(name: str, act: Tensor) -> Tensor:
+        return act[:, :, index[name].to(act.device)].detach().clone()
 
     source = source.to(model.cfg.device)
-    with torch.no_grad(), hooked(model, [keep(name) for name in index]):
+    with torch.no_grad(), capturing(model, list(index), sliced) as kept:
         model(source.tokens, stop_at_layer=stop_layer(list(index)), **source.forward_kwargs())
-    return kept
+    return kept.joined()
 
 
 def derangement(n: int, seed: int) -> Int[Tensor, "n"]:

@@ -21,7 +21,7 @@ Everything streams over microbatches into float32 running sums; pad positions co
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,7 +38,7 @@ from interp.batching import TokenBatch, microbatches
 from interp.distributed import all_reduce_sum, current_shard
 from interp.memory import backoff_batches
 from interp.components import KINDS, Component, ComponentSet, ComponentShape, Kind, hook_name
-from interp.hooks import hooked
+from interp.hooks import HookedModel, capturing, hooked
 from interp.metrics import Metric
 from interp.patching import patch_sweep
 from interp.results import SavedResult
@@ -218,27 +218,16 @@ def _hook_points(kinds: tuple[Kind, ...], n_layers: int) -> list[_HookPoint]:
     return [_HookPoint(kind, layer) for kind in kinds for layer in range(n_layers)]
 
 
-def _capture_into(store: dict[str, Tensor], name: str) -> Callable:
-    def capture(act, hook):  # keyed by our name: a bridge hook point may report an alias
-        store[name] = act
-        return act
-
-    return capture
-
-
 def _require_grad(act, hook):
     return act if act.requires_grad else act.detach().requires_grad_(True)
 
 
 def _run_capturing(model, batch: TokenBatch, points: list[_HookPoint], *, grad: bool):
     """Logits of ``batch`` and the activations at ``points`` (in the autograd graph when ``grad``)."""
-    store: dict[str, Tensor] = {}
-    hooks = [(p.name, _capture_into(store, p.name)) for p in points]
-    if grad:
-        hooks.insert(0, (_GRAD_ENTRY, _require_grad))
-    with torch.set_grad_enabled(grad), hooked(model, hooks):
+    entry = [(_GRAD_ENTRY, _require_grad)] if grad else []
+    with torch.set_grad_enabled(grad), hooked(model, entry), capturing(model, [p.name for p in points]) as store:
         logits = model(batch.tokens, **batch.forward_kwargs())
-    return logits, store
+    return logits, store.joined()
 
 
 def _contribution(

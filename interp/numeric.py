@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from interp.batching import TokenBatch
 from interp.metrics import CandidateAnswers
-from interp.patching import _attention_reads_cache
+from interp.bridge import attention_reads_cache
 
 DIGITS = "0123456789"
 # (phase, leading digits (4 = more than 3), comma seen, digits in the current group / decimals, word)
@@ -231,7 +231,7 @@ class _PromptCache:
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         self.batch = batch.to(self.device)
-        with _attention_reads_cache(model):
+        with attention_reads_cache(model):
             out = self.hf(input_ids=self.batch.tokens, attention_mask=self.batch.attention_mask, use_cache=True)
         rows = torch.arange(len(batch), device=self.device)
         self.root = out.logits[rows, self.batch.answer_pos].float().log_softmax(-1).cpu()
@@ -249,7 +249,7 @@ class _PromptCache:
         positions = self.batch.lengths[:, None] - 1 + trie.depth.to(self.device)[None]
         read = trie.read[torch.arange(len(paths)), torch.tensor([len(p) for p in paths])]
         keep = (read - 1).clamp(min=0).to(self.device)
-        with _attention_reads_cache(self.model):
+        with attention_reads_cache(self.model):
             out = self.hf(input_ids=trie.tokens.to(self.device)[None].expand(rows, -1), attention_mask=mask[:, None],
                           position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         self.cache.crop(-n)  # back to the prompts alone
@@ -334,7 +334,7 @@ class _GrowingCache:
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         batch = batch.to(self.device)
-        with _attention_reads_cache(model):
+        with attention_reads_cache(model):
             out = self.hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, use_cache=True)
         rows = torch.arange(len(batch), device=self.device)
         self.root = out.logits[rows, batch.answer_pos].float().log_softmax(-1).cpu()
@@ -364,7 +364,7 @@ class _GrowingCache:
         own = torch.eye(slots, dtype=torch.bool, device=self.device)[None].expand(rows, -1, -1)
         mask = torch.cat([prompt, own], -1)
         positions = torch.where(real, self.lengths[:, None] - 1 + depth.to(self.device), 0)
-        with _attention_reads_cache(self.model):
+        with attention_reads_cache(self.model):
             out = self.hf(input_ids=tokens.to(self.device), attention_mask=mask[:, None], position_ids=positions,
                           past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values

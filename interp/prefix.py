@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.batching import TokenBatch
-from interp.patching import _attention_reads_cache
+from interp.bridge import attention_reads_cache
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def prefill(model, batch: TokenBatch, *, min_prefix: int = 8) -> Prefill:
     logits: Tensor | None = None
     merged: list[list[Tensor]] | None = None  # per layer: keys, values [prompt, kv_head, pos, d_head]
     computed = 0
-    with _attention_reads_cache(model):
+    with attention_reads_cache(model):
         for members, p in prefix_groups(rows, min_prefix):
             index = torch.tensor(members, device=device)
             cache = None
