@@ -22,7 +22,6 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ from interp.batching import TokenBatch, tokenize
 from interp.components import ComponentSet
 from interp.distributed import all_gather_rows, current_shard
 from interp.memory import Backoff
-from interp.metrics import Metric, run_metric
+from interp.metrics import Metric, kl_from_log_probs, run_metric
 
 
 def neutral_texts(part: str | None = None) -> list[str]:
@@ -78,8 +77,7 @@ class UtilityProbe:
         with torch.no_grad():
             logp = model(self.batch.tokens).float().log_softmax(-1)
         mask = self.batch.attention_mask.to(logp.dtype)
-        per_pos = F.kl_div(logp, self.reference, log_target=True, reduction="none").sum(-1)
-        kl = ((per_pos * mask).sum(-1) / mask.sum(-1)).mean()
+        kl = kl_from_log_probs(logp, self.reference, mask).mean()
         nll = -logp[:, :-1].gather(-1, self.batch.tokens[:, 1:, None]).squeeze(-1)
         ppl = torch.exp((nll * mask[:, 1:]).sum() / mask[:, 1:].sum())
         return {"kl": float(kl), "perplexity": float(ppl)}
@@ -333,10 +331,9 @@ def _stacked_utility(model, probe: UtilityProbe, sets: Mapping[str, ComponentSet
 
         def score(logits, prompts):  # per text: mean KL over its tokens, summed next-token NLL
             logp = logits.float().log_softmax(-1)
-            per_pos = F.kl_div(logp, probe.reference[prompts], log_target=True, reduction="none").sum(-1)
             m = mask[prompts].to(logp.device)
             nll = -logp[:, :-1].gather(-1, tokens[prompts, 1:, None].to(logp.device)).squeeze(-1)
-            return torch.stack([(per_pos * m).sum(-1) / m.sum(-1), (nll * m[:, 1:]).sum(-1)], -1)
+            return torch.stack([kl_from_log_probs(logp, probe.reference[prompts], m), (nll * m[:, 1:]).sum(-1)], -1)
 
         values = ablation_sweep(model, probe.batch, list(ablated_sets.values()), score, means=means,
                                 rows_per_forward=batch_size)
@@ -394,9 +391,7 @@ def head_utility(
     tokens = probe.batch.tokens
 
     def kl(logits, prompts):
-        per_pos = F.kl_div(logits.float().log_softmax(-1), probe.reference[prompts], log_target=True,
-                           reduction="none").sum(-1)
-        return (per_pos * mask[prompts]).sum(-1) / mask[prompts].sum(-1)
+        return kl_from_log_probs(logits.float().log_softmax(-1), probe.reference[prompts], mask[prompts])
 
     def nll(logits, prompts):  # summed next-token negative log-likelihood of each text
         logp = logits[:, :-1].float().log_softmax(-1)

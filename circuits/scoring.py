@@ -34,6 +34,7 @@ from interp.activations import activation_norms, attention_to_positions
 from interp.attribution import AblationAttribution, AttributionResult, ablation_attribution, attribute
 from interp.components import ComponentSet, ComponentShape, Head, hook_name
 from interp.patching import patch_sweep
+from interp.weights import weight_norms
 
 
 @dataclass(frozen=True)
@@ -274,9 +275,8 @@ def wanda_scores(model, batch, *, batch_size: int = 16) -> dict[str, Float[Tenso
     names = [hook_name("neuron", layer) for layer in range(shape.n_layers)]
     names += [hook_name("head", layer) for layer in range(shape.n_layers)]
     norms = activation_norms(model, batch, names, batch_size=batch_size)
-    with torch.no_grad():
-        w_out = torch.linalg.vector_norm(model.W_out.float(), dim=-1).cpu()  # layer d_mlp
-        w_o = torch.linalg.vector_norm(model.W_O.float(), dim=-1).cpu()  # layer head d_head
+    weights = weight_norms(model)
+    w_out, w_o = weights["W_out"], weights["W_O"]  # layer d_mlp; layer head d_head
     neuron = torch.stack([norms[hook_name("neuron", layer)].float().cpu() for layer in range(shape.n_layers)])
     head_x = torch.stack([norms[hook_name("head", layer)].float().cpu() for layer in range(shape.n_layers)])
     # a head's unit score: Wanda's |W| * ||x|| summed over its d_head input features
