@@ -60,6 +60,7 @@ from circuits.config import StudyConfig
 from circuits.prompts import PromptSet
 from circuits.sampling import AnswerType, format_ids, parse_answer, parse_ids, sample_answers
 from circuits.stats import correlation, mann_whitney
+from interp.hooks import HookedModel
 
 META = ("prompt_id", "context", "variation", "detail", "name", "group", "gender", "answer_type", "sign")
 GAP_COLUMNS = ("gap", "ci_low", "ci_high", "smd", "p_mann_whitney")
@@ -389,7 +390,7 @@ def cap_prompts(prompts: PromptSet, max_prompts: int, *, seed: int = 0) -> Promp
 
 
 def run_agreement(
-    model,
+    model: HookedModel,
     contexts: Sequence[str] | None = None,
     *,
     prompts: PromptSet | None = None,

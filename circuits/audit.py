@@ -24,6 +24,7 @@ from circuits.contexts import DETAILS
 from circuits.coverage import warn_low_coverage
 from circuits.prompts import PromptSet, build_prompts
 from circuits.stages import frame_digest, settings_key
+from interp.hooks import HookedModel
 from interp.locking import directory_lock
 
 CHUNKS = "chunks"
@@ -58,7 +59,7 @@ class AuditResult:
         return cls(Measurement.load(out), gaps, settings)
 
 
-def run_settings(model, prompts: PromptSet, **extra) -> dict:
+def run_settings(model: HookedModel, prompts: PromptSet, **extra) -> dict:
     """The JSON settings of a run over ``prompts``: model, contexts, detail levels, prompt count,
     time, and ``extra``."""
     return {
@@ -150,7 +151,7 @@ def _measure_chunks(model, prompts: PromptSet, *, chunk_size: int, batch_size: i
 
 
 def run_audit(
-    model,
+    model: HookedModel,
     contexts: Sequence[str] | None = None,
     prompts: PromptSet | None = None,
     *,

@@ -32,6 +32,7 @@ from interp.ablation import ablated
 from interp.batching import TokenBatch, tokenize
 from interp.components import ComponentSet
 from interp.distributed import all_gather_rows, current_shard
+from interp.hooks import HookedModel
 from interp.memory import Backoff
 from interp.metrics import Metric, kl_from_log_probs, run_metric
 
@@ -60,7 +61,7 @@ class UtilityProbe:
     reference: Float[Tensor, "batch pos vocab"]  # log-probabilities
 
     @classmethod
-    def build(cls, model, texts: Sequence[str] | None = None) -> "UtilityProbe":
+    def build(cls, model: HookedModel, texts: Sequence[str] | None = None) -> "UtilityProbe":
         """A probe on ``texts`` (default: the reporting half of the neutral text)."""
         batch = tokenize(model, list(texts or neutral_texts("report")))
         with torch.no_grad():
@@ -72,7 +73,7 @@ class UtilityProbe:
         batch = self.batch.select(slice(0, n))
         return UtilityProbe(batch, self.reference[:n, : batch.tokens.shape[1]])
 
-    def measure(self, model) -> dict[str, float]:
+    def measure(self, model: HookedModel) -> dict[str, float]:
         """KL from the reference and perplexity, for the model as it runs now (hooks included)."""
         with torch.no_grad():
             logp = model(self.batch.tokens).float().log_softmax(-1)
@@ -104,7 +105,7 @@ class EvalSet:
     name_mask: Tensor | None = None  # [prompt, pos]: the name's tokens
 
     @classmethod
-    def from_prompts(cls, model, name: str, prompts: PromptSet, metric: Metric, *,
+    def from_prompts(cls, model: HookedModel, name: str, prompts: PromptSet, metric: Metric, *,
                      pairs: PairSet | None = None, group_a: str = "White") -> "EvalSet":
         """Every prompt of ``prompts``; a template is a (variation, detail) cell."""
         batch, name_mask = tokenize_prompts(model, prompts)
@@ -165,14 +166,16 @@ def _sharded_values(model, metric: Metric, batch: TokenBatch, backoff: Backoff) 
     return out.cpu()
 
 
-def prompt_values(model, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None) -> Tensor:
+def prompt_values(
+    model: HookedModel, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None
+) -> Tensor:
     """The metric on every prompt of ``eval_set.rows()``, for the model as it runs now."""
     batch, _ = eval_set.rows()
     return _sharded_values(model, eval_set.metric, batch, backoff or Backoff(batch_size, what="evaluation batch"))
 
 
 def paired_values(
-    model, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None
+    model: HookedModel, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None
 ) -> tuple[Tensor, Tensor]:
     """Metric on the A rows and on the B rows of every pair, for the model as it runs now.
 
@@ -213,7 +216,7 @@ class Evaluation:
 
 
 def evaluate(
-    model,
+    model: HookedModel,
     sets: Mapping[str, ComponentSet],
     eval_sets: Sequence[EvalSet],
     *,
@@ -372,7 +375,8 @@ def _endpoints(eval_set: EvalSet, before: Tensor, after: Tensor, *, seed: int, n
 
 
 def head_utility(
-    model, probe: UtilityProbe, *, n_texts: int | None = None, measure: str = "perplexity", progress: bool = True
+    model: HookedModel, probe: UtilityProbe, *, n_texts: int | None = None, measure: str = "perplexity",
+    progress: bool = True,
 ) -> Float[Tensor, "layer head"]:
     """FASP's z_ppl: the damage to ``probe``'s texts when each head alone is zero-ablated.
 

@@ -30,6 +30,7 @@ import pandas as pd
 from circuits.evaluation import EvalSet, UtilityProbe, evaluate
 from circuits.pruning import null_sets
 from interp.components import ComponentSet, ComponentShape
+from interp.hooks import HookedModel
 
 LEVELS = ("L0", "names", "L1", "L2")
 
@@ -113,7 +114,7 @@ def _level(train_context: str, eval_context: str, split: str) -> str:
 
 
 def generalize(
-    model,
+    model: HookedModel,
     candidates: Sequence[CandidateSet],
     splits: Mapping[str, ContextSplits],
     *,

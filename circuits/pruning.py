@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from interp.components import KINDS, ComponentSet, ComponentShape, Kind
+from interp.hooks import HookedModel
 from interp.weights import weight_norms
 
 Scores = Mapping[Kind, Float[Tensor, "layer index"]]
@@ -218,7 +219,7 @@ def null_sets(components: ComponentSet, shape: ComponentShape, *, n_draws: int, 
     return draws
 
 
-def weight_magnitude_scores(model) -> dict[Kind, Float[Tensor, "layer index"]]:
+def weight_magnitude_scores(model: HookedModel) -> dict[Kind, Float[Tensor, "layer index"]]:
     """Weight-norm importance of every neuron and head (the magnitude baseline).
 
     Neuron ``(L, i)``: product of the L2 norms of its weight vectors, input column of ``W_in``,

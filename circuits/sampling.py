@@ -134,28 +134,15 @@ def parse_ids(text: str) -> tuple[int, ...]:
 
 
 def sample_answers(
-    model: HookedModel,
-    prompts: Sequence[str],
-    *,
-    n_samples: int = 10,
-    temperature: float = 0.6,
-    max_new_tokens: int = 12,
-    seed: int = 0,
-    batch_size: int = 16,
-    answer_type: AnswerType = "number",
-    progress: bool = True,
+    model: HookedModel, prompts: Sequence[str], *, answer_type: AnswerType = "number", **sampling
 ) -> SampledAnswers:
-    """``n_samples`` replies per prompt from ``interp.generation.generate`` (the other arguments are its),
-    each parsed as ``answer_type``."""
+    """Replies to each prompt from ``interp.generation.generate`` (``sampling``: its keywords, such as
+    ``n_samples``, ``temperature``, ``seed``), each parsed as ``answer_type``."""
     if answer_type not in ("number", "yes_no"):
         raise ValueError(f"answer_type must be 'number' or 'yes_no', got {answer_type!r}")
-    replies = generate(model, prompts, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                       seed=seed, batch_size=batch_size, progress=progress)
+    replies = generate(model, prompts, **sampling)
     values = np.array([[parse_answer(t, answer_type) for t in row] for row in replies.texts], dtype=float)
-    settings = {
-        "model": str(getattr(model.cfg, "model_name", "")), "n_samples": n_samples, "temperature": temperature,
-        "max_new_tokens": max_new_tokens, "seed": seed, "answer_type": answer_type,
-    }
+    settings = {"model": str(getattr(model.cfg, "model_name", "")), **replies.settings, "answer_type": answer_type}
     return SampledAnswers(tuple(prompts), replies.texts, values, settings, replies.token_ids)
 
 

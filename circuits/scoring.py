@@ -33,6 +33,7 @@ from circuits.stats import correlation
 from interp.activations import activation_norms, attention_to_positions
 from interp.attribution import AblationAttribution, AttributionResult, ablation_attribution, attribute
 from interp.components import ComponentSet, ComponentShape, Head, hook_name
+from interp.hooks import HookedModel
 from interp.patching import patch_sweep
 from interp.weights import weight_norms
 
@@ -116,7 +117,8 @@ def group_weights(frame: pd.DataFrame, group_a: str = "White") -> Float[Tensor, 
 
 
 def exact_gap_changes(
-    model, eval_set: EvalSet, variants, *, means=None, prompts_per_pass: int = 32, rows_per_forward: int = 64,
+    model: HookedModel, eval_set: EvalSet, variants, *, means=None, prompts_per_pass: int = 32,
+    rows_per_forward: int = 64,
     batch_size: int = 16, progress: bool = False, desc: str = "exact ablation",
 ) -> Float[Tensor, "variant"]:
     """Gap with each variant (component or set) ablated alone minus the gap without: exact, batched.
@@ -149,7 +151,7 @@ def _refinement_sample(result: AblationAttribution, shape: ComponentShape, top: 
 
 
 def score_prompts(
-    model,
+    model: HookedModel,
     eval_set: EvalSet,
     *,
     how: str = "zero",
@@ -192,7 +194,7 @@ def score_prompts(
     return _oriented(eval_set.name, result, orientation, grid_scale(eval_set.metric), refined, settings)
 
 
-def fasp_head_bias(model, eval_set: EvalSet, *, means=None, batch_size: int = 16,
+def fasp_head_bias(model: HookedModel, eval_set: EvalSet, *, means=None, batch_size: int = 16,
                    progress: bool = False) -> Float[Tensor, "layer head"]:
     """FASP's z_bias as a reduction: |gap| - |gap with head h removed alone| (exact, batched), per head.
 
@@ -230,7 +232,7 @@ def grid_scale(metric) -> float:
 
 
 def score_context(
-    model,
+    model: HookedModel,
     eval_set: EvalSet,
     *,
     method: str = "atp",
@@ -265,7 +267,7 @@ def score_context(
     return _oriented(eval_set.name, result, orientation, grid_scale(eval_set.metric), refined, settings)
 
 
-def wanda_scores(model, batch, *, batch_size: int = 16) -> dict[str, Float[Tensor, "layer index"]]:
+def wanda_scores(model: HookedModel, batch, *, batch_size: int = 16) -> dict[str, Float[Tensor, "layer index"]]:
     """Structured Wanda scores from each layer's real inputs: ||x_unit|| * ||unit's output weights||.
 
     A neuron's input to the down projection is its ``hook_post`` activation; a head's is its
@@ -284,7 +286,7 @@ def wanda_scores(model, batch, *, batch_size: int = 16) -> dict[str, Float[Tenso
 
 
 def baseline_sets(
-    model, eval_set: EvalSet, *, top_fraction: float = 0.15, batch_size: int = 16
+    model: HookedModel, eval_set: EvalSet, *, top_fraction: float = 0.15, batch_size: int = 16
 ) -> dict[str, dict[str, Tensor] | ComponentSet]:
     """The papers' scores for one context's prompts (every prompt of ``eval_set.rows()``).
 

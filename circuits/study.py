@@ -31,6 +31,7 @@ from circuits.prompts import PromptSet, build_pairs, build_prompts, span_aligned
 from circuits.scoring import ContextScores, baseline_sets, fasp_head_bias, score_context, score_prompts
 from circuits.stages import ConfigView, StageStore, frame_digest, settings_key
 from interp.components import ComponentSet, ComponentShape
+from interp.hooks import HookedModel
 from interp.locking import directory_lock
 
 PACKAGES = ("bias-circuits", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy")
@@ -153,7 +154,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def study_prompts(
-    model, contexts, *, details=("low",), variations: int | None = 3, heldout_variations: int = 2,
+    model: HookedModel, contexts, *, details=("low",), variations: int | None = 3, heldout_variations: int = 2,
     names_per_cell: int = 2, heldout_name_fraction: float = 0.25, seed: int = 0
 ) -> PromptSet:
     """The study's prompts: ``names_per_cell`` names per group x gender cell from each name split

@@ -25,7 +25,7 @@ _LAYER = re.compile(r"^blocks\.(\d+)\.")
 _NOT_POSITIONAL = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
 
 
-def check_hook_names(model, hook_names: Sequence[str]) -> list[str]:
+def check_hook_names(model: HookedModel, hook_names: Sequence[str]) -> list[str]:
     """The names as a list, or a clear error naming any hook the model does not have."""
     if isinstance(hook_names, str):
         hook_names = [hook_names]
@@ -59,7 +59,7 @@ def _positional(name: str) -> str:
 
 
 def _stream(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
     reduce: Callable[[str, Tensor, TokenBatch, slice], None],
@@ -102,7 +102,7 @@ def _check_rows(name: str, act: Tensor, mb: TokenBatch) -> None:
 
 
 def mean_activations(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
@@ -144,7 +144,7 @@ def mean_activations(
 
 
 def activation_norms(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
@@ -170,7 +170,7 @@ def activation_norms(
 
 
 def masked_means(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
     masks: Mapping[str, Bool[Tensor, "batch pos"]],
@@ -213,7 +213,7 @@ def masked_means(
 
 
 def attention_to_positions(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     key_mask: Bool[Tensor, "batch pos"],
     *,

@@ -222,7 +222,7 @@ def _require_grad(act, hook):
     return act if act.requires_grad else act.detach().requires_grad_(True)
 
 
-def _run_capturing(model, batch: TokenBatch, points: list[_HookPoint], *, grad: bool):
+def _run_capturing(model: HookedModel, batch: TokenBatch, points: list[_HookPoint], *, grad: bool):
     """Logits of ``batch`` and the activations at ``points`` (in the autograd graph when ``grad``)."""
     entry = [(_GRAD_ENTRY, _require_grad)] if grad else []
     with torch.set_grad_enabled(grad), hooked(model, entry), capturing(model, [p.name for p in points]) as store:
@@ -246,7 +246,7 @@ def _pad_mask(batch: TokenBatch, like: Tensor) -> Tensor:
     return mask.reshape(*mask.shape, *([1] * (like.ndim - 2)))
 
 
-def _atp_batch(model, a: TokenBatch, b: TokenBatch, metric: Metric, points, n_prompts: int):
+def _atp_batch(model: HookedModel, a: TokenBatch, b: TokenBatch, metric: Metric, points, n_prompts: int):
     logits_b, acts_b = _run_capturing(model, b, points, grad=False)
     with torch.no_grad():
         metric_b = _metric_values(metric, logits_b, b, n_prompts)
@@ -264,7 +264,7 @@ def _atp_batch(model, a: TokenBatch, b: TokenBatch, metric: Metric, points, n_pr
     return contributions, metric_a.detach(), metric_b
 
 
-def _ig_batch(model, prompts: TokenBatch, a: TokenBatch, b: TokenBatch, metric: Metric, points, steps: int,
+def _ig_batch(model: HookedModel, prompts: TokenBatch, a: TokenBatch, b: TokenBatch, metric: Metric, points, steps: int,
               steps_per_pass: int, bar):
     """Per-layer IG on one microbatch; ``steps_per_pass`` interpolation steps share each forward as rows."""
     n_prompts, n_rows = len(prompts), len(a)
@@ -305,7 +305,7 @@ def _ig_batch(model, prompts: TokenBatch, a: TokenBatch, b: TokenBatch, metric: 
 
 
 def attribute(
-    model,
+    model: HookedModel,
     clean: TokenBatch,
     corrupt: TokenBatch,
     metric: Metric,
@@ -448,7 +448,7 @@ class AttributionCheck(SavedResult):
 
 
 def atp_check(
-    model,
+    model: HookedModel,
     clean: TokenBatch,
     corrupt: TokenBatch,
     metric: Metric,
@@ -562,7 +562,9 @@ class AblationAttribution(SavedResult):
         )
 
 
-def _replacements(model, kinds: tuple[Kind, ...], how: str, means, source: TokenBatch | None, seed: int) -> dict:
+def _replacements(
+    model: HookedModel, kinds: tuple[Kind, ...], how: str, means, source: TokenBatch | None, seed: int
+) -> dict:
     """Per hook name, ``act -> the ablated value of every unit``, from ``interp.ablation``'s own hooks."""
     from interp.ablation import Ablation, ablation_hooks
 
@@ -575,7 +577,7 @@ def _replacements(model, kinds: tuple[Kind, ...], how: str, means, source: Token
 
 
 def ablation_attribution(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     metric: Metric,
     *,

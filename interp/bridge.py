@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from interp.hooks import HookedModel
 

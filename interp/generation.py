@@ -36,10 +36,11 @@ from interp.hooks import HookedModel
 @dataclass(frozen=True)
 class Replies:
     """``texts[p][s]``: sample ``s`` of prompt ``p``; ``token_ids[p][s]``: its generated tokens (see the
-    module docstring)."""
+    module docstring); ``settings``: what decides the draws (samples, temperature, length, seed)."""
 
     texts: tuple[tuple[str, ...], ...]
     token_ids: tuple[tuple[tuple[int, ...], ...], ...]
+    settings: dict
 
 
 class _LineEnded(StoppingCriteria):
@@ -162,7 +163,8 @@ def generate(
         for row, ids in enumerate(new.tolist()):
             texts[chosen[row // n]].append(reply_text(tokenizer, ids, stop_ids))
             kept[chosen[row // n]].append(reply_ids(tokenizer, ids, stop_ids))
-    return Replies(tuple(tuple(row) for row in texts), tuple(tuple(row) for row in kept))
+    settings = {"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
+    return Replies(tuple(tuple(row) for row in texts), tuple(tuple(row) for row in kept), settings)
 
 
 __all__ = ["Replies", "generate", "reply_ids", "reply_text"]

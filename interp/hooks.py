@@ -31,7 +31,9 @@ class HookedModel(Protocol):
 
 
 @contextmanager
-def hooked(model: HookedModel, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[HookSpec] = ()) -> Iterator:
+def hooked(
+    model: HookedModel, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[HookSpec] = ()
+) -> Iterator:
     """Attach forward/backward hooks for the duration of a ``with`` block.
 
     The hooks are removed when the block exits, also when it raises; hooks that were attached
@@ -59,7 +61,8 @@ def _identity(name: str, act: Tensor) -> Tensor:
 
 @contextmanager
 def capturing(
-    model: HookedModel, names: Sequence[str], keep: Callable[[str, Tensor], Any] = _identity, *, stop: bool = False
+    model: HookedModel, names: Sequence[str], keep: Callable[[str, Tensor], Any] = _identity, *,
+    stop: bool = False,
 ) -> Iterator[Captured]:
     """Capture activations at the hook points ``names`` while the block runs.
 
@@ -76,7 +79,7 @@ def capturing(
             captured[name].append(keep(name, act))
             if stop and all(captured.values()):
                 raise _Stop
-            return act  # not None: with None, AtP on a bfloat16 bridge gave NaN scores (tests/interp/test_memory.py)
+            return act  # not None: with None, AtP on a bfloat16 bridge gave NaN scores (test_memory.py)
 
         return name, hook
 

@@ -18,7 +18,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp.batching import TokenBatch, pad_token_id
-from interp.hooks import capturing
+from interp.hooks import HookedModel, capturing
 
 
 @runtime_checkable
@@ -370,7 +370,7 @@ class CandidateAnswers:
         ids = torch.tensor(self.answer_tokens, dtype=torch.long, device=first.device)
         return _stop(first[:, ids] - first.logsumexp(-1, keepdim=True), torch.ones_like(ids, dtype=torch.bool))
 
-    def score(self, model, batch: TokenBatch, *, other: bool = False):
+    def score(self, model: HookedModel, batch: TokenBatch, *, other: bool = False):
         """Exact candidate log-probabilities for ``batch``'s prompts, unembedding only where read;
         with ``other``, also ``other_log_prob_at``'s per-prompt log-probability."""
         expanded = self.expand(batch)
@@ -523,7 +523,7 @@ class PromptCandidates:
         logp = first.gather(-1, ids.clamp(min=0)) - first.logsumexp(-1, keepdim=True)
         return _stop(logp, ids >= 0)
 
-    def score(self, model, batch: TokenBatch, *, other: bool = False):
+    def score(self, model: HookedModel, batch: TokenBatch, *, other: bool = False):
         """Per prompt, the exact log-probability of each of its candidates (``-inf`` padded), with
         the packed batch they were read on: ``(log_probs, expanded)``, or with ``other``
         ``(log_probs, other_log_prob, expanded)``."""
@@ -551,7 +551,9 @@ def _stop(logp: Float[Tensor, "... m"], valid: Bool[Tensor, "... m"]) -> Float[T
     return torch.log1p(-total.clamp(max=1 - 1e-6))
 
 
-def logits_at(model, batch: TokenBatch, positions: Int[Tensor, "row n"]) -> Float[Tensor, "row n vocab"]:
+def logits_at(
+    model: HookedModel, batch: TokenBatch, positions: Int[Tensor, "row n"]
+) -> Float[Tensor, "row n vocab"]:
     """Next-token logits at the given positions only.
 
     The transformer body runs once; the final norm and the unembedding (for a 49k vocabulary the
@@ -567,7 +569,7 @@ def logits_at(model, batch: TokenBatch, positions: Int[Tensor, "row n"]) -> Floa
     return model.unembed(model.ln_final(picked))
 
 
-def takes_layout(model) -> bool:
+def takes_layout(model: HookedModel) -> bool:
     """Whether ``model`` runs a batch's own layout (4-D ``attention_mask`` and ``position_ids``
     keywords): the TransformerLens bridge does, a legacy ``HookedTransformer`` does not."""
     return getattr(model, "original_model", None) is not None
@@ -605,7 +607,7 @@ class ExpectedValue:
     def __call__(self, logits, batch):
         return self._expect(self.candidates.distribution(logits, batch), batch)
 
-    def evaluate(self, model, batch: TokenBatch) -> Float[Tensor, "prompt"]:
+    def evaluate(self, model: HookedModel, batch: TokenBatch) -> Float[Tensor, "prompt"]:
         """Per-prompt value straight from the model, unembedding only the positions read."""
         expanded = self.candidates.expand(batch)
         logits = logits_at(model, expanded, self.candidates.read_positions(expanded))
@@ -616,7 +618,7 @@ class ExpectedValue:
         return (probs * SUMMARIES[self.summary](values)).sum(-1)
 
 
-def run_metric(model, metric: Metric, batch: TokenBatch, **kwargs) -> Float[Tensor, "prompt"]:
+def run_metric(model: HookedModel, metric: Metric, batch: TokenBatch, **kwargs) -> Float[Tensor, "prompt"]:
     """Run ``model`` on the metric's expansion of ``batch`` and return per-prompt values."""
     if isinstance(metric, ExpectedValue) and not kwargs:
         return metric.evaluate(model, batch)

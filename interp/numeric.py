@@ -33,8 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.batching import TokenBatch
-from interp.metrics import CandidateAnswers
 from interp.bridge import attention_reads_cache
+from interp.hooks import HookedModel
+from interp.metrics import CandidateAnswers
 
 DIGITS = "0123456789"
 # (phase, leading digits (4 = more than 3), comma seen, digits in the current group / decimals, word)
@@ -227,7 +228,7 @@ class _PromptCache:
     is run: a node attends to its prompt, its ancestors and itself, at the position id its prefix
     would have right after the prompt (as in ``PackedCandidateBatch``)."""
 
-    def __init__(self, model, batch: TokenBatch):
+    def __init__(self, model: HookedModel, batch: TokenBatch):
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         self.batch = batch.to(self.device)
@@ -259,7 +260,7 @@ class _PromptCache:
 
 @torch.no_grad()
 def expand(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     grammar: NumberGrammar,
     *,
@@ -330,7 +331,7 @@ class _GrowingCache:
     fed its last token at the position id it would have right after the prompt and its ancestors,
     and attends to its prompt, its ancestors' cached keys and itself."""
 
-    def __init__(self, model, batch: TokenBatch):
+    def __init__(self, model: HookedModel, batch: TokenBatch):
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         batch = batch.to(self.device)
@@ -375,7 +376,7 @@ class _GrowingCache:
 
 @torch.no_grad()
 def expand_each(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     grammar: NumberGrammar,
     *,

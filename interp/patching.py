@@ -23,8 +23,9 @@ the bridge workarounds they need are ``interp.bridge``'s.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -241,7 +242,8 @@ def _units_by_hook(sets: list[ComponentSet]) -> dict[str, list[int]]:
 
 
 def _source_units(
-    model, batch: TokenBatch, metric: Metric, units: dict[str, list[int]], rows_per_prompt: int, rows: int
+    model: HookedModel, batch: TokenBatch, metric: Metric, units: dict[str, list[int]], rows_per_prompt: int,
+    rows: int,
 ) -> tuple[dict[str, _SourceUnits], Float[Tensor, "prompt"]]:
     device = batch.tokens.device
     index = {hook: torch.tensor(idx, device=device) for hook, idx in units.items()}
@@ -317,7 +319,7 @@ def _local_items(
 
 
 def patch_sweep(
-    model,
+    model: HookedModel,
     target: TokenBatch,
     source: TokenBatch,
     metric: Metric,

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from interp.batching import TokenBatch
 from interp.bridge import attention_reads_cache
+from interp.hooks import HookedModel
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def prefix_groups(rows: list[list[int]], min_prefix: int) -> list[tuple[list[int
 
 
 @torch.no_grad()
-def prefill(model, batch: TokenBatch, *, min_prefix: int = 8) -> Prefill:
+def prefill(model: HookedModel, batch: TokenBatch, *, min_prefix: int = 8) -> Prefill:
     """The answer logits and key/value cache of ``batch`` (right-padded, plain causal layout), each
     shared prefix of at least ``min_prefix`` tokens computed once (see the module docstring)."""
     if batch.key_mask is not None:

@@ -176,7 +176,7 @@ def _stacked(
     return out
 
 
-def _prepared(model, variants, means, batch: TokenBatch, prompts_per_pass: int | None):
+def _prepared(model: HookedModel, variants, means, batch: TokenBatch, prompts_per_pass: int | None):
     """A sweep's checked inputs: the model's shape, the variants as sets (means checked against them),
     the device, the batch on it and the prompts per pass."""
     shape = ComponentShape.of(model)
@@ -188,7 +188,7 @@ def _prepared(model, variants, means, batch: TokenBatch, prompts_per_pass: int |
 
 
 def metric_sweep(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     metric: Metric,
     variants: Sequence[Component | ComponentSet],
@@ -272,7 +272,7 @@ def metric_sweep(
 
 
 def ablation_sweep(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     variants: Sequence[Component | ComponentSet],
     score: Score,
