@@ -44,6 +44,7 @@ from interp.results import SavedResult
 from interp.stacking import (
     LogitReader,
     checked_prefix,
+    items_by_start_layer,
     metric_values,
     rows_per_batch,
     run_stacked,
@@ -361,8 +362,8 @@ def patch_sweep(
     rows_per_prompt = len(run_target) // n_prompts
     reader = LogitReader.for_metric(model, metric, run_target)
     rows = rows_per_batch(model, run_target, reader, max_batch_rows, memory_budget_bytes)
-    start_of = [min(c.layer for c in v) for v in sets]
-    starts = sorted(set(start_of))
+    by_layer = items_by_start_layer(sets, n_prompts)
+    starts = list(by_layer)
 
     with torch.no_grad():
         store, source_values = _source_units(model, run_source, metric, _units_by_hook(sets), rows_per_prompt, rows)
@@ -375,10 +376,6 @@ def patch_sweep(
             {hook: [store[hook].slot[u] for u in indices] for hook, indices in v.by_hook().items()}
             for v in sets
         ]
-        by_layer = {
-            layer: [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
-            for layer in starts
-        }
         shard = current_shard()  # under torch.distributed each rank takes a block of the items
         if shard.world_size > 1:
             by_layer = _local_items(by_layer, shard)

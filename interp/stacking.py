@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from interp.batching import TokenBatch, microbatches
 from interp.bridge import attention_reads_cache, blocks_skipped_below, keeps_logits
+from interp.components import ComponentSet
 from interp.hooks import HookedModel, HookSpec, capturing, hooked
 from interp.memory import Backoff, free_memory_bytes
 from interp.metrics import CandidateBatch, Metric, PackedCandidateBatch
@@ -258,6 +259,20 @@ def start_residuals(
     return {layer: captured[f"blocks.{layer}.hook_resid_pre"] for layer in starts}, values
 
 
+def start_layers(sets: Sequence[ComponentSet]) -> list[int]:
+    """The distinct start layers (lowest layer of each set), in order."""
+    return sorted({min(c.layer for c in s) for s in sets})
+
+
+def items_by_start_layer(sets: Sequence[ComponentSet], n_prompts: int) -> dict[int, list[Item]]:
+    """Every (variant, prompt) item, grouped by its variant's start layer, lowest first."""
+    start_of = [min(c.layer for c in s) for s in sets]
+    return {
+        layer: [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
+        for layer in start_layers(sets)
+    }
+
+
 # what makes the stacked rows of a part their items' variants: (part, its expanded rows) ->
 # (hooks, the prefix to resume after, the prefix cache's row of each stacked row, default the rows themselves)
 Setup = Callable[[list[Item], Int[Tensor, "row"]], tuple[list[HookSpec], Prefix, Int[Tensor, "row"] | None]]
@@ -292,6 +307,6 @@ def run_stacked(
 
 
 __all__ = [
-    "LogitReader", "Prefix", "checked_prefix", "expanded_rows", "metric_values", "resume", "rows_per_batch",
-    "run_stacked", "run_unchanged", "shared_prefix_length", "start_residuals",
+    "LogitReader", "Prefix", "checked_prefix", "expanded_rows", "items_by_start_layer", "metric_values", "resume",
+    "rows_per_batch", "run_stacked", "run_unchanged", "shared_prefix_length", "start_layers", "start_residuals",
 ]

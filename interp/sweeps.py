@@ -44,10 +44,12 @@ from interp.stacking import (
     LogitReader,
     Prefix,
     checked_prefix,
+    items_by_start_layer,
     metric_values,
     rows_per_batch,
     run_stacked,
     shared_prefix_length,
+    start_layers,
     start_residuals,
 )
 
@@ -144,11 +146,7 @@ def _stacked(
     to its cached keys and values."""
     device = run.tokens.device
     n_prompts = len(run) // rows_per_prompt
-    start_of = [min(c.layer for c in s) for s in sets]
-    by_layer = {
-        layer: [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
-        for layer in sorted(set(start_of))
-    }
+    by_layer = items_by_start_layer(sets, n_prompts)
     out: Tensor | None = None
 
     def setup(part, own_rows):
@@ -237,7 +235,7 @@ def metric_sweep(
         passes = [m[b : b + step] for m in members for b in range(0, len(m), step)]
     values, baseline = torch.empty(len(sets), n_all), torch.empty(n_all)
     bar = tqdm(total=len(sets) * n_all, desc=desc, disable=not progress)
-    starts = sorted({min(c.layer for c in s) for s in sets})
+    starts = start_layers(sets)
     with torch.no_grad():
         for chunk in passes:
             chunk = chunk.to(device)
@@ -295,7 +293,7 @@ def ablation_sweep(
     """
     shape, sets, device, batch, step = _prepared(model, variants, means, batch, prompts_per_pass)
     n_all = len(batch)
-    starts = sorted({min(c.layer for c in s) for s in sets})
+    starts = start_layers(sets)
     backoff = Backoff(max(1, rows_per_forward), what="ablation batch")
     bar = tqdm(total=len(sets) * n_all, desc=desc, disable=not progress)
     parts = []
