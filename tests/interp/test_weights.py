@@ -14,7 +14,3 @@ def test_weight_norms_match_the_hugging_face_weights(tiny_model):
     assert norms["W_gate"][1, 7].item() == pytest.approx(mlp.gate_proj.weight[7].norm().item(), rel=1e-5)
     assert norms["W_O"][1, 2, 5].item() == pytest.approx(o_proj[:, 32 + 5].norm().item(), rel=1e-5)
 
-
-def test_weight_norms_need_stacked_weights():
-    with pytest.raises(ValueError, match="stacked"):
-        weight_norms(object())
