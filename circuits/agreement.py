@@ -60,6 +60,7 @@ from circuits.prompts import PromptSet, build_prompts, select_prompts
 from circuits.sampling import AnswerType, format_ids, parse_answer, parse_ids, sample_answers
 from circuits.stats import correlation, mann_whitney
 from interp.results import SavedResult
+from interp.hooks import HookedModel
 
 META = ("prompt_id", "context", "variation", "detail", "name", "group", "gender", "answer_type", "sign")
 GAP_COLUMNS = ("gap", "ci_low", "ci_high", "smd", "p_mann_whitney")
@@ -362,7 +363,7 @@ def _check_candidates(candidates, scored: list[str], prompt_id: str) -> None:
 
 
 def run_agreement(
-    model,
+    model: HookedModel,
     contexts: Sequence[str] | None = None,
     *,
     prompts: PromptSet | None = None,

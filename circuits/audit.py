@@ -24,6 +24,7 @@ from circuits.contexts import DETAILS
 from circuits.coverage import warn_low_coverage
 from circuits.prompts import PromptSet, build_prompts, select_prompts
 from circuits.stages import frame_digest, settings_key
+from interp.hooks import HookedModel
 from interp.locking import directory_lock
 from interp.results import SavedResult
 
@@ -59,7 +60,7 @@ class AuditResult(SavedResult):
         return cls(measurement, GapTable(tables["gaps"], settings.pop("gaps")), settings)
 
 
-def run_settings(model, prompts: PromptSet, **extra) -> dict:
+def run_settings(model: HookedModel, prompts: PromptSet, **extra) -> dict:
     """The JSON settings of a run over ``prompts``: model, contexts, detail levels, prompt count,
     time, and ``extra``."""
     return {
@@ -151,7 +152,7 @@ def _measure_chunks(model, prompts: PromptSet, *, chunk_size: int, batch_size: i
 
 
 def run_audit(
-    model,
+    model: HookedModel,
     contexts: Sequence[str] | None = None,
     prompts: PromptSet | None = None,
     *,

@@ -43,6 +43,7 @@ from circuits.parsing import parse_number
 from circuits.prompts import PromptSet, uses_chat
 from circuits.stats import cluster_bootstrap, mann_whitney, permutation_pvalue, smd
 from interp.batching import encode, microbatches, pad_ids, pad_token_id
+from interp.hooks import HookedModel
 from interp.metrics import SUMMARIES, CandidateAnswers, ExpectedValue, PromptCandidates, takes_layout
 from interp.numeric import NumberGrammar, expand, expand_each
 from interp.results import SavedResult
@@ -122,7 +123,7 @@ def number_start(prefix: str) -> str:
 
 
 def answer_candidates(
-    model, answer: AnswerFormat, *, pilots: Sequence[str] | None = None, chat: bool | None = None,
+    model: HookedModel, answer: AnswerFormat, *, pilots: Sequence[str] | None = None, chat: bool | None = None,
     expansion: Expansion = Expansion(),
 ) -> CandidateAnswers:
     """The answers of ``answer`` scored for this model, as token-level candidates.
@@ -236,7 +237,7 @@ def _metric_candidates(model, name: str, answer: AnswerFormat, chat: bool, expan
 
 
 def context_metric(
-    model, context: str | Context, *, prompts: PromptSet | None = None, summary: str | None = None,
+    model: HookedModel, context: str | Context, *, prompts: PromptSet | None = None, summary: str | None = None,
     expansion: Expansion = Expansion(),
 ) -> ExpectedValue:
     """The differentiable per-prompt metric of a context: ``summary`` (default: the answer type's,
@@ -289,7 +290,7 @@ def _template_answers(model, cands: PromptCandidates, rows: pd.DataFrame) -> Non
             cands.sets[key] = union
 
 
-def check_answer_alignment(model, prompt_text: str, candidates: CandidateAnswers) -> None:
+def check_answer_alignment(model: HookedModel, prompt_text: str, candidates: CandidateAnswers) -> None:
     """Raise unless some candidate tokenizes the same after the prompt as on its own.
 
     Candidate probabilities are read as continuations of the prompt's tokens, so the answer
@@ -337,7 +338,8 @@ class Measurement(SavedResult):
 
 @torch.no_grad()
 def measure(
-    model, prompts: PromptSet, *, batch_size: int = 32, progress: bool = True, expansion: Expansion = Expansion()
+    model: HookedModel, prompts: PromptSet, *, batch_size: int = 32, progress: bool = True,
+    expansion: Expansion = Expansion(),
 ) -> Measurement:
     """Every prompt's answer distribution, its summaries and covered mass (see the module docstring).
 

@@ -21,7 +21,6 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -32,8 +31,9 @@ from interp.ablation import ablated
 from interp.batching import TokenBatch, tokenize
 from interp.components import ComponentSet
 from interp.distributed import all_gather_rows, current_shard
+from interp.hooks import HookedModel
 from interp.memory import Backoff
-from interp.metrics import Metric, run_metric
+from interp.metrics import Metric, kl_from_log_probs, run_metric
 from interp.results import SavedResult
 
 
@@ -61,7 +61,7 @@ class UtilityProbe:
     reference: Float[Tensor, "batch pos vocab"]  # log-probabilities
 
     @classmethod
-    def build(cls, model, texts: Sequence[str] | None = None) -> "UtilityProbe":
+    def build(cls, model: HookedModel, texts: Sequence[str] | None = None) -> "UtilityProbe":
         """A probe on ``texts`` (default: the reporting half of the neutral text)."""
         batch = tokenize(model, list(texts or neutral_texts("report")))
         with torch.no_grad():
@@ -73,13 +73,12 @@ class UtilityProbe:
         batch = self.batch.select(slice(0, n))
         return UtilityProbe(batch, self.reference[:n, : batch.tokens.shape[1]])
 
-    def measure(self, model) -> dict[str, float]:
+    def measure(self, model: HookedModel) -> dict[str, float]:
         """KL from the reference and perplexity, for the model as it runs now (hooks included)."""
         with torch.no_grad():
             logp = model(self.batch.tokens).float().log_softmax(-1)
         mask = self.batch.attention_mask.to(logp.dtype)
-        per_pos = F.kl_div(logp, self.reference, log_target=True, reduction="none").sum(-1)
-        kl = ((per_pos * mask).sum(-1) / mask.sum(-1)).mean()
+        kl = kl_from_log_probs(logp, self.reference, mask).mean()
         nll = -logp[:, :-1].gather(-1, self.batch.tokens[:, 1:, None]).squeeze(-1)
         ppl = torch.exp((nll * mask[:, 1:]).sum() / mask[:, 1:].sum())
         return {"kl": float(kl), "perplexity": float(ppl)}
@@ -106,7 +105,7 @@ class EvalSet:
     name_mask: Tensor | None = None  # [prompt, pos]: the name's tokens
 
     @classmethod
-    def from_prompts(cls, model, name: str, prompts: PromptSet, metric: Metric, *,
+    def from_prompts(cls, model: HookedModel, name: str, prompts: PromptSet, metric: Metric, *,
                      pairs: PairSet | None = None, group_a: str = "White") -> "EvalSet":
         """Every prompt of ``prompts``; a template is a (variation, detail) cell."""
         batch, name_mask = tokenize_prompts(model, prompts)
@@ -181,14 +180,16 @@ def _sharded_values(model, metric: Metric, batch: TokenBatch, backoff: Backoff) 
     return out.cpu()
 
 
-def prompt_values(model, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None) -> Tensor:
+def prompt_values(
+    model: HookedModel, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None
+) -> Tensor:
     """The metric on every prompt of ``eval_set.rows()``, for the model as it runs now."""
     batch, _ = eval_set.rows()
     return _sharded_values(model, eval_set.metric, batch, backoff or Backoff(batch_size, what="evaluation batch"))
 
 
 def paired_values(
-    model, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None
+    model: HookedModel, eval_set: EvalSet, *, batch_size: int = 16, backoff: Backoff | None = None
 ) -> tuple[Tensor, Tensor]:
     """Metric on the A rows and on the B rows of every pair, for the model as it runs now.
 
@@ -226,7 +227,7 @@ class Evaluation(SavedResult):
 
 
 def evaluate(
-    model,
+    model: HookedModel,
     sets: Mapping[str, ComponentSet],
     eval_sets: Sequence[EvalSet],
     *,
@@ -344,10 +345,9 @@ def _stacked_utility(model, probe: UtilityProbe, sets: Mapping[str, ComponentSet
 
         def score(logits, prompts):  # per text: mean KL over its tokens, summed next-token NLL
             logp = logits.float().log_softmax(-1)
-            per_pos = F.kl_div(logp, probe.reference[prompts], log_target=True, reduction="none").sum(-1)
             m = mask[prompts].to(logp.device)
             nll = -logp[:, :-1].gather(-1, tokens[prompts, 1:, None].to(logp.device)).squeeze(-1)
-            return torch.stack([(per_pos * m).sum(-1) / m.sum(-1), (nll * m[:, 1:]).sum(-1)], -1)
+            return torch.stack([kl_from_log_probs(logp, probe.reference[prompts], m), (nll * m[:, 1:]).sum(-1)], -1)
 
         values = ablation_sweep(model, probe.batch, list(ablated_sets.values()), score, means=means,
                                 rows_per_forward=batch_size)
@@ -386,7 +386,8 @@ def _endpoints(eval_set: EvalSet, before: Tensor, after: Tensor, *, seed: int, n
 
 
 def head_utility(
-    model, probe: UtilityProbe, *, n_texts: int | None = None, measure: str = "perplexity", progress: bool = True
+    model: HookedModel, probe: UtilityProbe, *, n_texts: int | None = None, measure: str = "perplexity",
+    progress: bool = True,
 ) -> Float[Tensor, "layer head"]:
     """FASP's z_ppl: the damage to ``probe``'s texts when each head alone is zero-ablated.
 
@@ -405,9 +406,7 @@ def head_utility(
     tokens = probe.batch.tokens
 
     def kl(logits, prompts):
-        per_pos = F.kl_div(logits.float().log_softmax(-1), probe.reference[prompts], log_target=True,
-                           reduction="none").sum(-1)
-        return (per_pos * mask[prompts]).sum(-1) / mask[prompts].sum(-1)
+        return kl_from_log_probs(logits.float().log_softmax(-1), probe.reference[prompts], mask[prompts])
 
     def nll(logits, prompts):  # summed next-token negative log-likelihood of each text
         logp = logits[:, :-1].float().log_softmax(-1)

@@ -35,6 +35,7 @@ from circuits.stats import bootstrap_ci, gap_change
 from interp.activations import masked_means
 from interp.components import KINDS, Component, ComponentSet, ComponentShape, Kind
 from interp.results import SavedResult
+from interp.hooks import HookedModel
 
 SEP = " & "  # joins the contexts of an intersection's label
 MAX_CONTEXTS = 12  # 2**12 membership patterns per null draw
@@ -167,7 +168,7 @@ def compare_sets(
 
 
 def intersection_effects(
-    model,
+    model: HookedModel,
     comparison: SetComparison,
     eval_sets: Sequence[EvalSet],
     *,
@@ -334,7 +335,7 @@ def _unit_output(model, component: Component) -> Float[Tensor, "d_model"] | None
 
 
 def direct_effect(
-    model, output: Float[Tensor, "d_model"], tokens: Mapping[str, Sequence[str]] = ANSWER_TOKENS
+    model: HookedModel, output: Float[Tensor, "d_model"], tokens: Mapping[str, Sequence[str]] = ANSWER_TOKENS
 ) -> pd.DataFrame:
     """The logit each answer token gets from ``output`` written into the final residual stream.
 
@@ -371,7 +372,7 @@ def _mean_interval(values: np.ndarray) -> tuple[float, float, float]:
 
 
 def card_activations(
-    model,
+    model: HookedModel,
     component: Component,
     eval_sets: Mapping[str, EvalSet],
     *,
@@ -413,7 +414,7 @@ def card_activations(
 
 
 def component_card(
-    model,
+    model: HookedModel,
     component: Component,
     scores: Mapping[str, ContextScores],
     eval_sets: Mapping[str, EvalSet],

@@ -29,6 +29,7 @@ from circuits.evaluation import EvalSet, UtilityProbe, evaluate
 from circuits.pruning import null_sets
 from interp.components import ComponentSet, ComponentShape
 from interp.results import SavedResult
+from interp.hooks import HookedModel
 
 LEVELS = ("L0", "names", "L1", "L2")
 
@@ -134,7 +135,7 @@ def _level(train_context: str, eval_context: str, split: str) -> str:
 
 
 def generalize(
-    model,
+    model: HookedModel,
     candidates: Sequence[CandidateSet],
     splits: Mapping[str, ContextSplits],
     *,

@@ -31,6 +31,7 @@ from circuits.contexts import (
 )
 from circuits.names import GROUPS, Name, all_names, sample_names, split_names
 from interp.batching import TokenBatch, encode, pad_ids, pad_token_id
+from interp.hooks import HookedModel
 from interp.metrics import pad_token_id_of
 
 COLUMNS = (
@@ -273,7 +274,7 @@ def _name_positions(model, text: str, name: str) -> tuple[list[int], list[int]]:
     return ids, positions
 
 
-def tokenize_prompts(model, prompts: PromptSet) -> tuple[TokenBatch, Bool[Tensor, "batch pos"]]:
+def tokenize_prompts(model: HookedModel, prompts: PromptSet) -> tuple[TokenBatch, Bool[Tensor, "batch pos"]]:
     """The prompts as a right-padded batch on the model's device, and each row's name-token mask."""
     encoded = [
         _name_positions(model, t, n) for t, n in zip(prompts.frame["prompt_text"], prompts.frame["name"])
@@ -457,7 +458,7 @@ def span_aligned(metric):
 
 
 def build_pairs(
-    model,
+    model: HookedModel,
     prompts: PromptSet,
     *,
     clean_group: str = "White",

@@ -22,6 +22,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from interp.components import KINDS, ComponentSet, ComponentShape, Kind
+from interp.hooks import HookedModel
+from interp.weights import weight_norms
 
 Scores = Mapping[Kind, Float[Tensor, "layer index"]]
 Normalization = Literal["raw", "zscore"]
@@ -218,29 +220,21 @@ def null_sets(components: ComponentSet, shape: ComponentShape, *, n_draws: int, 
     return draws
 
 
-def weight_magnitude_scores(model) -> dict[Kind, Float[Tensor, "layer index"]]:
+def weight_magnitude_scores(model: HookedModel) -> dict[Kind, Float[Tensor, "layer index"]]:
     """Weight-norm importance of every neuron and head (the magnitude baseline).
 
     Neuron ``(L, i)``: product of the L2 norms of its weight vectors, input column of ``W_in``,
     gate column of ``W_gate`` (gated MLPs only) and output row of ``W_out``. Head ``(L, h)``: the
-    Frobenius norm of its ``W_O[L, h]`` slice ``[d_head, d_model]``. Read from the bridge's stacked
-    weights (``model.W_in`` is ``[layer, d_model, d_mlp]``, ``model.W_O`` ``[layer, head, d_head, d_model]``).
+    Frobenius norm of its ``W_O[L, h]`` slice ``[d_head, d_model]`` (norms from ``interp.weights``).
     """
-    try:
-        w_in, w_gate, w_out, w_o = model.W_in, model.W_gate, model.W_out, model.W_O
-    except AttributeError as err:
-        raise ValueError(
-            "weight_magnitude_scores needs a TransformerBridge (or HookedTransformer) exposing stacked "
-            f"W_in/W_gate/W_out/W_O: {err}"
-        ) from err
+    norms = weight_norms(model)
     shape = ComponentShape.of(model)
-    with torch.no_grad():
-        neuron = torch.linalg.vector_norm(w_out.float(), dim=-1) * torch.linalg.vector_norm(w_in.float(), dim=-2)
-        if w_gate is not None:
-            neuron = neuron * torch.linalg.vector_norm(w_gate.float(), dim=-2)
-        head = torch.linalg.vector_norm(w_o.float(), dim=(-2, -1))
+    neuron = norms["W_out"] * norms["W_in"]
+    if norms["W_gate"] is not None:
+        neuron = neuron * norms["W_gate"]
+    head = torch.linalg.vector_norm(norms["W_O"], dim=-1)  # the Frobenius norm of W_O[L, h]
     expected = {"neuron": (shape.n_layers, shape.d_mlp), "head": (shape.n_layers, shape.n_heads)}
-    scores = {"neuron": neuron.cpu(), "head": head.cpu()}
+    scores = {"neuron": neuron, "head": head}
     for kind, tensor in scores.items():
         if tuple(tensor.shape) != expected[kind]:
             raise ValueError(f"{kind} weight scores have shape {tuple(tensor.shape)}, expected {expected[kind]}")

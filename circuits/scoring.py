@@ -32,8 +32,10 @@ from circuits.stats import correlation
 from interp.activations import activation_norms, attention_to_positions
 from interp.attribution import AblationAttribution, AttributionResult, ablation_attribution, attribute
 from interp.components import ComponentSet, ComponentShape, Head, hook_name
+from interp.hooks import HookedModel
 from interp.patching import patch_sweep
 from interp.results import SavedResult
+from interp.weights import weight_norms
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,8 @@ def group_weights(frame: pd.DataFrame, group_a: str = "White") -> Float[Tensor, 
 
 
 def exact_gap_changes(
-    model, eval_set: EvalSet, variants, *, means=None, prompts_per_pass: int = 32, rows_per_forward: int = 64,
+    model: HookedModel, eval_set: EvalSet, variants, *, means=None, prompts_per_pass: int = 32,
+    rows_per_forward: int = 64,
     batch_size: int = 16, progress: bool = False, desc: str = "exact ablation",
 ) -> Float[Tensor, "variant"]:
     """Gap with each variant (component or set) ablated alone minus the gap without: exact, batched.
@@ -143,7 +146,7 @@ def _refinement_sample(result: AblationAttribution, shape: ComponentShape, top: 
 
 
 def score_prompts(
-    model,
+    model: HookedModel,
     eval_set: EvalSet,
     *,
     how: str = "zero",
@@ -211,7 +214,7 @@ class HeadScores(SavedResult):
         return cls(rearrange(flat, "(layer head) -> layer head", layer=frame["layer"].nunique()))
 
 
-def fasp_head_bias(model, eval_set: EvalSet, *, means=None, batch_size: int = 16,
+def fasp_head_bias(model: HookedModel, eval_set: EvalSet, *, means=None, batch_size: int = 16,
                    progress: bool = False) -> Float[Tensor, "layer head"]:
     """FASP's z_bias as a reduction: |gap| - |gap with head h removed alone| (exact, batched), per head.
 
@@ -249,7 +252,7 @@ def grid_scale(metric) -> float:
 
 
 def score_context(
-    model,
+    model: HookedModel,
     eval_set: EvalSet,
     *,
     method: str = "atp",
@@ -284,7 +287,7 @@ def score_context(
     return _oriented(eval_set.name, result, orientation, grid_scale(eval_set.metric), refined, settings)
 
 
-def wanda_scores(model, batch, *, batch_size: int = 16) -> dict[str, Float[Tensor, "layer index"]]:
+def wanda_scores(model: HookedModel, batch, *, batch_size: int = 16) -> dict[str, Float[Tensor, "layer index"]]:
     """Structured Wanda scores from each layer's real inputs: ||x_unit|| * ||unit's output weights||.
 
     A neuron's input to the down projection is its ``hook_post`` activation; a head's is its
@@ -294,9 +297,8 @@ def wanda_scores(model, batch, *, batch_size: int = 16) -> dict[str, Float[Tenso
     names = [hook_name("neuron", layer) for layer in range(shape.n_layers)]
     names += [hook_name("head", layer) for layer in range(shape.n_layers)]
     norms = activation_norms(model, batch, names, batch_size=batch_size)
-    with torch.no_grad():
-        w_out = torch.linalg.vector_norm(model.W_out.float(), dim=-1).cpu()  # layer d_mlp
-        w_o = torch.linalg.vector_norm(model.W_O.float(), dim=-1).cpu()  # layer head d_head
+    weights = weight_norms(model)
+    w_out, w_o = weights["W_out"], weights["W_O"]  # layer d_mlp; layer head d_head
     neuron = torch.stack([norms[hook_name("neuron", layer)].float().cpu() for layer in range(shape.n_layers)])
     head_x = torch.stack([norms[hook_name("head", layer)].float().cpu() for layer in range(shape.n_layers)])
     # a head's unit score: Wanda's |W| * ||x|| summed over its d_head input features
@@ -324,7 +326,7 @@ class Baselines(SavedResult):
         return cls(ComponentSet.from_dataframe(tables["wanda_difference"]), tables["attention_to_name"].scores)
 
 
-def baseline_sets(model, eval_set: EvalSet, *, top_fraction: float = 0.15, batch_size: int = 16) -> Baselines:
+def baseline_sets(model: HookedModel, eval_set: EvalSet, *, top_fraction: float = 0.15, batch_size: int = 16) -> Baselines:
     """The papers' baselines for one context's prompts (every prompt of ``eval_set.rows()``).
 
     ``wanda_difference``: neurons and heads in group A's top ``top_fraction`` Wanda scores but not

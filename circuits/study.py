@@ -21,7 +21,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from circuits import pruning
@@ -34,14 +33,15 @@ from circuits.prompts import PromptSet, build_prompts, select_prompts
 from circuits.scoring import (Baselines, ContextScores, HeadScores, baseline_sets, fasp_head_bias, score_context,
                               score_prompts)
 from circuits.stages import ConfigView, StageStore, frame_digest, settings_key
-from interp.components import ComponentSet, ComponentShape
+from interp.components import ComponentShape
+from interp.hooks import HookedModel
 from interp.locking import directory_lock
 
 PACKAGES = ("bias-circuits", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy")
 
 
 # -- the stage functions: (study, config view, output directory or None, **inputs) -> result --------
-def study_prompts(model, c) -> PromptSet:
+def study_prompts(model: HookedModel, c) -> PromptSet:
     """The study's prompts (the root input): ``names_per_cell`` names per group x gender cell in each
     name split (``heldout_name_fraction`` of every cell's names held out) and per context
     ``variations`` variations (None = all), ``heldout_variations`` of them held out."""

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from interp.activations import mean_activations, stop_layer
 from interp.batching import TokenBatch
 from interp.components import Component, ComponentSet, ComponentShape
-from interp.hooks import HookSpec, hooked
+from interp.hooks import HookedModel, HookSpec, capturing, hooked
 
 How = Literal["zero", "mean", "resample", "patch"]
 HOWS: tuple[How, ...] = ("zero", "mean", "resample", "patch")
@@ -72,7 +72,7 @@ class Ablation:
             raise ValueError("zero ablation takes no source batch")
 
 
-def check_components(model, components: Iterable[Component]) -> ComponentSet:
+def check_components(model: HookedModel, components: Iterable[Component]) -> ComponentSet:
     """``components`` as a ComponentSet, checked against the model's layers, neurons and heads."""
     components = components if isinstance(components, ComponentSet) else ComponentSet(components)
     shape = ComponentShape.of(model)
@@ -87,28 +87,24 @@ def check_components(model, components: Iterable[Component]) -> ComponentSet:
     return components
 
 
-def _feature_shape(model, hook: str) -> tuple[int, ...]:
+def _feature_shape(model: HookedModel, hook: str) -> tuple[int, ...]:
     if hook.endswith("hook_z"):
         return int(model.cfg.n_heads), int(model.cfg.d_head)
     return (int(model.cfg.d_mlp),)
 
 
 def _source_slices(
-    model, source: TokenBatch, index: Mapping[str, Int[Tensor, "k"]]
+    model: HookedModel, source: TokenBatch, index: Mapping[str, Int[Tensor, "k"]]
 ) -> dict[str, Float[Tensor, "row pos k ..."]]:
     """The ablated components' activations on ``source``, one no-grad forward, nothing else kept."""
-    kept: dict[str, Tensor] = {}
 
-    def keep(name: str) -> HookSpec:
-        def hook(act, hook):
-            kept[name] = act[:, :, index[name].to(act.device)].detach().clone()
-
-        return name, hook
+    def sliced(name: str, act: Tensor) -> Tensor:
+        return act[:, :, index[name].to(act.device)].detach().clone()
 
     source = source.to(model.cfg.device)
-    with torch.no_grad(), hooked(model, [keep(name) for name in index]):
+    with torch.no_grad(), capturing(model, list(index), sliced) as kept:
         model(source.tokens, stop_at_layer=stop_layer(list(index)), **source.forward_kwargs())
-    return kept
+    return kept.joined()
 
 
 def derangement(n: int, seed: int) -> Int[Tensor, "n"]:
@@ -123,7 +119,7 @@ def derangement(n: int, seed: int) -> Int[Tensor, "n"]:
 
 
 def _mean_values(
-    model, ablation: Ablation, index: Mapping[str, Tensor], batch_size: int
+    model: HookedModel, ablation: Ablation, index: Mapping[str, Tensor], batch_size: int
 ) -> dict[str, Tensor]:
     means = ablation.means
     if means is None:
@@ -147,7 +143,7 @@ def _mean_values(
     return values
 
 
-def ablation_hooks(model, ablation: Ablation, *, batch_size: int = 32) -> list[HookSpec]:
+def ablation_hooks(model: HookedModel, ablation: Ablation, *, batch_size: int = 32) -> list[HookSpec]:
     """Forward hooks that apply ``ablation``; attach them with :func:`interp.hooks.hooked`."""
     components = check_components(model, ablation.components)
     index = {hook: torch.tensor(idx, dtype=torch.long) for hook, idx in components.by_hook().items()}
@@ -207,7 +203,7 @@ def ablation_hooks(model, ablation: Ablation, *, batch_size: int = 32) -> list[H
 
 @contextmanager
 def ablated(
-    model,
+    model: HookedModel,
     components: Iterable[Component],
     how: How = "zero",
     *,
@@ -231,7 +227,7 @@ def ablated(
 # -- weight edits ---------------------------------------------------------------------------
 
 
-def _output_weight(model, component: Component) -> tuple[nn.Parameter, int, Int[Tensor, "k"]]:
+def _output_weight(model: HookedModel, component: Component) -> tuple[nn.Parameter, int, Int[Tensor, "k"]]:
     """The weight that writes ``component`` into the residual stream, its input axis and slice."""
     block = model.blocks[component.layer]
     bridge = block.mlp.out if component.kind == "neuron" else block.attn.o
@@ -278,7 +274,7 @@ class PrunedWeights:
         self.restore()
 
 
-def prune_weights(model, components: Iterable[Component]) -> PrunedWeights:
+def prune_weights(model: HookedModel, components: Iterable[Component]) -> PrunedWeights:
     """Zero, in place, the output weights of ``components``: the same model as zero ablation.
 
     A neuron loses its column of the MLP output projection, a head its ``d_head`` input slice of
@@ -299,7 +295,7 @@ def prune_weights(model, components: Iterable[Component]) -> PrunedWeights:
     return PrunedWeights(edits)
 
 
-def _hf_state_dict(model) -> dict[str, Tensor]:
+def _hf_state_dict(model: HookedModel) -> dict[str, Tensor]:
     """The wrapped Hugging Face model's weights under their own names (bridge wrappers removed)."""
     state = {}
     for key, value in model.original_model.state_dict().items():
@@ -307,7 +303,7 @@ def _hf_state_dict(model) -> dict[str, Tensor]:
     return state
 
 
-def export_pruned(model, components: Iterable[Component], out_dir: str | Path) -> Path:
+def export_pruned(model: HookedModel, components: Iterable[Component], out_dir: str | Path) -> Path:
     """Write a Hugging Face directory of ``model`` with ``components`` pruned; returns its path.
 
     The weights are the ones the bridge runs (compatibility mode may have folded norms and

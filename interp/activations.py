@@ -19,13 +19,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.batching import TokenBatch, microbatches
-from interp.hooks import HookSpec, hooked
+from interp.hooks import HookedModel, capturing
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 _NOT_POSITIONAL = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
 
 
-def check_hook_names(model, hook_names: Sequence[str]) -> list[str]:
+def check_hook_names(model: HookedModel, hook_names: Sequence[str]) -> list[str]:
     """The names as a list, or a clear error naming any hook the model does not have."""
     if isinstance(hook_names, str):
         hook_names = [hook_names]
@@ -59,7 +59,7 @@ def _positional(name: str) -> str:
 
 
 def _stream(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
     reduce: Callable[[str, Tensor, TokenBatch, slice], None],
@@ -76,21 +76,18 @@ def _stream(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     fired: set[str] = set()
-
-    def hook_for(name: str, mb: TokenBatch, rows: slice) -> HookSpec:
-        def hook(act, hook):
-            fired.add(name)
-            reduce(name, act, mb, rows)
-
-        return name, hook
-
     stop = stop_layer(hook_names)
     device = model.cfg.device
     chunks = microbatches(len(batch), batch_size)
     for rows in tqdm(chunks, total=math.ceil(len(batch) / batch_size), disable=not progress, desc=desc):
         mb = batch.select(rows).to(device)
-        with torch.no_grad(), hooked(model, [hook_for(name, mb, rows) for name in hook_names]):
+
+        def handed(name: str, act: Tensor, mb=mb, rows=rows) -> None:
+            reduce(name, act, mb, rows)
+
+        with torch.no_grad(), capturing(model, hook_names, handed) as seen:
             model(mb.tokens, stop_at_layer=stop)
+        fired |= {name for name, calls in seen.items() if calls}
     silent = [name for name in hook_names if name not in fired]
     if silent:
         raise ValueError(f"hook points {silent} never fired in a forward pass of this model")
@@ -105,7 +102,7 @@ def _check_rows(name: str, act: Tensor, mb: TokenBatch) -> None:
 
 
 def mean_activations(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
@@ -147,7 +144,7 @@ def mean_activations(
 
 
 def activation_norms(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
@@ -173,7 +170,7 @@ def activation_norms(
 
 
 def masked_means(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
     masks: Mapping[str, Bool[Tensor, "batch pos"]],
@@ -216,7 +213,7 @@ def masked_means(
 
 
 def attention_to_positions(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     key_mask: Bool[Tensor, "batch pos"],
     *,

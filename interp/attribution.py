@@ -21,7 +21,7 @@ Everything streams over microbatches into float32 running sums; pad positions co
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,7 +38,7 @@ from interp.batching import TokenBatch, microbatches
 from interp.distributed import all_reduce_sum, current_shard
 from interp.memory import backoff_batches
 from interp.components import KINDS, Component, ComponentSet, ComponentShape, Kind, hook_name
-from interp.hooks import hooked
+from interp.hooks import HookedModel, capturing, hooked
 from interp.metrics import Metric
 from interp.patching import patch_sweep
 from interp.results import SavedResult
@@ -218,27 +218,16 @@ def _hook_points(kinds: tuple[Kind, ...], n_layers: int) -> list[_HookPoint]:
     return [_HookPoint(kind, layer) for kind in kinds for layer in range(n_layers)]
 
 
-def _capture_into(store: dict[str, Tensor], name: str) -> Callable:
-    def capture(act, hook):  # keyed by our name: a bridge hook point may report an alias
-        store[name] = act
-        return act
-
-    return capture
-
-
 def _require_grad(act, hook):
     return act if act.requires_grad else act.detach().requires_grad_(True)
 
 
-def _run_capturing(model, batch: TokenBatch, points: list[_HookPoint], *, grad: bool):
+def _run_capturing(model: HookedModel, batch: TokenBatch, points: list[_HookPoint], *, grad: bool):
     """Logits of ``batch`` and the activations at ``points`` (in the autograd graph when ``grad``)."""
-    store: dict[str, Tensor] = {}
-    hooks = [(p.name, _capture_into(store, p.name)) for p in points]
-    if grad:
-        hooks.insert(0, (_GRAD_ENTRY, _require_grad))
-    with torch.set_grad_enabled(grad), hooked(model, hooks):
+    entry = [(_GRAD_ENTRY, _require_grad)] if grad else []
+    with torch.set_grad_enabled(grad), hooked(model, entry), capturing(model, [p.name for p in points]) as store:
         logits = model(batch.tokens, **batch.forward_kwargs())
-    return logits, store
+    return logits, store.joined()
 
 
 def _contribution(
@@ -257,7 +246,7 @@ def _pad_mask(batch: TokenBatch, like: Tensor) -> Tensor:
     return mask.reshape(*mask.shape, *([1] * (like.ndim - 2)))
 
 
-def _atp_batch(model, a: TokenBatch, b: TokenBatch, metric: Metric, points, n_prompts: int):
+def _atp_batch(model: HookedModel, a: TokenBatch, b: TokenBatch, metric: Metric, points, n_prompts: int):
     logits_b, acts_b = _run_capturing(model, b, points, grad=False)
     with torch.no_grad():
         metric_b = _metric_values(metric, logits_b, b, n_prompts)
@@ -275,7 +264,7 @@ def _atp_batch(model, a: TokenBatch, b: TokenBatch, metric: Metric, points, n_pr
     return contributions, metric_a.detach(), metric_b
 
 
-def _ig_batch(model, prompts: TokenBatch, a: TokenBatch, b: TokenBatch, metric: Metric, points, steps: int,
+def _ig_batch(model: HookedModel, prompts: TokenBatch, a: TokenBatch, b: TokenBatch, metric: Metric, points, steps: int,
               steps_per_pass: int, bar):
     """Per-layer IG on one microbatch; ``steps_per_pass`` interpolation steps share each forward as rows."""
     n_prompts, n_rows = len(prompts), len(a)
@@ -316,7 +305,7 @@ def _ig_batch(model, prompts: TokenBatch, a: TokenBatch, b: TokenBatch, metric: 
 
 
 def attribute(
-    model,
+    model: HookedModel,
     clean: TokenBatch,
     corrupt: TokenBatch,
     metric: Metric,
@@ -459,7 +448,7 @@ class AttributionCheck(SavedResult):
 
 
 def atp_check(
-    model,
+    model: HookedModel,
     clean: TokenBatch,
     corrupt: TokenBatch,
     metric: Metric,
@@ -573,7 +562,9 @@ class AblationAttribution(SavedResult):
         )
 
 
-def _replacements(model, kinds: tuple[Kind, ...], how: str, means, source: TokenBatch | None, seed: int) -> dict:
+def _replacements(
+    model: HookedModel, kinds: tuple[Kind, ...], how: str, means, source: TokenBatch | None, seed: int
+) -> dict:
     """Per hook name, ``act -> the ablated value of every unit``, from ``interp.ablation``'s own hooks."""
     from interp.ablation import Ablation, ablation_hooks
 
@@ -586,7 +577,7 @@ def _replacements(model, kinds: tuple[Kind, ...], how: str, means, source: Token
 
 
 def ablation_attribution(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     metric: Metric,
     *,

@@ -13,6 +13,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from interp.hooks import HookedModel
+
 
 @dataclass(frozen=True)
 class TokenBatch:
@@ -80,7 +82,7 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def encode(model, text: str, *, prepend_bos: bool | None = None) -> list[int]:
+def encode(model: HookedModel, text: str, *, prepend_bos: bool | None = None) -> list[int]:
     """Token ids of ``text``; a BOS is prepended per the model's default unless already there."""
     tokenizer = model.tokenizer
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -108,7 +110,7 @@ def pad_ids(sequences: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
     return TokenBatch(tokens, mask, torch.tensor(lengths, dtype=torch.long) - 1)
 
 
-def tokenize(model, prompts: str | Sequence[str], *, prepend_bos: bool | None = None) -> TokenBatch:
+def tokenize(model: HookedModel, prompts: str | Sequence[str], *, prepend_bos: bool | None = None) -> TokenBatch:
     """Tokenize prompts into a right-padded batch on the model's device."""
     if isinstance(prompts, str):
         prompts = [prompts]

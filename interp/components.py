@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp.hooks import HookedModel
+
 Kind = Literal["neuron", "head"]
 KINDS: tuple[Kind, ...] = ("neuron", "head")
 HOOK_TEMPLATES: dict[Kind, str] = {
@@ -63,7 +65,7 @@ class ComponentShape:
     n_heads: int
 
     @classmethod
-    def of(cls, model) -> "ComponentShape":
+    def of(cls, model: HookedModel) -> "ComponentShape":
         return cls(int(model.cfg.n_layers), int(model.cfg.d_mlp), int(model.cfg.n_heads))
 
     def per_layer(self, kind: Kind) -> int:

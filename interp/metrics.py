@@ -18,10 +18,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp.batching import TokenBatch, pad_token_id
+from interp.hooks import HookedModel, capturing
 
 
 @runtime_checkable
 class Metric(Protocol):
+    """A metric. One that reads logits at some positions only may say which with
+    ``logit_positions(batch) -> Int[Tensor, "n"]`` (sorted, unique positions of the expanded batch),
+    so that sweeps unembed only those (``interp.stacking.LogitReader``)."""
+
     def expand(self, batch: TokenBatch) -> TokenBatch:
         """The batch the model must run for ``batch``'s prompts."""
 
@@ -45,6 +50,10 @@ def _token_tensor(tokens: Sequence[int] | Tensor, device) -> Int[Tensor, "n"]:
 class _SinglePosition:
     def expand(self, batch: TokenBatch) -> TokenBatch:
         return batch
+
+    def logit_positions(self, batch: TokenBatch) -> Int[Tensor, "n"]:
+        """The positions whose logits are read: each prompt's answer position."""
+        return batch.answer_pos.unique()
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,20 @@ class TokenSetProb(_SinglePosition):
         return total if self.log else total.exp()
 
 
+def kl_from_log_probs(
+    log_probs: Float[Tensor, "*row vocab"],
+    reference: Float[Tensor, "*row vocab"],
+    mask: Float[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "..."]:
+    """KL(reference || model) from log-probabilities: per row, or with ``mask`` (``[batch, pos]``,
+    real positions) averaged over each prompt's real positions."""
+    per_row = F.kl_div(log_probs, reference, log_target=True, reduction="none").sum(-1)
+    if mask is None:
+        return per_row
+    mask = mask.to(per_row.device, per_row.dtype)
+    return (per_row * mask).sum(-1) / mask.sum(-1)
+
+
 def kl_divergence(
     logits: Float[Tensor, "batch pos vocab"],
     reference: Float[Tensor, "batch pos vocab"],
@@ -86,12 +109,10 @@ def kl_divergence(
     if all_positions:
         ref = reference.float().log_softmax(-1)
         new = logits.float().log_softmax(-1)
-        per_pos = (ref.exp() * (ref - new)).sum(-1)
-        mask = batch.attention_mask.to(per_pos.device).to(per_pos.dtype)
-        return (per_pos * mask).sum(-1) / mask.sum(-1)
+        return kl_from_log_probs(new, ref, batch.attention_mask)
     ref = answer_logits(reference, batch).float().log_softmax(-1)
     new = answer_logits(logits, batch).float().log_softmax(-1)
-    return (ref.exp() * (ref - new)).sum(-1)
+    return kl_from_log_probs(new, ref)
 
 
 @dataclass(frozen=True)
@@ -349,7 +370,7 @@ class CandidateAnswers:
         ids = torch.tensor(self.answer_tokens, dtype=torch.long, device=first.device)
         return _stop(first[:, ids] - first.logsumexp(-1, keepdim=True), torch.ones_like(ids, dtype=torch.bool))
 
-    def score(self, model, batch: TokenBatch, *, other: bool = False):
+    def score(self, model: HookedModel, batch: TokenBatch, *, other: bool = False):
         """Exact candidate log-probabilities for ``batch``'s prompts, unembedding only where read;
         with ``other``, also ``other_log_prob_at``'s per-prompt log-probability."""
         expanded = self.expand(batch)
@@ -502,7 +523,7 @@ class PromptCandidates:
         logp = first.gather(-1, ids.clamp(min=0)) - first.logsumexp(-1, keepdim=True)
         return _stop(logp, ids >= 0)
 
-    def score(self, model, batch: TokenBatch, *, other: bool = False):
+    def score(self, model: HookedModel, batch: TokenBatch, *, other: bool = False):
         """Per prompt, the exact log-probability of each of its candidates (``-inf`` padded), with
         the packed batch they were read on: ``(log_probs, expanded)``, or with ``other``
         ``(log_probs, other_log_prob, expanded)``."""
@@ -530,37 +551,25 @@ def _stop(logp: Float[Tensor, "... m"], valid: Bool[Tensor, "... m"]) -> Float[T
     return torch.log1p(-total.clamp(max=1 - 1e-6))
 
 
-class _BodyDone(Exception):
-    """Stops a forward pass once the last block's residual stream is known."""
-
-
-def logits_at(model, batch: TokenBatch, positions: Int[Tensor, "row n"]) -> Float[Tensor, "row n vocab"]:
+def logits_at(
+    model: HookedModel, batch: TokenBatch, positions: Int[Tensor, "row n"]
+) -> Float[Tensor, "row n vocab"]:
     """Next-token logits at the given positions only.
 
     The transformer body runs once; the final norm and the unembedding (for a 49k vocabulary the
     largest single cost of a small model's forward) run only where logits are read. Hooks that
     are active around the call apply to the body as usual.
     """
-    from interp.hooks import hooked
-
-    store = {}
-
-    def grab(resid, hook):
-        store["resid"] = resid
-        raise _BodyDone
-
-    try:
-        with hooked(model, [(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", grab)]):
-            model(batch.tokens, **batch.forward_kwargs())
-    except _BodyDone:
-        pass
-    resid = store["resid"]
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    with capturing(model, [last], stop=True) as captured:
+        model(batch.tokens, **batch.forward_kwargs())
+    resid = captured[last][0]
     rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
     picked = resid[rows, positions.to(resid.device)]
     return model.unembed(model.ln_final(picked))
 
 
-def takes_layout(model) -> bool:
+def takes_layout(model: HookedModel) -> bool:
     """Whether ``model`` runs a batch's own layout (4-D ``attention_mask`` and ``position_ids``
     keywords): the TransformerLens bridge does, a legacy ``HookedTransformer`` does not."""
     return getattr(model, "original_model", None) is not None
@@ -591,10 +600,14 @@ class ExpectedValue:
     def expand(self, batch: TokenBatch) -> TokenBatch:
         return self.candidates.expand(batch)
 
+    def logit_positions(self, batch: TokenBatch) -> Int[Tensor, "n"]:
+        """The positions of the expanded batch whose logits are read (along the candidates)."""
+        return self.candidates.read_positions(batch).unique()
+
     def __call__(self, logits, batch):
         return self._expect(self.candidates.distribution(logits, batch), batch)
 
-    def evaluate(self, model, batch: TokenBatch) -> Float[Tensor, "prompt"]:
+    def evaluate(self, model: HookedModel, batch: TokenBatch) -> Float[Tensor, "prompt"]:
         """Per-prompt value straight from the model, unembedding only the positions read."""
         expanded = self.candidates.expand(batch)
         logits = logits_at(model, expanded, self.candidates.read_positions(expanded))
@@ -605,7 +618,7 @@ class ExpectedValue:
         return (probs * SUMMARIES[self.summary](values)).sum(-1)
 
 
-def run_metric(model, metric: Metric, batch: TokenBatch, **kwargs) -> Float[Tensor, "prompt"]:
+def run_metric(model: HookedModel, metric: Metric, batch: TokenBatch, **kwargs) -> Float[Tensor, "prompt"]:
     """Run ``model`` on the metric's expansion of ``batch`` and return per-prompt values."""
     if isinstance(metric, ExpectedValue) and not kwargs:
         return metric.evaluate(model, batch)
@@ -627,6 +640,7 @@ __all__ = [
     "SUMMARIES",
     "answer_logits",
     "kl_divergence",
+    "kl_from_log_probs",
     "run_metric",
     "takes_layout",
     "logits_at",

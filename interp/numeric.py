@@ -33,8 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.batching import TokenBatch
+from interp.bridge import attention_reads_cache
+from interp.hooks import HookedModel
 from interp.metrics import CandidateAnswers
-from interp.patching import _attention_reads_cache
 
 DIGITS = "0123456789"
 # (phase, leading digits (4 = more than 3), comma seen, digits in the current group / decimals, word)
@@ -227,11 +228,11 @@ class _PromptCache:
     is run: a node attends to its prompt, its ancestors and itself, at the position id its prefix
     would have right after the prompt (as in ``PackedCandidateBatch``)."""
 
-    def __init__(self, model, batch: TokenBatch):
+    def __init__(self, model: HookedModel, batch: TokenBatch):
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         self.batch = batch.to(self.device)
-        with _attention_reads_cache(model):
+        with attention_reads_cache(model):
             out = self.hf(input_ids=self.batch.tokens, attention_mask=self.batch.attention_mask, use_cache=True)
         rows = torch.arange(len(batch), device=self.device)
         self.root = out.logits[rows, self.batch.answer_pos].float().log_softmax(-1).cpu()
@@ -249,7 +250,7 @@ class _PromptCache:
         positions = self.batch.lengths[:, None] - 1 + trie.depth.to(self.device)[None]
         read = trie.read[torch.arange(len(paths)), torch.tensor([len(p) for p in paths])]
         keep = (read - 1).clamp(min=0).to(self.device)
-        with _attention_reads_cache(self.model):
+        with attention_reads_cache(self.model):
             out = self.hf(input_ids=trie.tokens.to(self.device)[None].expand(rows, -1), attention_mask=mask[:, None],
                           position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         self.cache.crop(-n)  # back to the prompts alone
@@ -259,7 +260,7 @@ class _PromptCache:
 
 @torch.no_grad()
 def expand(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     grammar: NumberGrammar,
     *,
@@ -330,11 +331,11 @@ class _GrowingCache:
     fed its last token at the position id it would have right after the prompt and its ancestors,
     and attends to its prompt, its ancestors' cached keys and itself."""
 
-    def __init__(self, model, batch: TokenBatch):
+    def __init__(self, model: HookedModel, batch: TokenBatch):
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         batch = batch.to(self.device)
-        with _attention_reads_cache(model):
+        with attention_reads_cache(model):
             out = self.hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, use_cache=True)
         rows = torch.arange(len(batch), device=self.device)
         self.root = out.logits[rows, batch.answer_pos].float().log_softmax(-1).cpu()
@@ -364,7 +365,7 @@ class _GrowingCache:
         own = torch.eye(slots, dtype=torch.bool, device=self.device)[None].expand(rows, -1, -1)
         mask = torch.cat([prompt, own], -1)
         positions = torch.where(real, self.lengths[:, None] - 1 + depth.to(self.device), 0)
-        with _attention_reads_cache(self.model):
+        with attention_reads_cache(self.model):
             out = self.hf(input_ids=tokens.to(self.device), attention_mask=mask[:, None], position_ids=positions,
                           past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
@@ -375,7 +376,7 @@ class _GrowingCache:
 
 @torch.no_grad()
 def expand_each(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     grammar: NumberGrammar,
     *,

@@ -22,7 +22,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.batching import TokenBatch
-from interp.patching import _attention_reads_cache
+from interp.bridge import attention_reads_cache
+from interp.hooks import HookedModel
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def prefix_groups(rows: list[list[int]], min_prefix: int) -> list[tuple[list[int
 
 
 @torch.no_grad()
-def prefill(model, batch: TokenBatch, *, min_prefix: int = 8) -> Prefill:
+def prefill(model: HookedModel, batch: TokenBatch, *, min_prefix: int = 8) -> Prefill:
     """The answer logits and key/value cache of ``batch`` (right-padded, plain causal layout), each
     shared prefix of at least ``min_prefix`` tokens computed once (see the module docstring)."""
     if batch.key_mask is not None:
@@ -79,7 +80,7 @@ def prefill(model, batch: TokenBatch, *, min_prefix: int = 8) -> Prefill:
     logits: Tensor | None = None
     merged: list[list[Tensor]] | None = None  # per layer: keys, values [prompt, kv_head, pos, d_head]
     computed = 0
-    with _attention_reads_cache(model):
+    with attention_reads_cache(model):
         for members, p in prefix_groups(rows, min_prefix):
             index = torch.tensor(members, device=device)
             cache = None

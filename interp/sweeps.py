@@ -1,8 +1,8 @@
 """Ablation sweeps: many component sets evaluated on the same prompts in stacked forwards.
 
 Each set is ablated on its own: zeroed, or set to given mean activations (``interp.ablation``'s
-``mean`` values, over all positions or per position). The machinery is ``interp.patching``'s
-(``patch_sweep``): the unablated forward runs once and keeps the residual stream entering each
+``mean`` values, over all positions or per position). The machinery is ``interp.stacking``'s
+(shared with ``patch_sweep``): the unablated forward runs once and keeps the residual stream entering each
 set's lowest layer (``blocks.L.hook_resid_pre``); the ablated runs resume from there with the
 lower blocks passed through (exact: nothing below a set's lowest layer changes); the sets of one
 start layer are stacked as rows of one forward, one row per (set, expanded prompt row), with a
@@ -34,21 +34,23 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.batching import TokenBatch, microbatches
+from interp.batching import TokenBatch
 from interp.components import Component, ComponentSet, ComponentShape
-from interp.hooks import HookSpec, hooked
+from interp.hooks import HookedModel, HookSpec, hooked
 from interp.memory import Backoff
 from interp.metrics import Metric
-from interp.patching import (
-    _checked_prefix,
-    _evaluate,
-    _LogitReader,
-    _Prefix,
-    _resume,
-    _rows_per_batch,
-    _run_unpatched,
-    _shared_prefix_length,
-    variant_label,
+from interp.patching import variant_label
+from interp.stacking import (
+    LogitReader,
+    Prefix,
+    checked_prefix,
+    items_by_start_layer,
+    metric_values,
+    rows_per_batch,
+    run_stacked,
+    shared_prefix_length,
+    start_layers,
+    start_residuals,
 )
 
 Score = Callable[[Float[Tensor, "row pos vocab"], Int[Tensor, "row"]], Float[Tensor, "row"]]
@@ -131,23 +133,9 @@ def _ablation_hooks(
     return hooks
 
 
-def _clean_residuals(model, run: TokenBatch, layers: list[int], rows: int) -> dict[int, Tensor]:
-    """The unablated residual stream entering each of ``layers``, stopping after the highest."""
-    pieces: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-
-    def keep(layer: int) -> HookSpec:
-        return f"blocks.{layer}.hook_resid_pre", lambda act, hook: pieces[layer].append(act.detach().clone())
-
-    with hooked(model, [keep(layer) for layer in layers]):
-        for part in microbatches(len(run), rows):
-            chunk = run.take(torch.arange(part.start, part.stop, device=run.tokens.device))
-            model(chunk.tokens, stop_at_layer=layers[-1] + 1, **chunk.forward_kwargs())
-    return {layer: torch.cat(p) for layer, p in pieces.items()}
-
-
 def _stacked(
-    model, run: TokenBatch, sets: list[ComponentSet], shape: ComponentShape, means, *,
-    residuals: Mapping[int, Tensor], reader: _LogitReader, value_of: _ValueOf, rows_per_prompt: int,
+    model: HookedModel, run: TokenBatch, sets: list[ComponentSet], shape: ComponentShape, means, *,
+    residuals: Mapping[int, Tensor], reader: LogitReader, value_of: _ValueOf, rows_per_prompt: int,
     backoff: Backoff, bar, prefix: int = 0,
 ) -> Tensor:
     """``[variant, prompt, ...]``: every set ablated alone on every prompt of ``run``, stacked by start layer.
@@ -158,44 +146,35 @@ def _stacked(
     to its cached keys and values."""
     device = run.tokens.device
     n_prompts = len(run) // rows_per_prompt
-    start_of = [min(c.layer for c in s) for s in sets]
+    by_layer = items_by_start_layer(sets, n_prompts)
     out: Tensor | None = None
-    for layer in sorted(set(start_of)):
-        items = [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
 
-        def run_items(chunk: slice, layer=layer, items=items) -> None:
-            nonlocal out
-            part = items[chunk]
-            variant_idx = torch.tensor([v for v, _ in part])
-            prompt_idx = torch.tensor([p for _, p in part], device=device)
-            own_rows = (prompt_idx[:, None] * rows_per_prompt + torch.arange(rows_per_prompt, device=device))
-            own_rows = own_rows.reshape(-1)  # the expanded rows each stacked row repeats
-            chosen = sorted(set(variant_idx.tolist()))
-            local = {v: i for i, v in enumerate(chosen)}
-            variant_of_row = torch.tensor([local[v] for v, _ in part]).repeat_interleave(rows_per_prompt)
-            chosen_sets = [sets[v] for v in chosen]
-            cached, cache_rows = _Prefix(), None
-            if prefix:  # each chosen set's ablated prefix: one row per set
-                first_row = torch.zeros(len(chosen), dtype=torch.long, device=device)
-                with hooked(model, _ablation_hooks(chosen_sets, torch.arange(len(chosen)), shape, means)):
-                    cached = _Prefix.build(model, run.take(first_row), prefix, len(chosen))
-                cache_rows = variant_of_row.to(device)
-            hooks = _ablation_hooks(chosen_sets, variant_of_row, shape, means, offset=prefix)
-            with hooked(model, hooks):
-                logits = _resume(model, residuals[layer][own_rows, prefix:], layer, run, own_rows, reader, cached,
-                                 cache_rows)
-            got = value_of(logits, own_rows, prompt_idx).detach().float().cpu()
-            if out is None:
-                out = torch.full((len(sets), n_prompts, *got.shape[1:]), float("nan"))
-            out[variant_idx, prompt_idx.cpu()] = got
-            bar.update(len(part))
+    def setup(part, own_rows):
+        chosen = sorted({v for v, _ in part})
+        local = {v: i for i, v in enumerate(chosen)}
+        variant_of_row = torch.tensor([local[v] for v, _ in part]).repeat_interleave(rows_per_prompt)
+        chosen_sets = [sets[v] for v in chosen]
+        cached, cache_rows = Prefix(), None
+        if prefix:  # each chosen set's ablated prefix: one row per set
+            first_row = torch.zeros(len(chosen), dtype=torch.long, device=device)
+            with hooked(model, _ablation_hooks(chosen_sets, torch.arange(len(chosen)), shape, means)):
+                cached = Prefix.build(model, run.take(first_row), prefix, len(chosen))
+            cache_rows = variant_of_row.to(device)
+        return _ablation_hooks(chosen_sets, variant_of_row, shape, means, offset=prefix), cached, cache_rows
 
-        for _ in backoff.batches(len(items), run_items):
-            pass
+    def record(part, prompt_idx, own_rows, logits):
+        nonlocal out
+        got = value_of(logits, own_rows, prompt_idx).detach().float().cpu()
+        if out is None:
+            out = torch.full((len(sets), n_prompts, *got.shape[1:]), float("nan"))
+        out[torch.tensor([v for v, _ in part]), prompt_idx.cpu()] = got
+
+    run_stacked(model, run, by_layer, residuals, rows_per_prompt=rows_per_prompt, reader=reader, setup=setup,
+                record=record, backoff=backoff, bar=bar)
     return out
 
 
-def _prepared(model, variants, means, batch: TokenBatch, prompts_per_pass: int | None):
+def _prepared(model: HookedModel, variants, means, batch: TokenBatch, prompts_per_pass: int | None):
     """A sweep's checked inputs: the model's shape, the variants as sets (means checked against them),
     the device, the batch on it and the prompts per pass."""
     shape = ComponentShape.of(model)
@@ -207,7 +186,7 @@ def _prepared(model, variants, means, batch: TokenBatch, prompts_per_pass: int |
 
 
 def metric_sweep(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     metric: Metric,
     variants: Sequence[Component | ComponentSet],
@@ -256,7 +235,7 @@ def metric_sweep(
         passes = [m[b : b + step] for m in members for b in range(0, len(m), step)]
     values, baseline = torch.empty(len(sets), n_all), torch.empty(n_all)
     bar = tqdm(total=len(sets) * n_all, desc=desc, disable=not progress)
-    starts = sorted({min(c.layer for c in s) for s in sets})
+    starts = start_layers(sets)
     with torch.no_grad():
         for chunk in passes:
             chunk = chunk.to(device)
@@ -266,24 +245,19 @@ def metric_sweep(
                 raise ValueError(f"the metric expanded {len(prompts)} prompts to {len(run)} rows; an ablation "
                                  "sweep needs a whole number of rows per prompt")
             k = len(run) // len(prompts)
-            reader = _LogitReader.for_metric(model, metric, run)
-            width = run.tokens.shape[1]
-            rows = _rows_per_batch(model, width, width if reader.keep is None else len(reader.keep),
-                                   max_batch_rows, memory_budget_bytes)
+            reader = LogitReader.for_metric(model, metric, run)
+            rows = rows_per_batch(model, run, reader, max_batch_rows, memory_budget_bytes)
             backoff = backoff or Backoff(max(1, rows // k), what="ablation batch")
-            capture = {f"blocks.{layer}.hook_resid_pre": torch.clone for layer in starts}
-            captured, clean = _run_unpatched(model, run, metric, reader, capture, k, rows)
-            residuals = {layer: captured[f"blocks.{layer}.hook_resid_pre"] for layer in starts}
-            del captured
+            residuals, clean = start_residuals(model, run, starts, k, rows, metric, reader)
             prefix = 0
             if share_prefix:  # leading positions every row shares; used once resuming after them is checked
                 same = run.take(torch.zeros(len(run), dtype=torch.long, device=device))
-                length = _shared_prefix_length(run, same, reader)
-                prefix = _checked_prefix(model, run, metric, reader, length, starts[0], residuals[starts[0]], clean,
+                length = shared_prefix_length(run, same, reader)
+                prefix = checked_prefix(model, run, metric, reader, length, starts[0], residuals[starts[0]], clean,
                                          k, k).length  # checked on one prompt: the check costs one resumed row
 
             def value_of(logits, own_rows, prompt_idx, run=run, reader=reader):
-                return _evaluate(metric, logits, reader.renumber(run.take(own_rows)), len(prompt_idx))
+                return metric_values(metric, logits, reader.renumber(run.take(own_rows)), len(prompt_idx))
 
             chunk = chunk.cpu()
             values[:, chunk] = _stacked(model, run, sets, shape, means, residuals=residuals, reader=reader,
@@ -296,7 +270,7 @@ def metric_sweep(
 
 
 def ablation_sweep(
-    model,
+    model: HookedModel,
     batch: TokenBatch,
     variants: Sequence[Component | ComponentSet],
     score: Score,
@@ -319,7 +293,7 @@ def ablation_sweep(
     """
     shape, sets, device, batch, step = _prepared(model, variants, means, batch, prompts_per_pass)
     n_all = len(batch)
-    starts = sorted({min(c.layer for c in s) for s in sets})
+    starts = start_layers(sets)
     backoff = Backoff(max(1, rows_per_forward), what="ablation batch")
     bar = tqdm(total=len(sets) * n_all, desc=desc, disable=not progress)
     parts = []
@@ -327,12 +301,12 @@ def ablation_sweep(
         for begin in range(0, n_all, step):
             chunk = torch.arange(begin, min(begin + step, n_all), device=device)
             run = batch.take(chunk)
-            residuals = _clean_residuals(model, run, starts, max(1, rows_per_forward))
+            residuals, _ = start_residuals(model, run, starts, 1, max(1, rows_per_forward))
 
             def value_of(logits, own_rows, prompt_idx, begin=begin):
                 return score(logits, prompt_idx + begin)
 
-            parts.append(_stacked(model, run, sets, shape, means, residuals=residuals, reader=_LogitReader(),
+            parts.append(_stacked(model, run, sets, shape, means, residuals=residuals, reader=LogitReader(),
                                   value_of=value_of, rows_per_prompt=1, backoff=backoff, bar=bar))
             del residuals
     bar.close()

@@ -147,12 +147,12 @@ def test_stacked_evaluation_equals_one_forward_per_set(tiny_model, how):
 
 
 def test_stacked_evaluation_survives_simulated_out_of_memory(tiny_model, monkeypatch):
-    from interp import sweeps
+    from interp import stacking
 
     sets, eval_sets, plan, probe = _evaluation_inputs(tiny_model)
     reference = evaluation.evaluate(tiny_model, sets, eval_sets, probe=probe, plan=plan, batch_size=8,
                                     n_bootstrap=100, progress=False)
-    real, seen = sweeps._resume, []
+    real, seen = stacking.resume, []
 
     def small_memory(model, residual, *args, **kwargs):
         seen.append(residual.shape[0])
@@ -160,7 +160,7 @@ def test_stacked_evaluation_survives_simulated_out_of_memory(tiny_model, monkeyp
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(model, residual, *args, **kwargs)
 
-    monkeypatch.setattr(sweeps, "_resume", small_memory)
+    monkeypatch.setattr(stacking, "resume", small_memory)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shrunk = evaluation.evaluate(tiny_model, sets, eval_sets, probe=probe, plan=plan, batch_size=8,

@@ -1,5 +1,3 @@
-from functools import partial
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,11 +9,10 @@ from circuits.sampling import (
     format_ids,
     parse_answer,
     parse_ids,
-    reply_ids,
-    reply_text,
     sample_answers,
 )
 from interp.batching import encode
+from interp.generation import reply_text
 from interp.hooks import attached_hook_count, hooked
 
 PROMPTS = ["The bike costs $", "A much longer prompt about what a fair price for the used car would be: $"]
@@ -109,19 +106,7 @@ def test_generation_uses_the_kv_cache_and_bridge_hooks_act(tiny_model):
     assert widths == [longest - 1] + [1] * 5  # one prefill, then one cached token per step
 
 
-def test_replies_stop_at_special_tokens_and_lines(tiny_model):
-    tok = partial(_token, tiny_model)
-    tokenizer = tiny_model.tokenizer
-    eos, newline = tokenizer.eos_token_id, tok("\n")
-    stops = {eos}
-    assert reply_text(tokenizer, [tok("4"), tok("2"), eos, tok("9")], stops) == "42"
-    assert reply_text(tokenizer, [tok("x"), tok("y"), tok("z")], stops) == "xyz"
-    assert reply_text(tokenizer, [newline, tok("7"), newline, tok("8")], stops) == "\n7"  # leading newline kept
-    assert reply_text(tokenizer, [eos], stops) == ""
-    # the kept tokens end with the one that stopped the reply (a stop token, or the newline)
-    assert reply_ids(tokenizer, [tok("4"), tok("2"), eos, tok("9")], stops) == (tok("4"), tok("2"), eos)
-    assert reply_ids(tokenizer, [tok("x"), tok("y"), tok("z")], stops) == (tok("x"), tok("y"), tok("z"))
-    assert reply_ids(tokenizer, [newline, tok("7"), newline, tok("8")], stops) == (newline, tok("7"), newline)
+def test_ids_round_trip():
     assert parse_ids(format_ids((5, 0, 12))) == (5, 0, 12) and format_ids(()) == ""
 
 

@@ -63,12 +63,12 @@ def test_suggest_batch_size_on_cpu_uses_default():
 
 
 def test_patch_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
-    from interp import patching
+    from interp import patching, stacking
     from tests.interp.test_distributed import pairs_and_metric, patch_variants
 
     clean, corrupt, metric = pairs_and_metric(tiny_model)
     reference = patching.patch_sweep(tiny_model, clean, corrupt, metric, patch_variants(), max_batch_rows=8)
-    real_resume, real_checked_prefix = patching._resume, patching._checked_prefix
+    real_resume, real_checked_prefix = stacking.resume, stacking.checked_prefix
     checking, sizes = [], []
 
     def checked_prefix(*args, **kwargs):  # the prefix check's own resume is not a patching batch
@@ -85,8 +85,8 @@ def test_patch_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real_resume(model, residual, *args)
 
-    monkeypatch.setattr(patching, "_checked_prefix", checked_prefix)
-    monkeypatch.setattr(patching, "_resume", small_memory)
+    monkeypatch.setattr(patching, "checked_prefix", checked_prefix)
+    monkeypatch.setattr(stacking, "resume", small_memory)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shrunk = patching.patch_sweep(tiny_model, clean, corrupt, metric, patch_variants(), max_batch_rows=8)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
-import interp.patching
+import interp.stacking
 from interp.batching import tokenize
 from interp.components import ComponentSet, ComponentShape, Head, Neuron
 from interp.hooks import attached_hook_count, hooked
@@ -160,8 +160,8 @@ LATE_VARIANTS = [Head(0, 2), Head(2, 1), Neuron(1, 50), ComponentSet([Head(1, 0)
 
 def test_shared_prefix_is_run_once_and_exact(tiny_model, logit_diff):
     target, source = tokenize(tiny_model, LATE_TARGETS), tokenize(tiny_model, LATE_SOURCES)
-    reader = interp.patching._LogitReader.for_metric(tiny_model, logit_diff, target)
-    shared = interp.patching._shared_prefix_length(target, source, reader)
+    reader = interp.stacking.LogitReader.for_metric(tiny_model, logit_diff, target)
+    shared = interp.stacking.shared_prefix_length(target, source, reader)
     assert shared == int(((target.tokens != source.tokens).int().argmax(-1)).min()) > 5
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the prefix is used, not abandoned
@@ -180,7 +180,7 @@ def test_unusable_prefix_falls_back_to_every_position(tiny_model, logit_diff, mo
     def no_cache(*args, **kwargs):
         raise NotImplementedError("no key/value cache")
 
-    monkeypatch.setattr(interp.patching._Prefix, "build", no_cache)
+    monkeypatch.setattr(interp.stacking.Prefix, "build", no_cache)
     with pytest.warns(RuntimeWarning, match="cannot reuse the shared prompt prefix"):
         result = patch_sweep(tiny_model, target, source, logit_diff, LATE_VARIANTS)
     torch.testing.assert_close(result.values, expected.values, atol=1e-4, rtol=0)
@@ -189,8 +189,8 @@ def test_unusable_prefix_falls_back_to_every_position(tiny_model, logit_diff, mo
 def test_prefix_that_changes_the_result_is_caught(tiny_model, logit_diff, monkeypatch):
     target, source = tokenize(tiny_model, LATE_TARGETS), tokenize(tiny_model, LATE_SOURCES)
     expected = patch_sweep(tiny_model, target, source, logit_diff, LATE_VARIANTS)
-    right_rows = interp.patching._Prefix.kwargs
-    monkeypatch.setattr(interp.patching._Prefix, "kwargs", lambda self, rows: right_rows(self, rows.flip(0)))
+    right_rows = interp.stacking.Prefix.kwargs
+    monkeypatch.setattr(interp.stacking.Prefix, "kwargs", lambda self, rows: right_rows(self, rows.flip(0)))
     with pytest.warns(RuntimeWarning, match="does not reproduce the unpatched run"):
         result = patch_sweep(tiny_model, target, source, logit_diff, LATE_VARIANTS)
     torch.testing.assert_close(result.values, expected.values, atol=1e-4, rtol=0)

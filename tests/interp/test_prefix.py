@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from interp.batching import pad_ids, pad_token_id
-from interp.patching import _attention_reads_cache
+from interp.bridge import attention_reads_cache
 from interp.prefix import prefill, prefix_groups
 
 
@@ -29,7 +29,7 @@ def test_groups_share_the_longest_common_prefix():
 def test_prefill_equals_a_plain_forward_and_continues_the_same(tiny_model):
     batch = prompts(tiny_model)
     hf = tiny_model.original_model
-    with torch.no_grad(), _attention_reads_cache(tiny_model):
+    with torch.no_grad(), attention_reads_cache(tiny_model):
         plain = hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, use_cache=True)
     rows = torch.arange(len(batch))
     shared = prefill(tiny_model, batch, min_prefix=4)
@@ -40,7 +40,7 @@ def test_prefill_equals_a_plain_forward_and_continues_the_same(tiny_model):
     mask = torch.cat([batch.attention_mask, torch.ones(len(batch), 1, dtype=batch.attention_mask.dtype)], -1)
     after = []
     for cache in (plain.past_key_values, shared.cache):
-        with torch.no_grad(), _attention_reads_cache(tiny_model):
+        with torch.no_grad(), attention_reads_cache(tiny_model):
             out = hf(input_ids=nxt, attention_mask=mask, position_ids=batch.lengths[:, None], past_key_values=cache)
         after.append(out.logits[:, 0])
     torch.testing.assert_close(after[1], after[0], atol=1e-5, rtol=1e-4)

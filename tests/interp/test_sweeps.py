@@ -193,12 +193,12 @@ def test_metric_sweep_leaves_no_hooks_after_an_error(tiny_model):
 def test_metric_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
     import warnings
 
-    from interp import sweeps
+    from interp import stacking
 
     metric = _metrics(tiny_model)["packed"]
     batch = tokenize(tiny_model, PROMPTS)
     reference = metric_sweep(tiny_model, batch, metric, SETS, max_batch_rows=8)
-    real = sweeps._resume
+    real = stacking.resume
     seen = []
 
     def small_memory(model, residual, *args, **kwargs):
@@ -207,7 +207,7 @@ def test_metric_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, residual, *args, **kwargs)
 
-    monkeypatch.setattr(sweeps, "_resume", small_memory)
+    monkeypatch.setattr(stacking, "resume", small_memory)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shrunk = metric_sweep(tiny_model, batch, metric, SETS, max_batch_rows=8)
@@ -219,7 +219,7 @@ def test_metric_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("how", ["zero", "mean"])
 def test_metric_sweep_runs_the_shared_prefix_once_per_set_and_equals_full_forwards(tiny_model, how, monkeypatch):
-    from interp import sweeps
+    from interp import stacking
     from interp.activations import mean_activations
     from interp.components import hook_name
 
@@ -234,13 +234,13 @@ def test_metric_sweep_runs_the_shared_prefix_once_per_set_and_equals_full_forwar
         means = {n: torch.randn(width, *mean_activations(tiny_model, batch, [n])[n].shape, generator=generator)
                  for n in names}
     built = []
-    real_build = sweeps._Prefix.build
+    real_build = stacking.Prefix.build
 
     def spy(model, rows, length, n):
         built.append((len(rows), length))
         return real_build(model, rows, length, n)
 
-    monkeypatch.setattr(sweeps._Prefix, "build", staticmethod(spy))
+    monkeypatch.setattr(stacking.Prefix, "build", staticmethod(spy))
     got = metric_sweep(tiny_model, batch, metric, SETS, means=means, max_batch_rows=4, share_prefix=True)
     want, base = _one_forward_per_set(tiny_model, batch, metric, SETS, how, means)
     lengths = {length for _, length in built}
@@ -254,15 +254,15 @@ def test_metric_sweep_runs_the_shared_prefix_once_per_set_and_equals_full_forwar
 
 
 def test_metric_sweep_by_groups_shares_each_groups_prefix(tiny_model, monkeypatch):
-    from interp import sweeps
+    from interp import stacking
 
     heads = ["You are a careful assistant. Answer with a number only. ", "Reply briefly, please: "]
     texts = [heads[i % 2] + p for i, p in enumerate(PROMPTS)]
     batch = tokenize(tiny_model, texts)
     metric = _metrics(tiny_model)["packed"]
     built = []
-    real_build = sweeps._Prefix.build
-    monkeypatch.setattr(sweeps._Prefix, "build", staticmethod(
+    real_build = stacking.Prefix.build
+    monkeypatch.setattr(stacking.Prefix, "build", staticmethod(
         lambda model, rows, length, n: built.append(length) or real_build(model, rows, length, n)))
     got = metric_sweep(tiny_model, batch, metric, SETS, groups=[i % 2 for i in range(len(texts))], max_batch_rows=4,
                        share_prefix=True)

@@ -1,0 +1,81 @@
+"""Workarounds for TransformerLens 4.x's ``TransformerBridge``, all in one place.
+
+Each is a context manager that changes the bridge for the duration of a call only, with instance
+attributes removed afterwards (also on error), or a check of what the bridge supports:
+
+* :func:`attention_reads_cache`: transformers 5 decoder layers pass the key/value cache as
+  ``cache``; TransformerLens 4.3's attention bridges look for ``past_key_values`` and, not finding
+  it, silently attend to the new positions only. Each attention bridge gets a ``forward`` that
+  renames the keyword. Needed by every forward that runs onto a cache (prefix reuse, prefill,
+  answer tries, generation).
+* :func:`blocks_skipped_below`: ``start_at_layer`` feeds the residual to the Hugging Face model as
+  ``inputs_embeds`` and makes block ``L`` swap it in for its own input, but still executes blocks
+  ``0..L-1`` and discards their output. Those blocks get a pass-through ``forward``. Exact: block
+  ``L`` replaces whatever reaches it with the given residual, and the rotary position embeddings
+  and causal masks are still built by the model from the sequence length, per layer type
+  (sliding-window layers included), exactly as in a full forward.
+* :func:`keeps_logits`: whether the underlying model's ``forward`` takes ``logits_to_keep`` (unembed
+  only some positions).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from interp.hooks import HookedModel
+
+
+def keeps_logits(model: HookedModel) -> bool:
+    """Whether the model's Hugging Face ``forward`` takes ``logits_to_keep``."""
+    hf_forward = getattr(getattr(model, "original_model", None), "forward", None)
+    return hf_forward is not None and "logits_to_keep" in inspect.signature(hf_forward).parameters
+
+
+def _pass_through(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def blocks_skipped_below(model: HookedModel, layer: int) -> Iterator[None]:
+    """Make blocks ``0..layer-1`` return their input untouched (for ``start_at_layer=layer``)."""
+    skipped = list(model.blocks)[:layer]
+    try:
+        for block in skipped:
+            # Straight into the instance dict: the bridge's __setattr__ would forward a plain
+            # ``block.forward = ...`` to the wrapped Hugging Face layer.
+            vars(block)["forward"] = _pass_through
+        yield
+    finally:
+        for block in skipped:
+            vars(block).pop("forward", None)
+
+
+@contextmanager
+def attention_reads_cache(model: HookedModel) -> Iterator[None]:
+    """Hand each attention bridge the key/value cache under the keyword it reads (``past_key_values``)."""
+    attentions = [block.attn for block in model.blocks]
+
+    def renaming(attention):
+        original = type(attention).forward
+
+        def forward(*args, **kwargs):
+            if "cache" in kwargs and "past_key_values" not in kwargs:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return original(attention, *args, **kwargs)
+
+        return forward
+
+    try:
+        for attention in attentions:
+            vars(attention)["forward"] = renaming(attention)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            yield
+    finally:
+        for attention in attentions:
+            vars(attention).pop("forward", None)
+
+
+__all__ = ["attention_reads_cache", "blocks_skipped_below", "keeps_logits"]
