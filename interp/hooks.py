@@ -1,8 +1,8 @@
 """The one place hooks are attached: a context manager that always removes what it added."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 HookSpec = tuple[str | Callable[[str], bool], Callable]
 

@@ -7,13 +7,13 @@ logits on that batch back to one value per prompt.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import einops
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -29,13 +29,13 @@ class Metric(Protocol):
         """One value per prompt, from the logits of the expanded batch."""
 
 
-def answer_logits(logits: Float[Tensor, "batch pos vocab"], batch: TokenBatch) -> Float[Tensor, "batch vocab"]:
+def answer_logits(logits: Float[Tensor, "row pos vocab"], batch: TokenBatch) -> Float[Tensor, "row vocab"]:
     """Next-token logits at each prompt's own answer position."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, batch.answer_pos.to(logits.device)]
 
 
-def _token_tensor(tokens: Sequence[int] | Tensor, device) -> Int[Tensor, "n"]:
+def _token_tensor(tokens: Sequence[int] | Tensor, device) -> Int[Tensor, "token"]:
     out = torch.as_tensor(tokens, dtype=torch.long, device=device).flatten()
     if out.numel() == 0:
         raise ValueError("a token set must hold at least one token")
@@ -76,12 +76,12 @@ class TokenSetProb(_SinglePosition):
 
 
 def kl_divergence(
-    logits: Float[Tensor, "batch pos vocab"],
-    reference: Float[Tensor, "batch pos vocab"],
+    logits: Float[Tensor, "row pos vocab"],
+    reference: Float[Tensor, "row pos vocab"],
     batch: TokenBatch,
     *,
     all_positions: bool = True,
-) -> Float[Tensor, "batch"]:
+) -> Float[Tensor, "row"]:
     """KL(reference || model) per prompt, averaged over real positions (or at the answer only)."""
     if all_positions:
         ref = reference.float().log_softmax(-1)
@@ -400,9 +400,10 @@ class PromptCandidates:
     ``sets`` maps a prompt's tokens (a tuple of ids, padding excluded) to the ``CandidateAnswers``
     it is scored with; ``own`` to the prompt's own answers as derived (``sets`` may hold a union
     over several prompts instead). A prompt in neither is passed to ``derive`` (a list of token
-    tuples -> their candidate sets); a prompt not in ``sets`` is scored with its own. ``expand`` packs every row with the trie of its own candidates (the model
-    must take the packed layout, as the TransformerLens bridge does); ``log_probs`` is then
-    ``[prompt, cand]`` padded with ``-inf`` to the largest set, ``values_of`` the values (0 padded).
+    tuples -> their candidate sets); a prompt not in ``sets`` is scored with its own. ``expand`` packs
+    every row with the trie of its own candidates (the model must take the packed layout, as the
+    TransformerLens bridge does); ``log_probs`` is then ``[prompt, cand]`` padded with ``-inf`` to
+    the largest set, ``values_of`` the values (0 padded).
     """
 
     sets: dict = field(default_factory=dict)

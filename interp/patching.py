@@ -36,9 +36,10 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -52,7 +53,6 @@ from interp.components import KINDS, Component, ComponentSet, ComponentShape, Ki
 from interp.distributed import Shard, all_reduce_sum, current_shard
 from interp.hooks import HookSpec, hooked
 from interp.memory import Backoff, free_memory_bytes
-from interp.results import SavedResult
 from interp.metrics import (
     CandidateAnswers,
     CandidateBatch,
@@ -62,6 +62,7 @@ from interp.metrics import (
     PackedCandidateBatch,
     TokenSetProb,
 )
+from interp.results import SavedResult
 
 Variant = Component | ComponentSet
 _CPU_BUDGET_BYTES = 1 << 30  # default microbatch memory budget where free memory cannot be queried
@@ -153,7 +154,8 @@ class PatchingResult(SavedResult):
 
     def _settings(self) -> dict:
         n_variant, n_prompt = self.values.shape
-        return {"n_variants": n_variant, "n_prompts": n_prompt, "shape": None if self.shape is None else vars(self.shape)}
+        shape = None if self.shape is None else vars(self.shape)
+        return {"n_variants": n_variant, "n_prompts": n_prompt, "shape": shape}
 
     @classmethod
     def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "PatchingResult":
@@ -569,7 +571,7 @@ def _patch_hooks(
     return hooks
 
 
-def _writer(rows: Int[Tensor, "n"], units: Int[Tensor, "n"], values: Tensor):
+def _writer(rows: Int[Tensor, "entry"], units: Int[Tensor, "entry"], values: Tensor):
     def write(act, hook):
         act = act.clone()
         act[rows, :, units] = values.to(act.dtype)
