@@ -405,7 +405,7 @@ def run_agreement(
     confidence: float = 0.95,
     n_noise: int = 2000,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
     out_dir: str | Path | None = None,
 ) -> Agreement:
     """Measure and sample the same prompts, then ``compare`` them per context.

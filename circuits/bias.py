@@ -40,10 +40,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from circuits.contexts import CONTEXTS, DECIMALS, AnswerFormat, Context, get_context
+from circuits.contexts import DECIMALS, AnswerFormat, Context, get_context
 from circuits.parsing import parse_number
-from circuits.prompts import PairSet, PromptSet, build_prompts, uses_chat
-from circuits.stats import cluster_bootstrap, mann_whitney, permutation_pvalue, smd
+from circuits.prompts import PairSet, PromptSet, uses_chat
+from circuits.stats import cluster_bootstrap, mann_whitney, permutation_p_value, smd
 from interp.batching import encode, microbatches, pad_ids, pad_token_id
 from interp.metrics import SUMMARIES, CandidateAnswers, ExpectedValue, PromptCandidates, takes_layout
 from interp.numeric import NumberGrammar, expand, expand_each
@@ -346,7 +346,7 @@ class Measurement:
 
 @torch.no_grad()
 def measure(
-    model, prompts: PromptSet, *, batch_size: int = 32, progress: bool = True, expansion: Expansion = Expansion()
+    model, prompts: PromptSet, *, batch_size: int = 32, progress: bool = False, expansion: Expansion = Expansion()
 ) -> Measurement:
     """Every prompt's answer distribution, its summaries and covered mass (see the module docstring).
 
@@ -543,7 +543,7 @@ def group_gaps(
                     "advantage_ci_low": adv_low,
                     "advantage_ci_high": adv_high,
                     "smd": smd(side_a["value"], side_b["value"]),
-                    "p_permutation": permutation_pvalue(
+                    "p_permutation": permutation_p_value(
                         names.loc[names[column] == a, "value"],
                         names.loc[names[column] == b, "value"],
                         n_resamples=n_resamples,
@@ -624,7 +624,7 @@ def paired_gaps(
                 "advantage": sign * gap,
                 "advantage_ci_low": adv_low,
                 "advantage_ci_high": adv_high,
-                "p_permutation": permutation_pvalue(
+                "p_permutation": permutation_p_value(
                     cell["value_a"], cell["value_b"], paired=True, n_resamples=n_resamples, seed=seed
                 ),
             }

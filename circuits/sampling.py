@@ -222,7 +222,7 @@ def sample_answers(
     seed: int = 0,
     batch_size: int = 16,
     answer_type: AnswerType = "number",
-    progress: bool = True,
+    progress: bool = False,
 ) -> SampledAnswers:
     """Sample ``n_samples`` replies per prompt with the KV-cached ``generate`` of the underlying model.
 

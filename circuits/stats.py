@@ -146,7 +146,7 @@ def _mean_difference(x, y, axis):
     return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
 
-def permutation_pvalue(a, b, *, paired: bool = False, n_resamples: int = 5000, seed: int = 0) -> float:
+def permutation_p_value(a, b, *, paired: bool = False, n_resamples: int = 5000, seed: int = 0) -> float:
     """Two-sided permutation p-value for the difference in means of ``a`` and ``b``.
 
     Unpaired: group labels are shuffled. Paired (``a[i]`` with ``b[i]``): each pair's two values are
@@ -364,6 +364,6 @@ __all__ = [
     "gap_change",
     "correlation",
     "mann_whitney",
-    "permutation_pvalue",
+    "permutation_p_value",
     "smd",
 ]

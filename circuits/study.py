@@ -12,7 +12,6 @@ import hashlib
 import json
 import subprocess
 import time
-import warnings
 from dataclasses import dataclass, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -332,7 +331,7 @@ class Study:
         c = self._view("generalization")
         rec = self.store.run("generalization", keys["generalization"], lambda d: generalize(
             self.model, candidates, splits, probe=probe, how=c.ablation, means=means,
-            batch_size=c.batch_size, null_draws=c.null_draws, n_bootstrap=c.n_bootstrap, seed=c.seed,
+            batch_size=c.batch_size, null_draws=c.null_draws, n_resamples=c.n_bootstrap, seed=c.seed,
             progress=c.progress).save(d))
         generalization = Generalization.load(rec.path)
         from circuits.analysis import overlap_tables
