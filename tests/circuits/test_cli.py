@@ -30,8 +30,8 @@ def _one_line_error(code, capsys) -> str:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("command", [["audit", "--contexts", "chess"], ["agreement"], ["attribute", "--context", "chess"],
-                                     ["study"]])
+@pytest.mark.parametrize("command", [["audit", "--contexts", "chess"], ["agreement"],
+                                     ["attribute", "--context", "chess"], ["study"]])
 def test_cuda_without_cuda_fails_before_loading(tmp_path, capsys, no_model_load, command):
     code = main([*command, "--device", "cuda", "--out", str(tmp_path)])
     assert "device 'cuda': this machine has no usable CUDA device" in _one_line_error(code, capsys)

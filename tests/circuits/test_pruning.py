@@ -151,7 +151,8 @@ def test_shape_of_scores():
 def test_strategy_dispatch_matches_the_functions():
     assert select(Strategy("top_k_neurons", k=2), SCORES) == top_k_neurons(SCORES, 2)
     assert select(Strategy("top_k_heads", k=1), SCORES) == top_k_heads(SCORES, 1)
-    assert select(Strategy("top_k_mixed", k=2, normalize="zscore"), SCORES) == top_k_mixed(SCORES, 2, normalize="zscore")
+    mixed = Strategy("top_k_mixed", k=2, normalize="zscore")
+    assert select(mixed, SCORES) == top_k_mixed(SCORES, 2, normalize="zscore")
     utility = {"head": FASP_UTILITY}
     fasp_strategy = Strategy("fasp", gamma=0.5, alpha=0.34)
     assert select(fasp_strategy, {"head": FASP_BIAS}, utility=utility) == ComponentSet([Head(1, 0), Head(0, 1)])
@@ -159,11 +160,13 @@ def test_strategy_dispatch_matches_the_functions():
     random = select(Strategy("random", kind="neuron", seed=4), SCORES, like=ComponentSet([Neuron(1, 0)]))
     assert len(random) == 1 and next(iter(random)).layer == 1
     wanda = Strategy("wanda_difference", top_fraction=0.34)
-    assert select(wanda, SCORES, contrast={"neuron": -NEURONS}) == wanda_set_difference(NEURONS, -NEURONS, top_fraction=0.34)
+    expected = wanda_set_difference(NEURONS, -NEURONS, top_fraction=0.34)
+    assert select(wanda, SCORES, contrast={"neuron": -NEURONS}) == expected
 
 
 def test_strategy_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown pruning strategy 'magic'; known strategies: " + ", ".join(STRATEGIES)):
+    known = ", ".join(STRATEGIES)
+    with pytest.raises(ValueError, match=f"unknown pruning strategy 'magic'; known strategies: {known}"):
         Strategy("magic")
     with pytest.raises(ValueError, match="needs k >= 0"):
         Strategy("top_k_heads")

@@ -204,10 +204,10 @@ def test_config_from_toml_names_unknown_fields(tmp_path):
 def test_killed_study_resumes_with_identical_results(finished_study, tmp_path):
     out = tmp_path / "killed"
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
         "from tests.circuits.test_study import tiny_config\n"
         "from circuits.study import run_study\n"
-        "run_study(tiny_config(%r))\n" % (str(Path(__file__).parents[2]), str(out))
+        f"run_study(tiny_config({str(out)!r}))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = out / ".lock"
