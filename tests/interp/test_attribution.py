@@ -220,6 +220,7 @@ def test_no_hooks_remain_after_an_exception(tiny_model, pairs, logit_diff, metho
     assert math.isfinite(attribute(tiny_model, clean, corrupt, logit_diff).scores["head"].sum().item())
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_clear_errors(tiny_model, pairs, logit_diff):
     clean, corrupt = pairs
     misaligned = tokenize(tiny_model, [PAIRS[0][1], "Dan likes it", PAIRS[2][1], PAIRS[3][1]])

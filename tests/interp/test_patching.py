@@ -208,6 +208,7 @@ def test_microbatching_gives_the_same_result(tiny_model, pair, logit_diff):
         torch.testing.assert_close(split.baseline, whole.baseline, atol=1e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_inputs_are_named(tiny_model, pair, logit_diff):
     target, source = pair
     wider = tokenize(tiny_model, [SOURCES[0] + " and more words", SOURCES[1]])
