@@ -302,8 +302,8 @@ class ContextOverlapTest:
 
 
 def context_overlap_test(
-    prompt_scores_a: Float[Tensor, "prompt layer index"],
-    prompt_scores_b: Float[Tensor, "prompt layer index"],
+    prompt_scores_a: Float[Tensor, "prompt_a layer index"],
+    prompt_scores_b: Float[Tensor, "prompt_b layer index"],
     *,
     k: int,
     n_resamples: int = 1000,

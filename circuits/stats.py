@@ -10,7 +10,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -295,7 +295,7 @@ def gap_change(
     after: str,
     *,
     group: str = "group",
-    group_a: str = "White",
+    group_a: Hashable = "White",
     clusters: Sequence[str] = ("name", "variation"),
     n_resamples: int = 2000,
     seed: int = 0,

@@ -44,6 +44,7 @@ def test_out_that_is_a_file_fails_before_the_run(tmp_path, capsys, no_model_load
     assert f"--out {target} is an existing file; give a directory" in _one_line_error(code, capsys)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_study_config_is_one_line(tmp_path, capsys, no_model_load):
     config = tmp_path / "study.yaml"
     config.write_text("study:\n  neuron_ks: 25\n")

@@ -171,6 +171,7 @@ def test_pipe_table_fallback():
     ]
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_sections_are_refused(tmp_path):
     with pytest.raises(ValueError, match="at least one Section"):
         write_report(tmp_path, "t", [])

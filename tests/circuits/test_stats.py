@@ -83,6 +83,7 @@ def test_bootstrap_ci_paired_drops_incomplete_pairs():
         bootstrap_ci((a, b[:3]), _mean_diff, paired=True)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bootstrap_ci_input_checks():
     with pytest.raises(ValueError, match="tuple"):
         bootstrap_ci([1, 2, 3], np.mean)

@@ -120,6 +120,7 @@ def _stored_keys(config, tiny_model):
     return {k: v for k, v in keys.items() if not k.startswith(("prompts-", "pairs-"))}
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_each_config_field_invalidates_exactly_its_stages(tiny_model, tmp_path, monkeypatch):
     import interp.models
 
@@ -179,6 +180,7 @@ def test_changed_config_invalidates_only_downstream_stages(finished_study, tmp_p
         ({"ablation": "erase"}, "ablation"),
     ],
 )
+@pytest.mark.usefixtures("unchecked")
 def test_bad_config_fails_before_model_work(tmp_path, overrides, field):
     with pytest.raises(ConfigError, match=field):
         tiny_config(tmp_path, **overrides).validate()
