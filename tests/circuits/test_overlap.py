@@ -138,6 +138,7 @@ def test_permutation_null_is_centred_on_exchangeable_contexts():
     assert len(result.to_dataframe()) == 2 * (300 + 300)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_permutation_null_detects_context_specific_components():
     # Components 0-5 carry bias in both contexts (3.0); 6-11 more so in A only, 12-17 in B only (4.0).
     # Each context's top 6 is its own specific set (Jaccard 0); exchangeable pseudo-contexts share 0-5.
