@@ -39,7 +39,8 @@ from interp.hooks import hooked
 from interp.metrics import LogitDiff
 
 CITIES = ("Paris", "Tokyo", "London", "Cairo", "Berlin", "Lima", "Madrid", "Delhi", "Rome", "Oslo", "Vienna", "Athens")
-TEMPLATE = "I am planning a trip to {city} with my family. A fair price for one night in a good hotel there, in dollars, is"
+TEMPLATE = ("I am planning a trip to {city} with my family. "
+            "A fair price for one night in a good hotel there, in dollars, is")
 PREAMBLE = "We have saved for this holiday for a long time."
 SPEED_TARGET, MEMORY_TARGET = 1.3, 1.1
 
@@ -155,7 +156,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, dtype {cfg.dtype}")
     print(f"model: {cfg.n_layers} layers, {cfg.n_layers * cfg.d_mlp} neurons, {cfg.n_layers * cfg.n_heads} heads; "
-          f"batch: {n_pairs} pairs of {clean.tokens.shape[1]} positions (lengths {sorted(set(clean.lengths.tolist()))})")
+          f"batch: {n_pairs} pairs of {clean.tokens.shape[1]} positions "
+          f"(lengths {sorted(set(clean.lengths.tolist()))})")
 
     times = wall_times(
         {

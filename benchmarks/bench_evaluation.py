@@ -76,7 +76,8 @@ def main() -> None:
     batch, frame = eval_set.rows()
     expanded = metric.expand(batch)
     print(f"{len(batch)} prompts ({frame['name'].nunique()} names, {frame['template'].nunique()} templates), "
-          f"{int(batch.lengths.float().mean())} prompt tokens and {int(expanded.attention_mask.sum(-1).float().mean())} "
+          f"{int(batch.lengths.float().mean())} prompt tokens and "
+          f"{int(expanded.attention_mask.sum(-1).float().mean())} "
           f"expanded positions per row on average; load average {os.getloadavg()[0]:.1f}", flush=True)
 
     if args.single_heads:
@@ -112,7 +113,7 @@ def _compare(model, sets, eval_set, shape, args, name, target):
     probe = UtilityProbe.build(model)
 
     def run(stacked: bool):
-        return evaluate(model, sets, [eval_set], probe=probe, batch_size=args.batch_size, n_bootstrap=200, seed=0,
+        return evaluate(model, sets, [eval_set], probe=probe, batch_size=args.batch_size, n_resamples=200, seed=0,
                         progress=False, stacked=stacked)
 
     seconds, wall, results = {}, {}, {}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import resource
 import time
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 

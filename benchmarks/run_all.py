@@ -65,7 +65,8 @@ def run_step(name: str, command: list[str], timeout: float) -> dict:
         out, err = (s.decode() if isinstance(s, bytes) else s for s in (out, err))
     seconds = time.perf_counter() - start
     results = re.findall(r"^RESULT .*$", out, re.MULTILINE)
-    last_error = next((line for line in reversed(err.strip().splitlines()) if line.strip()), "") if status != "ok" else ""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    last_error = lines[-1] if status != "ok" and lines else ""
     print(f"{name}: {status} in {seconds:.0f} s" + "".join(f"\n  {r}" for r in results)
           + (f"\n  {last_error}" if last_error else ""), flush=True)
     return {"name": name, "status": status, "seconds": seconds, "results": results, "error": last_error}
@@ -77,7 +78,8 @@ def section(steps: list[dict], args: argparse.Namespace, total: float) -> str:
         f"## run_all.py --device {args.device}{' --quick' if args.quick else ''}",
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"device {device}, torch {torch.__version__}, load average at the end {os.getloadavg()[0]:.1f}. Total wall time {total / 60:.1f} min. "
+        f"device {device}, torch {torch.__version__}, load average at the end {os.getloadavg()[0]:.1f}. "
+        f"Total wall time {total / 60:.1f} min. "
         f"Command: `python benchmarks/run_all.py --device {args.device}{' --quick' if args.quick else ''}`.",
         "",
         "| step | status | wall s | results |",

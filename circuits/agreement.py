@@ -59,8 +59,8 @@ from circuits.config import StudyConfig
 from circuits.prompts import PromptSet, build_prompts, select_prompts
 from circuits.sampling import AnswerType, format_ids, parse_answer, parse_ids, sample_answers
 from circuits.stats import correlation, mann_whitney
-from interp.results import SavedResult
 from interp.hooks import HookedModel
+from interp.results import SavedResult
 
 META = ("prompt_id", "context", "variation", "detail", "name", "group", "gender", "answer_type", "sign")
 GAP_COLUMNS = ("gap", "ci_low", "ci_high", "smd", "p_mann_whitney")
@@ -379,7 +379,7 @@ def run_agreement(
     confidence: float = 0.95,
     n_noise: int = 2000,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
     out_dir: str | Path | None = None,
 ) -> Agreement:
     """Measure and sample the same prompts, then ``compare`` them per context.

@@ -5,10 +5,10 @@ Saved as ``Overlap``: one Parquet table each (``TABLES``), whose columns the fig
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Mapping
 
 import pandas as pd
 
@@ -74,8 +74,8 @@ def permutation_tests(scores: Mapping[str, ContextScores], *, k: int, n_null: in
     for a, b in combinations(scores, 2):
         for kind in ("neuron", "head"):
             pa, pb = scores[a].per_prompt()[kind], scores[b].per_prompt()[kind]
-            test = overlap.context_overlap_test(pa, pb, k=min(k, pa[0].numel()), n_permutations=n_null,
-                                                n_bootstrap=n_null, seed=seed)
+            test = overlap.context_overlap_test(pa, pb, k=min(k, pa[0].numel()), n_resamples=n_null,
+                                                seed=seed)
             frames.append(test.summary().assign(context_a=a, context_b=b, kind=kind))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -94,8 +94,10 @@ def shared_specific_table(generalization: Generalization) -> pd.DataFrame:
                              "full_low": row.get("reduction_low", float("nan")),
                              "full_high": row.get("reduction_high", float("nan")),
                              "shared_reduction": float(match["reduction"].iloc[0]),
-                             "shared_low": float(match["reduction_low"].iloc[0]) if "reduction_low" in match else float("nan"),
-                             "shared_high": float(match["reduction_high"].iloc[0]) if "reduction_high" in match else float("nan"),
+                             "shared_low": float(match["reduction_low"].iloc[0])
+                             if "reduction_low" in match else float("nan"),
+                             "shared_high": float(match["reduction_high"].iloc[0])
+                             if "reduction_high" in match else float("nan"),
                              "n_shared": int(match["n_components"].iloc[0]), "n_full": int(row["n_components"])})
     table = pd.DataFrame(rows)
     if len(table):

@@ -165,13 +165,13 @@ def run_audit(
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
 ) -> AuditResult:
     """Measure the chosen contexts (all by default) or an imported ``prompts`` set; gaps per context.
 
     ``model`` is a loaded model or a name/path for ``interp.load_model``. ``variations`` and
     ``names_per_cell`` take a ``select_prompts`` subset (per context; per group x gender cell) to bound the
-    cost. Prompts are measured ``chunk_size`` at a time with a progress bar (ETA) over prompts. With
+    cost. Prompts are measured ``chunk_size`` at a time with a progress bar (ETA, with ``progress``) over prompts. With
     ``out_dir`` each chunk is kept as it finishes, a re-run resumes after the last complete one, and
     the result is written there (see ``AuditResult.save``); one run at a time holds ``out_dir``.
     """

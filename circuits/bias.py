@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from circuits.contexts import DECIMALS, AnswerFormat, Context, get_context
 from circuits.parsing import parse_number
 from circuits.prompts import PromptSet, uses_chat
-from circuits.stats import cluster_bootstrap, mann_whitney, permutation_pvalue, smd
+from circuits.stats import cluster_bootstrap, mann_whitney, permutation_p_value, smd
 from interp.batching import encode, microbatches, pad_ids, pad_token_id
 from interp.hooks import HookedModel
 from interp.metrics import SUMMARIES, CandidateAnswers, ExpectedValue, PromptCandidates, takes_layout
@@ -338,7 +338,7 @@ class Measurement(SavedResult):
 
 @torch.no_grad()
 def measure(
-    model: HookedModel, prompts: PromptSet, *, batch_size: int = 32, progress: bool = True,
+    model: HookedModel, prompts: PromptSet, *, batch_size: int = 32, progress: bool = False,
     expansion: Expansion = Expansion(),
 ) -> Measurement:
     """Every prompt's answer distribution, its summaries and covered mass (see the module docstring).
@@ -536,7 +536,7 @@ def group_gaps(
                     "advantage_ci_low": adv_low,
                     "advantage_ci_high": adv_high,
                     "smd": smd(side_a["value"], side_b["value"]),
-                    "p_permutation": permutation_pvalue(
+                    "p_permutation": permutation_p_value(
                         names.loc[names[column] == a, "value"],
                         names.loc[names[column] == b, "value"],
                         n_resamples=n_resamples,

@@ -13,10 +13,10 @@ report utility on, so no text is both.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -58,7 +58,7 @@ class UtilityProbe:
     """Neutral text and the unablated model's next-token log-probabilities on it, the reference for KL."""
 
     batch: TokenBatch
-    reference: Float[Tensor, "batch pos vocab"]  # log-probabilities
+    reference: Float[Tensor, "row pos vocab"]  # log-probabilities
 
     @classmethod
     def build(cls, model: HookedModel, texts: Sequence[str] | None = None) -> "UtilityProbe":
@@ -237,15 +237,15 @@ def evaluate(
     plan: Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 16,
     seed: int = 0,
-    n_bootstrap: int = 1000,
-    progress: bool = True,
+    n_resamples: int = 1000,
+    progress: bool = False,
     stacked: bool = True,
 ) -> Evaluation:
     """Ablate each component set in turn and measure every prompt of the evaluation sets, plus utility.
 
     Per (set, evaluation set): ``gap`` (after), ``baseline_gap``, and from ``circuits.stats.gap_change``
     (a two-way cluster bootstrap over names x templates, names drawn within their group, the same
-    ``n_bootstrap`` resamples, seeded by ``seed``, for before and after) ``delta_gap`` with
+    ``n_resamples`` resamples, seeded by ``seed``, for before and after) ``delta_gap`` with
     ``delta_low``/``delta_high``, ``share_removed`` with ``share_low``/``share_high``, the after-gap's
     ``after_low``/``after_high``, ``overshoot``, and the evaluation set's ``gap_sd`` and ``mde`` (minimum
     detectable delta at 80% power). ``reduction`` = 1 - |gap| / |baseline gap| is kept as a secondary
@@ -297,9 +297,9 @@ def evaluate(
                 values = stacked_values[es.name][label] if stacked else prompt_values(model, es, backoff=backoff)
                 base = baseline.setdefault(es.name, values)
                 rows.append({"set": label, "n_components": len(components), "eval": es.name,
-                             **_endpoints(es, base, values, seed=seed, n_bootstrap=n_bootstrap), **utility})
+                             **_endpoints(es, base, values, seed=seed, n_resamples=n_resamples), **utility})
     settings = {"how": how, "sets": {k: len(v) for k, v in sets.items()}, "eval_sets": [e.name for e in eval_sets],
-                "n_bootstrap": n_bootstrap, "seed": seed}
+                "n_resamples": n_resamples, "seed": seed}
     return Evaluation(pd.DataFrame(rows), settings)
 
 
@@ -358,14 +358,14 @@ def _stacked_utility(model, probe: UtilityProbe, sets: Mapping[str, ComponentSet
     return utilities | {label: utilities["none"] for label, c in sets.items() if not len(c)}
 
 
-def _endpoints(eval_set: EvalSet, before: Tensor, after: Tensor, *, seed: int, n_bootstrap: int) -> dict:
+def _endpoints(eval_set: EvalSet, before: Tensor, after: Tensor, *, seed: int, n_resamples: int) -> dict:
     """The gap endpoints of one evaluation set before and after an ablation (see ``evaluate``)."""
     _, frame = eval_set.rows()
     table = frame[list(PROMPT_COLUMNS)].assign(before=before.numpy(), after=after.numpy())
     with warnings.catch_warnings():  # a degenerate resample (zero gap) is NaN, shown as such
         warnings.simplefilter("ignore", RuntimeWarning)
         change = gap_change(table, "before", "after", group_a=eval_set.group_a, clusters=("name", "template"),
-                            n_resamples=n_bootstrap, seed=seed)
+                            n_resamples=n_resamples, seed=seed)
     in_a = table["group"] == eval_set.group_a
     base, gap = change.pop("gap_before"), change.pop("gap_after")
     ratio = change.pop("reduction_resamples")
@@ -387,7 +387,7 @@ def _endpoints(eval_set: EvalSet, before: Tensor, after: Tensor, *, seed: int, n
 
 def head_utility(
     model: HookedModel, probe: UtilityProbe, *, n_texts: int | None = None, measure: str = "perplexity",
-    progress: bool = True,
+    progress: bool = False,
 ) -> Float[Tensor, "layer head"]:
     """FASP's z_ppl: the damage to ``probe``'s texts when each head alone is zero-ablated.
 

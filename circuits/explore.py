@@ -34,8 +34,8 @@ from circuits.scoring import ContextScores
 from circuits.stats import bootstrap_ci, gap_change
 from interp.activations import masked_means
 from interp.components import KINDS, Component, ComponentSet, ComponentShape, Kind
-from interp.results import SavedResult
 from interp.hooks import HookedModel
+from interp.results import SavedResult
 
 SEP = " & "  # joins the contexts of an intersection's label
 MAX_CONTEXTS = 12  # 2**12 membership patterns per null draw
@@ -177,9 +177,9 @@ def intersection_effects(
     how: str = "zero",
     means: Mapping[str, Tensor] | None = None,
     batch_size: int = 16,
-    n_bootstrap: int = 1000,
+    n_resamples: int = 1000,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
 ) -> SetComparison:
     """The comparison with ``effects``: each intersection of at least ``min_size`` ablated alone, on every
     evaluation set, through ``circuits.evaluation.evaluate`` (``delta_gap`` with its two-way cluster bootstrap
@@ -189,7 +189,7 @@ def intersection_effects(
         raise ValueError(f"no intersection has at least {min_size} components")
     sets = {label: comparison.components(label) for label in chosen}
     result = evaluate(model, sets, eval_sets, probe=probe, how=how, means=means, batch_size=batch_size, seed=seed,
-                      n_bootstrap=n_bootstrap, progress=progress)
+                      n_resamples=n_resamples, progress=progress)
     frame = result.frame[result.frame["set"] != "none"].rename(columns={"set": "intersection"})
     return replace(comparison, effects=frame[[c for c in EFFECT_COLUMNS if c in frame]].reset_index(drop=True))
 
@@ -279,7 +279,7 @@ def card_scores(
     component: Component,
     *,
     frames: Mapping[str, pd.DataFrame] | None = None,
-    n_bootstrap: int = 1000,
+    n_resamples: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
     """The component's score in every context, with a 95% interval of its first-order estimate.
@@ -310,10 +310,10 @@ def card_scores(
                 with warnings.catch_warnings():  # the zero "before" gap makes the share columns undefined
                     warnings.simplefilter("ignore", RuntimeWarning)
                     change = gap_change(table, "before", "after", group="_in_a", group_a=True,
-                                        clusters=("name", "template"), n_resamples=n_bootstrap, seed=seed)
+                                        clusters=("name", "template"), n_resamples=n_resamples, seed=seed)
                 row.update(ci_low=change["delta_low"], ci_high=change["delta_high"], interval="names x templates")
             else:
-                low, high = bootstrap_ci((contributions,), np.mean, n_resamples=n_bootstrap, seed=seed)
+                low, high = bootstrap_ci((contributions,), np.mean, n_resamples=n_resamples, seed=seed)
                 row.update(ci_low=low, ci_high=high, interval="prompts")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -421,7 +421,7 @@ def component_card(
     *,
     n_top: int = 10,
     tokens: Mapping[str, Sequence[str]] = ANSWER_TOKENS,
-    n_bootstrap: int = 1000,
+    n_resamples: int = 1000,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
@@ -432,7 +432,7 @@ def component_card(
     frames = {c: es.rows()[1] for c, es in eval_sets.items()}
     matching = {c: f for c, f in frames.items() if c in scores and scores[c].attribution.per_prompt is not None
                 and len(f) == scores[c].attribution.per_prompt[component.kind].shape[0]}
-    table = card_scores(scores, component, frames=matching, n_bootstrap=n_bootstrap, seed=seed)
+    table = card_scores(scores, component, frames=matching, n_resamples=n_resamples, seed=seed)
     activations, effects, top = card_activations(model, component, eval_sets, n_top=n_top, tokens=tokens,
                                                  batch_size=batch_size, progress=progress)
     return ComponentCard(component, table, activations, effects, top)

@@ -19,8 +19,8 @@ The train-context x eval-context matrix has L1 on its diagonal and L2 off it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,8 +28,8 @@ import pandas as pd
 from circuits.evaluation import EvalSet, UtilityProbe, evaluate
 from circuits.pruning import null_sets
 from interp.components import ComponentSet, ComponentShape
-from interp.results import SavedResult
 from interp.hooks import HookedModel
+from interp.results import SavedResult
 
 LEVELS = ("L0", "names", "L1", "L2")
 
@@ -144,10 +144,10 @@ def generalize(
     means=None,
     batch_size: int = 16,
     null_draws: int = 0,
-    n_bootstrap: int = 1000,
+    n_resamples: int = 1000,
     seed: int = 0,
     shape: ComponentShape | None = None,
-    progress: bool = True,
+    progress: bool = False,
     stacked: bool = True,
 ) -> Generalization:
     """Measure every candidate on its own context's L0/names/L1 sets and every other context's L1.
@@ -187,7 +187,7 @@ def generalize(
                 label = f"{c.label}#null{d}"
                 sets[label], plan[label], null_of[label] = drawn, plan[c.label], c.label
     result = evaluate(model, sets, eval_sets, probe=probe, how=how, means=means, plan=plan, batch_size=batch_size,
-                      seed=seed, n_bootstrap=n_bootstrap, progress=progress, stacked=stacked)
+                      seed=seed, n_resamples=n_resamples, progress=progress, stacked=stacked)
     meta = {c.label: c for c in candidates}
     rows, nulls = [], []
     for row in result.frame.to_dict("records"):
@@ -210,7 +210,8 @@ def generalize(
 
 
 def _with_null_band(frame: pd.DataFrame, nulls: pd.DataFrame) -> pd.DataFrame:
-    """``null_low``/``null_high``/``null_mean`` of the nulls' delta_gap per (candidate, eval set), and ``outside_null``."""
+    """``null_low``/``null_high``/``null_mean`` of the nulls' delta_gap per (candidate, eval set), and
+    ``outside_null``."""
     band = nulls.groupby(["null_of", "eval"])["delta_gap"].agg(
         null_low=lambda v: float(np.percentile(v, 2.5)), null_high=lambda v: float(np.percentile(v, 97.5)),
         null_mean="mean", n_null="size").reset_index().rename(columns={"null_of": "set"})

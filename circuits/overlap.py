@@ -46,7 +46,7 @@ def _same_shape(a: Tensor, b: Tensor) -> None:
         raise ValueError(f"the two score tensors must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def _descending_order(values: Float[Tensor, " component"]) -> Int[Tensor, " component"]:
+def _descending_order(values: Float[Tensor, "component"]) -> Int[Tensor, "component"]:
     """Indices from highest to lowest score, ties by position (the order of ``ComponentSet.top_k``)."""
     return values.argsort(descending=True, stable=True)
 
@@ -141,16 +141,16 @@ def rank_biased_overlap(ranking_a: Sequence[Hashable], ranking_b: Sequence[Hasha
         if len(set(ranking)) != len(ranking):
             raise ValueError(f"{name} ranks some item twice; a ranking holds distinct items")
     short, long_ = sorted((list(ranking_a), list(ranking_b)), key=len)
-    s, l = len(short), len(long_)
+    s, n_long = len(short), len(long_)
     position = {item: i for i, item in enumerate(long_)}
     entered = [max(i, position[item]) for i, item in enumerate(short) if item in position]
-    overlap = np.cumsum(np.bincount(np.asarray(entered, dtype=int), minlength=l))  # X_d for d = 1..l
-    depth = np.arange(1, l + 1)
+    overlap = np.cumsum(np.bincount(np.asarray(entered, dtype=int), minlength=n_long))  # X_d for d = 1..n_long
+    depth = np.arange(1, n_long + 1)
     weights = p**depth
     agreement = np.sum(overlap / depth * weights)
-    x_s, x_l = overlap[s - 1], overlap[l - 1]
+    x_s, x_l = overlap[s - 1], overlap[n_long - 1]
     beyond_short = np.sum(x_s * (depth[s:] - s) / (s * depth[s:]) * weights[s:])
-    tail = ((x_l - x_s) / l + x_s / s) * p**l
+    tail = ((x_l - x_s) / n_long + x_s / s) * p**n_long
     return float((1 - p) / p * (agreement + beyond_short) + tail)
 
 
@@ -302,12 +302,11 @@ class ContextOverlapTest:
 
 
 def context_overlap_test(
-    prompt_scores_a: Float[Tensor, "prompt layer index"],
-    prompt_scores_b: Float[Tensor, "prompt layer index"],
+    prompt_scores_a: Float[Tensor, "prompt_a layer index"],
+    prompt_scores_b: Float[Tensor, "prompt_b layer index"],
     *,
     k: int,
-    n_permutations: int = 1000,
-    n_bootstrap: int = 1000,
+    n_resamples: int = 1000,
     level: float = 0.95,
     ci_method: Literal["percentile", "basic", "BCa"] = "percentile",
     seed: int = 0,
@@ -336,11 +335,11 @@ def context_overlap_test(
     batch = max(1, 2**21 // pooled.shape[1])  # rows of [row, feature] means held at once
     nulls = {}
     for name in PROMPT_STATISTICS:
-        result = stats.permutation_test(groups, getattr(overlap, name), vectorized=True, n_resamples=n_permutations,
+        result = stats.permutation_test(groups, getattr(overlap, name), vectorized=True, n_resamples=n_resamples,
                                         batch=batch, alternative="less", rng=np.random.default_rng(seed))
         nulls[name] = NullDistribution(name, "label_permutation", float(result.statistic),
                                        np.asarray(result.null_distribution, dtype=float), float(result.pvalue), "less")
-    boot = stats.bootstrap(groups, overlap.both, vectorized=True, n_resamples=n_bootstrap, batch=batch,
+    boot = stats.bootstrap(groups, overlap.both, vectorized=True, n_resamples=n_resamples, batch=batch,
                            confidence_level=level, method=ci_method, rng=np.random.default_rng(seed))
     bootstrap = {name: boot.bootstrap_distribution[i] for i, name in enumerate(PROMPT_STATISTICS)}
     ci = {name: (float(boot.confidence_interval.low[i]), float(boot.confidence_interval.high[i]))

@@ -13,7 +13,7 @@ after the name lines up (see ``build_pairs``); the rows differ only inside the s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,13 +22,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from circuits.contexts import (
-    CONTEXTS,
-    DETAILS,
-    AnswerFormat,
-    Context,
-    get_context,
-)
+from circuits.contexts import CONTEXTS, DETAILS, AnswerFormat, Context, get_context
 from circuits.names import GROUPS, Name, all_names, sample_names, split_names
 from interp.batching import TokenBatch, encode, pad_ids, pad_token_id
 from interp.hooks import HookedModel
@@ -75,7 +69,7 @@ def format_prompt(model_or_tokenizer, user_text: str, answer_prefix: str, *, cha
 
 
 def split_variations(
-    keys: Sequence[str], *, heldout_fraction: float = 1 / 3, seed: int = 0
+    keys: Iterable[str], *, heldout_fraction: float = 1 / 3, seed: int = 0
 ) -> dict[str, str]:
     """Map each variation key to ``"train"`` or ``"heldout"``: a seeded draw of about ``heldout_fraction``
     of them, at least one and never all (a single variation stays in train)."""
@@ -274,7 +268,7 @@ def _name_positions(model, text: str, name: str) -> tuple[list[int], list[int]]:
     return ids, positions
 
 
-def tokenize_prompts(model: HookedModel, prompts: PromptSet) -> tuple[TokenBatch, Bool[Tensor, "batch pos"]]:
+def tokenize_prompts(model: HookedModel, prompts: PromptSet) -> tuple[TokenBatch, Bool[Tensor, "row pos"]]:
     """The prompts as a right-padded batch on the model's device, and each row's name-token mask."""
     encoded = [
         _name_positions(model, t, n) for t, n in zip(prompts.frame["prompt_text"], prompts.frame["name"])

@@ -25,7 +25,7 @@ from interp.components import KINDS, ComponentSet, ComponentShape, Kind
 from interp.hooks import HookedModel
 from interp.weights import weight_norms
 
-Scores = Mapping[Kind, Float[Tensor, "layer index"]]
+Scores = Mapping[Kind, Float[Tensor, "layer _index"]]
 Normalization = Literal["raw", "zscore"]
 NORMALIZATIONS: tuple[Normalization, ...] = ("raw", "zscore")
 
@@ -220,7 +220,7 @@ def null_sets(components: ComponentSet, shape: ComponentShape, *, n_draws: int, 
     return draws
 
 
-def weight_magnitude_scores(model: HookedModel) -> dict[Kind, Float[Tensor, "layer index"]]:
+def weight_magnitude_scores(model: HookedModel) -> dict[Kind, Float[Tensor, "layer _index"]]:
     """Weight-norm importance of every neuron and head (the magnitude baseline).
 
     Neuron ``(L, i)``: product of the L2 norms of its weight vectors, input column of ``W_in``,

@@ -4,7 +4,8 @@ A report is a title, optional metadata (model, date, settings) and a list of :cl
 with Markdown-ish text (paragraphs separated by blank lines, ``- `` bullet lists, ```code``` spans),
 captioned tables and captioned figures. In the HTML page every table sorts by a click on a column
 header and filters rows by the text typed above it (a small inline script, no server), and a table
-cell that reads exactly a section's ``key`` (e.g. a component's ``N12.345``) links to that section. :func:`write_report` writes::
+cell that reads exactly a section's ``key`` (e.g. a component's ``N12.345``) links to that section.
+:func:`write_report` writes::
 
     out_dir/figures/<name>.png, <name>.svg   one pair per figure (names sanitized, repeats numbered)
     out_dir/report.html                      figures embedded as base64 PNG, no external resources

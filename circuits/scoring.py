@@ -45,7 +45,7 @@ class ContextScores(SavedResult):
     RESULT = "ContextScores"
 
     context: str
-    scores: dict[str, Float[Tensor, "layer index"]]
+    scores: dict[str, Float[Tensor, "layer _index"]]
     attribution: AttributionResult | AblationAttribution
     orientation: float
     scale: float
@@ -58,7 +58,7 @@ class ContextScores(SavedResult):
             return float(self.attribution.weights @ self.attribution.metric)
         return float((self.attribution.metric_clean - self.attribution.metric_corrupt).mean())
 
-    def per_prompt(self) -> dict[str, Float[Tensor, "prompt layer index"]]:
+    def per_prompt(self) -> dict[str, Float[Tensor, "prompt layer _index"]]:
         """Oriented, scaled per-prompt contributions whose mean over prompts is the (unrefined) score."""
         if self.attribution.per_prompt is None:
             raise ValueError("no per-prompt scores; score with per_prompt=True")
@@ -157,7 +157,7 @@ def score_prompts(
     kinds=("neuron", "head"),
     seed: int = 0,
     batch_size: int = 8,
-    progress: bool = True,
+    progress: bool = False,
 ) -> ContextScores:
     """Pair-free scores of every neuron and head on every prompt of ``eval_set`` (see the module docstring).
 
@@ -259,7 +259,7 @@ def score_context(
     refine_top: int = 0,
     per_prompt: bool = False,
     batch_size: int = 8,
-    progress: bool = True,
+    progress: bool = False,
 ) -> ContextScores:
     """AtP (or IG) scores of every neuron and head for one context's pairs (A = clean rows).
 
@@ -287,7 +287,7 @@ def score_context(
     return _oriented(eval_set.name, result, orientation, grid_scale(eval_set.metric), refined, settings)
 
 
-def wanda_scores(model: HookedModel, batch, *, batch_size: int = 16) -> dict[str, Float[Tensor, "layer index"]]:
+def wanda_scores(model: HookedModel, batch, *, batch_size: int = 16) -> dict[str, Float[Tensor, "layer _index"]]:
     """Structured Wanda scores from each layer's real inputs: ||x_unit|| * ||unit's output weights||.
 
     A neuron's input to the down projection is its ``hook_post`` activation; a head's is its

@@ -10,7 +10,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -146,7 +146,7 @@ def _mean_difference(x, y, axis):
     return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
 
-def permutation_pvalue(a, b, *, paired: bool = False, n_resamples: int = 5000, seed: int = 0) -> float:
+def permutation_p_value(a, b, *, paired: bool = False, n_resamples: int = 5000, seed: int = 0) -> float:
     """Two-sided permutation p-value for the difference in means of ``a`` and ``b``.
 
     Unpaired: group labels are shuffled. Paired (``a[i]`` with ``b[i]``): each pair's two values are
@@ -295,7 +295,7 @@ def gap_change(
     after: str,
     *,
     group: str = "group",
-    group_a: str = "White",
+    group_a: Hashable = "White",
     clusters: Sequence[str] = ("name", "variation"),
     n_resamples: int = 2000,
     seed: int = 0,
@@ -364,6 +364,6 @@ __all__ = [
     "gap_change",
     "correlation",
     "mann_whitney",
-    "permutation_pvalue",
+    "permutation_p_value",
     "smd",
 ]

@@ -30,8 +30,15 @@ from circuits.config import StudyConfig
 from circuits.evaluation import EvalSet, UtilityProbe, eval_set, head_utility, neutral_texts
 from circuits.generalization import CandidateSet, CandidateSets, ContextSplits, Generalization, generalize
 from circuits.prompts import PromptSet, build_prompts, select_prompts
-from circuits.scoring import (Baselines, ContextScores, HeadScores, baseline_sets, fasp_head_bias, score_context,
-                              score_prompts)
+from circuits.scoring import (
+    Baselines,
+    ContextScores,
+    HeadScores,
+    baseline_sets,
+    fasp_head_bias,
+    score_context,
+    score_prompts,
+)
 from circuits.stages import ConfigView, StageStore, frame_digest, settings_key
 from interp.components import ComponentShape
 from interp.hooks import HookedModel
@@ -146,7 +153,7 @@ def _selection(s: Study, c, out, scores, **inputs) -> None:
 def _generalization(s: Study, c, out, selection, pairs, means=None) -> None:
     splits = {ctx: p.splits(heldout_names=c.heldout_names) for ctx, p in pairs.items()}
     generalize(s.model, selection, splits, probe=UtilityProbe.build(s.model), how=c.ablation, means=means,
-               batch_size=c.batch_size, null_draws=c.null_draws, n_bootstrap=c.n_bootstrap, seed=c.seed,
+               batch_size=c.batch_size, null_draws=c.null_draws, n_resamples=c.n_bootstrap, seed=c.seed,
                progress=c.progress).save(out)
 
 

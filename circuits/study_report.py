@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from circuits import plots
+from circuits import explore, plots
 from circuits.analysis import load_overlap_tables
 from circuits.audit import AuditResult
 from circuits.config import StudyConfig
-from circuits import explore
 from circuits.coverage import coverage_lines, coverage_table
 from circuits.generalization import Generalization
 from circuits.pruning import shape_of_scores
@@ -21,8 +20,10 @@ from interp.components import Component
 def _audit_section(audit: AuditResult) -> Section:
     gaps = audit.gaps.to_dataframe()
     shown = gaps.assign(comparison=gaps["group_a"] + " - " + gaps["group_b"])
-    # in each context's own units; the figure shows the SMD so contexts share one scale
-    fig_df = shown.assign(gap=shown["smd"], gap_lo=shown["smd"], gap_hi=shown["smd"])
+    # the table is in each context's own units; the figure shows the SMD with the gap's interval
+    # divided by the same pooled SD (gap / smd), so contexts share one scale
+    pooled_sd = shown["gap"] / shown["smd"]
+    fig_df = shown.assign(gap=shown["smd"], gap_lo=shown["ci_low"] / pooled_sd, gap_hi=shown["ci_high"] / pooled_sd)
     table = shown[["context", "comparison", "mean_a", "mean_b", "gap", "ci_low", "ci_high", "smd",
                    "p_permutation", "n_prompts", "mean_grid_mass"]]
     coverage = coverage_table(audit.measurement)
@@ -38,8 +39,8 @@ def _audit_section(audit: AuditResult) -> Section:
         + "\n".join(f"- {line}" for line in coverage_lines(audit.measurement)),
         tables=[("Group gaps per context", table.round(4)),
                 ("Covered share of the model's answers per context", coverage.round(4))],
-        figures=[("audit_gaps", "Standardized mean difference per context", plots.audit_gaps(
-            fig_df[["context", "gap", "gap_lo", "gap_hi", "comparison"]]))],
+        figures=[("audit_gaps", "Standardized mean difference per context, with the gap's interval in pooled SDs",
+                  plots.audit_gaps(fig_df[["context", "gap", "gap_lo", "gap_hi", "comparison"]]))],
     )
 
 
@@ -49,8 +50,10 @@ def _attribution_section(scores: dict) -> Section:
     for ctx, s in scores.items():
         df = s.to_dataframe()
         frames.append(df)
-        figures.append((f"heads_{ctx}", f"AtP head scores, {ctx} (layer x head)", plots.attribution_heatmap(df, "head")))
-        figures.append((f"neurons_{ctx}", f"AtP neuron scores by layer, {ctx}", plots.attribution_heatmap(df, "neuron")))
+        figures.append((f"heads_{ctx}", f"AtP head scores, {ctx} (layer x head)",
+                        plots.attribution_heatmap(df, "head")))
+        figures.append((f"neurons_{ctx}", f"AtP neuron scores by layer, {ctx}",
+                        plots.attribution_heatmap(df, "neuron")))
     both = pd.concat(frames, ignore_index=True)
     figures.append(("top_components", "Top components per context", plots.top_components(both, k=15)))
     top = (both.assign(abs_score=both["score"].abs()).sort_values("abs_score", ascending=False)
@@ -136,7 +139,8 @@ def _overlap_sections(tables: dict[str, pd.DataFrame]) -> list[Section]:
                             plots.overlap_matrix(rows[["context_a", "context_b", "stat", "value", "null_mean"]])))
         curves = tables["jaccard_curves"]
         figures.append(("jaccard_curves", "Jaccard of top-k neuron sets over k (chance band)",
-                        plots.jaccard_curves(curves[curves["kind"] == "neuron"][["pair", "k", "jaccard", "null_mean"]])))
+                        plots.jaccard_curves(
+                            curves[curves["kind"] == "neuron"][["pair", "k", "jaccard", "null_mean"]])))
         perm = tables["permutation"]
         out.append(Section(
             "Overlap across contexts",

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -94,8 +94,8 @@ def _feature_shape(model: HookedModel, hook: str) -> tuple[int, ...]:
 
 
 def _source_slices(
-    model: HookedModel, source: TokenBatch, index: Mapping[str, Int[Tensor, "k"]]
-) -> dict[str, Float[Tensor, "row pos k ..."]]:
+    model: HookedModel, source: TokenBatch, index: Mapping[str, Int[Tensor, "unit"]]
+) -> dict[str, Float[Tensor, "row pos unit ..."]]:
     """The ablated components' activations on ``source``, one no-grad forward, nothing else kept."""
 
     def sliced(name: str, act: Tensor) -> Tensor:
@@ -107,7 +107,7 @@ def _source_slices(
     return kept.joined()
 
 
-def derangement(n: int, seed: int) -> Int[Tensor, "n"]:
+def derangement(n: int, seed: int) -> Int[Tensor, "row"]:
     """A seeded uniformly random permutation of ``range(n)`` with no fixed point."""
     if n < 2:
         raise ValueError(f"resampling needs at least 2 prompts to swap between, got {n}")
@@ -227,7 +227,7 @@ def ablated(
 # -- weight edits ---------------------------------------------------------------------------
 
 
-def _output_weight(model: HookedModel, component: Component) -> tuple[nn.Parameter, int, Int[Tensor, "k"]]:
+def _output_weight(model: HookedModel, component: Component) -> tuple[nn.Parameter, int, Int[Tensor, "unit"]]:
     """The weight that writes ``component`` into the residual stream, its input axis and slice."""
     block = model.blocks[component.layer]
     bridge = block.mlp.out if component.kind == "neuron" else block.attn.o
@@ -267,7 +267,7 @@ class PrunedWeights:
                 weight.index_copy_(axis, cols.to(weight.device), saved)
         self._edits = []
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> PrunedWeights:
         return self
 
     def __exit__(self, *exc) -> None:

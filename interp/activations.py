@@ -173,12 +173,12 @@ def masked_means(
     model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
-    masks: Mapping[str, Bool[Tensor, "batch pos"]],
+    masks: Mapping[str, Bool[Tensor, "row pos"]],
     *,
     select: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
     batch_size: int = 32,
     progress: bool = False,
-) -> dict[str, dict[str, Float[Tensor, "batch ..."]]]:
+) -> dict[str, dict[str, Float[Tensor, "row ..."]]]:
     """Per prompt, the mean activation of each hook over the positions each mask marks.
 
     ``masks`` maps a label to a ``[batch, pos]`` mask on the batch's own grid (e.g. a word's
@@ -215,7 +215,7 @@ def masked_means(
 def attention_to_positions(
     model: HookedModel,
     batch: TokenBatch,
-    key_mask: Bool[Tensor, "batch pos"],
+    key_mask: Bool[Tensor, "row pos"],
     *,
     query: Literal["answer", "all"] = "answer",
     batch_size: int = 32,

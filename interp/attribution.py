@@ -35,10 +35,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.batching import TokenBatch, microbatches
-from interp.distributed import all_reduce_sum, current_shard
-from interp.memory import backoff_batches
 from interp.components import KINDS, Component, ComponentSet, ComponentShape, Kind, hook_name
+from interp.distributed import all_reduce_sum, current_shard
 from interp.hooks import HookedModel, capturing, hooked
+from interp.memory import backoff_batches
 from interp.metrics import Metric
 from interp.patching import patch_sweep
 from interp.results import SavedResult
@@ -54,8 +54,8 @@ class AttributionResult(SavedResult):
 
     RESULT = "AttributionResult"
 
-    scores: dict[Kind, Float[Tensor, "layer index"]]
-    per_prompt: dict[Kind, Float[Tensor, "prompt layer index"]] | None
+    scores: dict[Kind, Float[Tensor, "layer _index"]]
+    per_prompt: dict[Kind, Float[Tensor, "prompt layer _index"]] | None
     n_prompts: int
     metric_clean: Float[Tensor, "prompt"]
     metric_corrupt: Float[Tensor, "prompt"]
@@ -292,7 +292,8 @@ def _ig_batch(model: HookedModel, prompts: TokenBatch, a: TokenBatch, b: TokenBa
             alpha = einops.repeat(alphas[chunk], "step -> (step row)", row=n_rows).to(clean.device, clean.dtype)
             alpha = alpha.reshape(-1, *([1] * (clean.ndim - 1)))
             start = einops.repeat(corrupt, "row ... -> (step row) ...", step=k)
-            interpolated = (start + alpha * einops.repeat(delta, "row ... -> (step row) ...", step=k)).requires_grad_(True)
+            step_delta = einops.repeat(delta, "row ... -> (step row) ...", step=k)
+            interpolated = (start + alpha * step_delta).requires_grad_(True)
             with torch.enable_grad(), hooked(model, [(point.name, lambda act, hook, x=interpolated: x)]):
                 logits = model(stacked[k].tokens, **stacked[k].forward_kwargs())
                 value = _metric_values(metric, logits, stacked[k], k * n_prompts).sum()
@@ -310,7 +311,7 @@ def attribute(
     corrupt: TokenBatch,
     metric: Metric,
     *,
-    kinds: Iterable[Kind] = KINDS,
+    kinds: Kind | Iterable[Kind] = KINDS,
     method: Method = "atp",
     ig_steps: int = 8,
     batch_size: int = 16,
@@ -346,7 +347,8 @@ def attribute(
     points = _hook_points(kinds, shape.n_layers)
     n = len(clean)
     totals = {k: torch.zeros(shape.n_layers, shape.per_layer(k), dtype=torch.float32, device=device) for k in kinds}
-    kept = {k: torch.zeros(n, shape.n_layers, shape.per_layer(k), dtype=torch.float32) for k in kinds} if per_prompt else None
+    kept = ({k: torch.zeros(n, shape.n_layers, shape.per_layer(k), dtype=torch.float32) for k in kinds}
+            if per_prompt else None)
     metric_a, metric_b = torch.zeros(n, dtype=torch.float32), torch.zeros(n, dtype=torch.float32)
 
     shard = current_shard()  # under torch.distributed each rank takes a block of pairs
@@ -412,7 +414,7 @@ class AttributionCheck(SavedResult):
     exact: Float[Tensor, "component"]
     from_top: list[bool]  # chosen as a top-|AtP| component (else drawn at random)
     spearman: float
-    pvalue: float
+    p_value: float
     n_prompts: int
     seed: int
 
@@ -433,13 +435,14 @@ class AttributionCheck(SavedResult):
         return {"components": self.to_dataframe()}
 
     def _settings(self) -> dict:
-        return {"spearman": self.spearman, "pvalue": self.pvalue, "n_prompts": self.n_prompts, "seed": self.seed}
+        return {"spearman": self.spearman, "p_value": self.p_value, "n_prompts": self.n_prompts, "seed": self.seed}
 
     @classmethod
     def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "AttributionCheck":
         frame = tables["components"]
         return cls(
-            components=[Component(k, int(l), int(i)) for k, l, i in frame[["kind", "layer", "index"]].itertuples(index=False)],
+            components=[Component(k, int(layer), int(i))
+                        for k, layer, i in frame[["kind", "layer", "index"]].itertuples(index=False)],
             atp=torch.tensor(frame["atp"].to_numpy()),
             exact=torch.tensor(frame["exact"].to_numpy()),
             from_top=(frame["selection"] == "top").tolist(),
@@ -455,7 +458,7 @@ def atp_check(
     *,
     n_components: int = 64,
     seed: int = 0,
-    kinds: Iterable[Kind] = KINDS,
+    kinds: Kind | Iterable[Kind] = KINDS,
     batch_size: int = 16,
     attribution: AttributionResult | None = None,
     progress: bool = False,
@@ -481,7 +484,8 @@ def atp_check(
     scores = {k: attribution.scores[k] for k in kinds}
     total = sum(t.numel() for t in scores.values())
     if not 3 <= n_components <= total:
-        raise ValueError(f"n_components must be between 3 and the {total} components of kinds {kinds}, got {n_components}")
+        raise ValueError(
+            f"n_components must be between 3 and the {total} components of kinds {kinds}, got {n_components}")
 
     top = ComponentSet.top_k(scores, n_components // 2, absolute=True)
     shape = ComponentShape.of(model)
@@ -500,7 +504,7 @@ def atp_check(
         exact=exact,
         from_top=[c in top for c in components],
         spearman=float(correlation.statistic),
-        pvalue=float(correlation.pvalue),
+        p_value=float(correlation.pvalue),
         n_prompts=len(clean),
         seed=seed,
     )
@@ -520,8 +524,8 @@ class AblationAttribution(SavedResult):
 
     RESULT = "AblationAttribution"
 
-    scores: dict[Kind, Float[Tensor, "layer index"]]
-    per_prompt: dict[Kind, Float[Tensor, "prompt layer index"]] | None
+    scores: dict[Kind, Float[Tensor, "layer _index"]]
+    per_prompt: dict[Kind, Float[Tensor, "prompt layer _index"]] | None
     weights: Float[Tensor, "prompt"]
     metric: Float[Tensor, "prompt"]
     how: str
@@ -585,7 +589,7 @@ def ablation_attribution(
     how: str = "zero",
     means=None,
     seed: int = 0,
-    kinds: Iterable[Kind] = KINDS,
+    kinds: Kind | Iterable[Kind] = KINDS,
     batch_size: int = 16,
     per_prompt: bool = False,
     progress: bool = False,
@@ -613,7 +617,8 @@ def ablation_attribution(
     points = _hook_points(kinds, shape.n_layers)
     fixed = None if how == "resample" else _replacements(model, kinds, how, means, None, seed)
     totals = {k: torch.zeros(shape.n_layers, shape.per_layer(k), dtype=torch.float32) for k in kinds}
-    kept = {k: torch.zeros(n, shape.n_layers, shape.per_layer(k), dtype=torch.float32) for k in kinds} if per_prompt else None
+    kept = ({k: torch.zeros(n, shape.n_layers, shape.per_layer(k), dtype=torch.float32) for k in kinds}
+            if per_prompt else None)
     values = torch.zeros(n, dtype=torch.float32)
 
     def run(rows: slice) -> None:

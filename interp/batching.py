@@ -6,8 +6,8 @@ last prompt token, whose next-token logits are read) is recorded per prompt, nev
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Int
@@ -26,11 +26,11 @@ class TokenBatch:
     batch the keywords are empty.
     """
 
-    tokens: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    answer_pos: Int[Tensor, "batch"]
-    position_ids: Int[Tensor, "batch pos"] | None = None  # None: 0, 1, 2, ... in every row
-    key_mask: Bool[Tensor, "batch pos key"] | None = None  # None: causal
+    tokens: Int[Tensor, "row pos"]
+    attention_mask: Int[Tensor, "row pos"]
+    answer_pos: Int[Tensor, "row"]
+    position_ids: Int[Tensor, "row pos"] | None = None  # None: 0, 1, 2, ... in every row
+    key_mask: Bool[Tensor, "row pos key"] | None = None  # None: causal
 
     def forward_kwargs(self, offset: int = 0) -> dict:
         """Forward keywords for ``tokens[:, offset:]`` (earlier positions given as a key/value cache)."""
@@ -42,7 +42,7 @@ class TokenBatch:
         return self.tokens.shape[0]
 
     @property
-    def lengths(self) -> Int[Tensor, "batch"]:
+    def lengths(self) -> Int[Tensor, "row"]:
         return self.attention_mask.sum(-1)
 
     def to(self, device: torch.device | str) -> "TokenBatch":

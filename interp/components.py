@@ -6,8 +6,9 @@ grouped-query attention, where several query heads share one key/value head).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, Mapping
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -152,7 +153,7 @@ class ComponentSet:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def from_mask(cls, kind: Kind, mask: torch.Tensor) -> "ComponentSet":
-        return cls(Component(kind, int(l), int(i)) for l, i in mask.nonzero().tolist())
+        return cls(Component(kind, int(layer), int(i)) for layer, i in mask.nonzero().tolist())
 
     @classmethod
     def all(cls, shape: ComponentShape, kind: Kind) -> "ComponentSet":
@@ -161,7 +162,7 @@ class ComponentSet:
     @classmethod
     def top_k(
         cls,
-        scores: Mapping[Kind, Float[Tensor, "layer index"]] | Float[Tensor, "layer index"],
+        scores: Mapping[Kind, Float[Tensor, "layer _index"]] | Float[Tensor, "layer index"],
         k: int,
         *,
         kind: Kind | None = None,
@@ -184,7 +185,7 @@ class ComponentSet:
             values = tensor.detach().float().cpu()
             values = values.abs() if absolute else values
             flat.append(values.flatten())
-            keys += [(kind_, l, i) for l in range(values.shape[0]) for i in range(values.shape[1])]
+            keys += [(kind_, layer, i) for layer in range(values.shape[0]) for i in range(values.shape[1])]
         total = len(keys)
         if not 0 <= k <= total:
             raise ValueError(f"k={k} is out of range: there are {total} scored components")
@@ -205,4 +206,5 @@ class ComponentSet:
         missing = {"kind", "layer", "index"} - set(frame.columns)
         if missing:
             raise ValueError(f"component table lacks columns {sorted(missing)}")
-        return cls(Component(str(k), int(l), int(i)) for k, l, i in frame[["kind", "layer", "index"]].itertuples(index=False))
+        rows = frame[["kind", "layer", "index"]].itertuples(index=False)
+        return cls(Component(str(k), int(layer), int(i)) for k, layer, i in rows)

@@ -7,9 +7,10 @@ logits on that batch back to one value per prompt.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import einops
 import torch
@@ -24,7 +25,7 @@ from interp.hooks import HookedModel, capturing
 @runtime_checkable
 class Metric(Protocol):
     """A metric. One that reads logits at some positions only may say which with
-    ``logit_positions(batch) -> Int[Tensor, "n"]`` (sorted, unique positions of the expanded batch),
+    ``logit_positions(batch) -> Int[Tensor, "entry"]`` (sorted, unique positions of the expanded batch),
     so that sweeps unembed only those (``interp.stacking.LogitReader``)."""
 
     def expand(self, batch: TokenBatch) -> TokenBatch:
@@ -34,13 +35,13 @@ class Metric(Protocol):
         """One value per prompt, from the logits of the expanded batch."""
 
 
-def answer_logits(logits: Float[Tensor, "batch pos vocab"], batch: TokenBatch) -> Float[Tensor, "batch vocab"]:
+def answer_logits(logits: Float[Tensor, "row pos vocab"], batch: TokenBatch) -> Float[Tensor, "row vocab"]:
     """Next-token logits at each prompt's own answer position."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, batch.answer_pos.to(logits.device)]
 
 
-def _token_tensor(tokens: Sequence[int] | Tensor, device) -> Int[Tensor, "n"]:
+def _token_tensor(tokens: Sequence[int] | Tensor, device) -> Int[Tensor, "token"]:
     out = torch.as_tensor(tokens, dtype=torch.long, device=device).flatten()
     if out.numel() == 0:
         raise ValueError("a token set must hold at least one token")
@@ -51,7 +52,7 @@ class _SinglePosition:
     def expand(self, batch: TokenBatch) -> TokenBatch:
         return batch
 
-    def logit_positions(self, batch: TokenBatch) -> Int[Tensor, "n"]:
+    def logit_positions(self, batch: TokenBatch) -> Int[Tensor, "entry"]:
         """The positions whose logits are read: each prompt's answer position."""
         return batch.answer_pos.unique()
 
@@ -99,12 +100,12 @@ def kl_from_log_probs(
 
 
 def kl_divergence(
-    logits: Float[Tensor, "batch pos vocab"],
-    reference: Float[Tensor, "batch pos vocab"],
+    logits: Float[Tensor, "row pos vocab"],
+    reference: Float[Tensor, "row pos vocab"],
     batch: TokenBatch,
     *,
     all_positions: bool = True,
-) -> Float[Tensor, "batch"]:
+) -> Float[Tensor, "row"]:
     """KL(reference || model) per prompt, averaged over real positions (or at the answer only)."""
     if all_positions:
         ref = reference.float().log_softmax(-1)
@@ -421,9 +422,10 @@ class PromptCandidates:
     ``sets`` maps a prompt's tokens (a tuple of ids, padding excluded) to the ``CandidateAnswers``
     it is scored with; ``own`` to the prompt's own answers as derived (``sets`` may hold a union
     over several prompts instead). A prompt in neither is passed to ``derive`` (a list of token
-    tuples -> their candidate sets); a prompt not in ``sets`` is scored with its own. ``expand`` packs every row with the trie of its own candidates (the model
-    must take the packed layout, as the TransformerLens bridge does); ``log_probs`` is then
-    ``[prompt, cand]`` padded with ``-inf`` to the largest set, ``values_of`` the values (0 padded).
+    tuples -> their candidate sets); a prompt not in ``sets`` is scored with its own. ``expand`` packs
+    every row with the trie of its own candidates (the model must take the packed layout, as the
+    TransformerLens bridge does); ``log_probs`` is then ``[prompt, cand]`` padded with ``-inf`` to
+    the largest set, ``values_of`` the values (0 padded).
     """
 
     sets: dict = field(default_factory=dict)
@@ -600,7 +602,7 @@ class ExpectedValue:
     def expand(self, batch: TokenBatch) -> TokenBatch:
         return self.candidates.expand(batch)
 
-    def logit_positions(self, batch: TokenBatch) -> Int[Tensor, "n"]:
+    def logit_positions(self, batch: TokenBatch) -> Int[Tensor, "entry"]:
         """The positions of the expanded batch whose logits are read (along the candidates)."""
         return self.candidates.read_positions(batch).unique()
 

@@ -14,9 +14,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 # An offline machine must never hang on a hub call: offline unless the user opted in explicitly.
 # huggingface_hub reads this at import time, so it is set before transformers is imported.

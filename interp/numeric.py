@@ -26,8 +26,8 @@ prompt like any other candidate grid. Characters that are not part of a number, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm

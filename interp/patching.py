@@ -141,7 +141,8 @@ class PatchingResult(SavedResult):
 
     def _settings(self) -> dict:
         n_variant, n_prompt = self.values.shape
-        return {"n_variants": n_variant, "n_prompts": n_prompt, "shape": None if self.shape is None else vars(self.shape)}
+        shape = None if self.shape is None else vars(self.shape)
+        return {"n_variants": n_variant, "n_prompts": n_prompt, "shape": shape}
 
     @classmethod
     def _from_saved(cls, tables: dict[str, pd.DataFrame], settings: dict) -> "PatchingResult":
@@ -297,7 +298,7 @@ def _patch_hooks(
     return hooks
 
 
-def _writer(rows: Int[Tensor, "n"], units: Int[Tensor, "n"], values: Tensor):
+def _writer(rows: Int[Tensor, "entry"], units: Int[Tensor, "entry"], values: Tensor):
     def write(act, hook):
         act = act.clone()
         act[rows, :, units] = values.to(act.dtype)

@@ -197,7 +197,7 @@ def metric_sweep(
     prompts_per_pass: int | None = None,
     backoff: Backoff | None = None,
     share_prefix: bool = False,
-    groups: Sequence | None = None,
+    groups: Sequence | np.ndarray | Tensor | None = None,
     progress: bool = False,
     desc: str = "ablation sweep",
 ) -> AblationSweep:

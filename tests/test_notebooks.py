@@ -1,5 +1,4 @@
 """The example notebooks run end to end on the tiny model and are stored without outputs."""
-import os
 import time
 from pathlib import Path
 

@@ -6,7 +6,15 @@ import pytest
 from scipy import stats
 
 from circuits.agreement import (
-    READINGS, Agreement, _prompt_candidates, compare, metric_reading, read_reply, reading_of, readings, run_agreement,
+    READINGS,
+    Agreement,
+    _prompt_candidates,
+    compare,
+    metric_reading,
+    read_reply,
+    reading_of,
+    readings,
+    run_agreement,
     value_tv,
 )
 from circuits.bias import context_metric
@@ -113,6 +121,7 @@ def test_sign_agreement_and_missing_sampled_gap():
     assert np.isnan(row["sampled_gap"]) and pd.isna(row["sign_agrees"]) and row["invalid_share"] == 0.5
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_correlation_drops_nan_pairs_and_is_nan_when_undefined():
     rho, _ = correlation([1, 2, np.nan, 4], [1, 3, 5, np.nan])
     assert np.isnan(rho)  # only 2 complete pairs left

@@ -30,8 +30,8 @@ def _one_line_error(code, capsys) -> str:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("command", [["audit", "--contexts", "chess"], ["agreement"], ["attribute", "--context", "chess"],
-                                     ["study"]])
+@pytest.mark.parametrize("command", [["audit", "--contexts", "chess"], ["agreement"],
+                                     ["attribute", "--context", "chess"], ["study"]])
 def test_cuda_without_cuda_fails_before_loading(tmp_path, capsys, no_model_load, command):
     code = main([*command, "--device", "cuda", "--out", str(tmp_path)])
     assert "device 'cuda': this machine has no usable CUDA device" in _one_line_error(code, capsys)
@@ -44,6 +44,7 @@ def test_out_that_is_a_file_fails_before_the_run(tmp_path, capsys, no_model_load
     assert f"--out {target} is an existing file; give a directory" in _one_line_error(code, capsys)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_study_config_is_one_line(tmp_path, capsys, no_model_load):
     config = tmp_path / "study.yaml"
     config.write_text("study:\n  neuron_ks: 25\n")

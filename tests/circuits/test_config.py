@@ -22,6 +22,7 @@ from circuits.config import ConfigError, StudyConfig
         ({"refine_top": -1}, r"refine_top: must be at least 0"),
     ],
 )
+@pytest.mark.usefixtures("unchecked")
 def test_wrong_types_and_ranges_name_the_field(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         StudyConfig(out_dir=str(tmp_path), **overrides).validate()
@@ -32,6 +33,7 @@ def test_ints_are_numbers_and_defaults_validate(tmp_path):
     StudyConfig(out_dir=str(tmp_path)).check_types()
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_toml_errors_name_file_and_line(tmp_path):
     path = tmp_path / "study.toml"
     path.write_text('[study]\ncontexts = ["chess", "sports"]\nneuron_ks = [5.5]\n')
@@ -45,6 +47,7 @@ def test_toml_errors_name_file_and_line(tmp_path):
         StudyConfig.from_file(path)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_malformed_yaml_names_the_line(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text("study:\n  contexts: [chess, sports\n  neuron_ks: [5]\n")

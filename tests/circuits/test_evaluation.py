@@ -58,7 +58,7 @@ def test_delta_gap_endpoints_are_the_paired_cluster_bootstrap_of_the_prompt_valu
 
     eval_set, sets, probe = eval_inputs(tiny_model)
     result = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, seed=3,
-                                 n_bootstrap=400, progress=False)
+                                 n_resamples=400, progress=False)
     frame = result.to_dataframe().set_index("set")
     assert (frame.loc["none", ["delta_gap", "delta_low", "delta_high", "reduction"]] == 0).all(axis=None)
     batch, table = eval_set.rows()
@@ -80,7 +80,7 @@ def test_delta_gap_endpoints_are_the_paired_cluster_bootstrap_of_the_prompt_valu
     assert row["delta_low"] < row["delta_gap"] < row["delta_high"]
     assert row["overshoot"] == expected["overshoot"] and row["n_names"] == 2 * n
     again = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, batch_size=8, seed=3,
-                                n_bootstrap=400, progress=False)
+                                n_resamples=400, progress=False)
     assert again.to_dataframe()["delta_low"].equals(result.to_dataframe()["delta_low"])
 
 
@@ -88,7 +88,7 @@ def test_an_evaluation_round_trips(tiny_model, tmp_path):
     import pandas as pd
 
     eval_set, sets, probe = eval_inputs(tiny_model)
-    result = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, n_bootstrap=50, progress=False)
+    result = evaluation.evaluate(tiny_model, sets, [eval_set], probe=probe, n_resamples=50, progress=False)
     loaded = evaluation.Evaluation.load(result.save(tmp_path / "e"))
     pd.testing.assert_frame_equal(loaded.to_dataframe(), result.to_dataframe())
     assert loaded.settings.keys() == result.settings.keys()
@@ -132,7 +132,7 @@ def test_stacked_evaluation_equals_one_forward_per_set(tiny_model, how):
     if how == "mean":
         names = [hook_name(k, layer) for k in ("neuron", "head") for layer in range(tiny_model.cfg.n_layers)]
         means = mean_activations(tiny_model, eval_sets[0].rows()[0], names)
-    kwargs = {"probe": probe, "how": how, "means": means, "plan": plan, "batch_size": 3, "n_bootstrap": 200,
+    kwargs = {"probe": probe, "how": how, "means": means, "plan": plan, "batch_size": 3, "n_resamples": 200,
               "seed": 2, "progress": False}
     before = attached_hook_count(tiny_model)
     stacked = evaluation.evaluate(tiny_model, sets, eval_sets, **kwargs)
@@ -151,7 +151,7 @@ def test_stacked_evaluation_survives_simulated_out_of_memory(tiny_model, monkeyp
 
     sets, eval_sets, plan, probe = _evaluation_inputs(tiny_model)
     reference = evaluation.evaluate(tiny_model, sets, eval_sets, probe=probe, plan=plan, batch_size=8,
-                                    n_bootstrap=100, progress=False)
+                                    n_resamples=100, progress=False)
     real, seen = stacking.resume, []
 
     def small_memory(model, residual, *args, **kwargs):
@@ -164,7 +164,7 @@ def test_stacked_evaluation_survives_simulated_out_of_memory(tiny_model, monkeyp
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shrunk = evaluation.evaluate(tiny_model, sets, eval_sets, probe=probe, plan=plan, batch_size=8,
-                                     n_bootstrap=100, progress=False)
+                                     n_resamples=100, progress=False)
     assert 1 <= sum("out of memory" in str(w.message) for w in caught) <= 2  # once per shared size (sets, utility)
     assert any(n > 2 for n in seen) and seen[-1] <= 2
     assert_evaluations_close(shrunk.frame, reference.frame)

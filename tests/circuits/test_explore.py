@@ -79,7 +79,7 @@ def test_intersection_effects_are_the_gap_change_of_ablating_each_intersection(t
                                                                               tmp_path):
     shape = ComponentShape.of(tiny_model)
     comparison = explore.compare_sets(explore.top_sets(scores, 12, "neuron"), shape, n_null=20)
-    measured = explore.intersection_effects(tiny_model, comparison, list(eval_sets.values()), n_bootstrap=50,
+    measured = explore.intersection_effects(tiny_model, comparison, list(eval_sets.values()), n_resamples=50,
                                             progress=False)
     effects = measured.effects
     assert set(effects["intersection"]) == set(comparison.table.loc[comparison.table["size"] > 0, "intersection"])
@@ -127,21 +127,21 @@ def test_direct_effect_is_the_output_through_the_norm_gain_and_unembedding(tiny_
 def test_card_scores_have_an_interval_around_the_per_prompt_mean(scores, eval_sets):
     top = next(iter(scores["lending_amount"].top(1, "neuron")))
     frames = {c: es.rows()[1] for c, es in eval_sets.items()}
-    table = explore.card_scores(scores, top, frames=frames, n_bootstrap=200).set_index("context")
+    table = explore.card_scores(scores, top, frames=frames, n_resamples=200).set_index("context")
     row = table.loc["lending_amount"]
     assert row["rank"] == 1 and row["interval"] == "names x templates"
     per_prompt = scores["lending_amount"].per_prompt()["neuron"][:, top.layer, top.index]
     assert row["estimate"] == pytest.approx(float(per_prompt.mean()), rel=1e-4)
     assert row["score"] == pytest.approx(row["estimate"], rel=1e-4)  # unrefined: the score is the estimate
     assert row["ci_low"] <= row["estimate"] <= row["ci_high"]
-    assert explore.card_scores(scores, top, n_bootstrap=50)["interval"].eq("prompts").all()
+    assert explore.card_scores(scores, top, n_resamples=50)["interval"].eq("prompts").all()
     with pytest.raises(ValueError, match="pass the table of the prompts scored"):
         explore.card_scores(scores, top, frames={"lending_amount": frames["lending_amount"].head(3)})
 
 
 def test_component_card_activations_match_a_cached_run_and_round_trip(tiny_model, scores, eval_sets, tmp_path):
     neuron, head = Neuron(1, 7), Head(2, 1)
-    card = explore.component_card(tiny_model, neuron, scores, eval_sets, n_top=3, n_bootstrap=50)
+    card = explore.component_card(tiny_model, neuron, scores, eval_sets, n_top=3, n_resamples=50)
     es = eval_sets["commerce_buy"]
     batch, frame = es.rows()
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_component_card_activations_match_a_cached_run_and_round_trip(tiny_model
     pd.testing.assert_frame_equal(loaded.to_dataframe(), card.to_dataframe())
     assert set(card.to_dataframe()["part"]) == set(explore.ComponentCard.PARTS)
 
-    head_card = explore.component_card(tiny_model, head, scores, {"commerce_buy": es}, n_top=2, n_bootstrap=50)
+    head_card = explore.component_card(tiny_model, head, scores, {"commerce_buy": es}, n_top=2, n_resamples=50)
     z = cache[head.hook_name][torch.arange(len(batch)), batch.answer_pos, head.index]  # prompt d_head
     norms = (z @ tiny_model.W_O[head.layer, head.index].detach()).norm(dim=-1).double().numpy()
     got = head_card.activations.set_index(["group", "position"])

@@ -26,7 +26,7 @@ def result(tiny_model):
                   CandidateSet("neurons", "top_k_neurons", 3, "lending_amount",
                                ComponentSet([Neuron(0, 7), Neuron(2, 5), Neuron(2, 9)]))]
     probe = UtilityProbe.build(tiny_model, ["The weather was mild today.", "A short neutral sentence."])
-    return generalize(tiny_model, candidates, splits, probe=probe, null_draws=4, n_bootstrap=200, seed=1,
+    return generalize(tiny_model, candidates, splits, probe=probe, null_draws=4, n_resamples=200, seed=1,
                       progress=False)
 
 

@@ -1,14 +1,6 @@
 import pytest
 
-from circuits.names import (
-    GENDERS,
-    GROUPS,
-    SOURCES,
-    all_names,
-    names_frame,
-    sample_names,
-    split_names,
-)
+from circuits.names import GENDERS, GROUPS, SOURCES, all_names, names_frame, sample_names, split_names
 
 AUDIT = {
     ("White", "man"): "Hunter Jake Seth Zachary Todd Matthew Logan Ryan Scott Dustin",

@@ -120,7 +120,7 @@ def _prompt_scores(mean: torch.Tensor, n_prompts: int, seed: int) -> torch.Tenso
 def test_permutation_null_is_centred_on_exchangeable_contexts():
     mean = torch.linspace(0, 3, 40).view(2, 20)
     a, b = _prompt_scores(mean, 12, seed=0), _prompt_scores(mean, 15, seed=1)
-    result = context_overlap_test(a, b, k=6, n_permutations=300, n_bootstrap=200, seed=0)
+    result = context_overlap_test(a, b, k=6, n_resamples=300, seed=0)
     for name in ("jaccard", "spearman"):
         null = result.nulls[name]
         assert abs(null.observed - null.mean) < 2 * null.samples.std()
@@ -132,16 +132,17 @@ def test_permutation_null_is_centred_on_exchangeable_contexts():
     summary = result.summary()
     assert list(summary["statistic"]) == ["jaccard", "spearman"]
     assert (summary["ci_low"] <= summary["ci_high"]).all()
-    assert len(result.to_dataframe()) == 2 * (300 + 200)
+    assert len(result.to_dataframe()) == 2 * (300 + 300)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_permutation_null_detects_context_specific_components():
     # Components 0-5 carry bias in both contexts (3.0); 6-11 more so in A only, 12-17 in B only (4.0).
     # Each context's top 6 is its own specific set (Jaccard 0); exchangeable pseudo-contexts share 0-5.
     mean_a, mean_b = torch.zeros(40), torch.zeros(40)
     mean_a[:6], mean_b[:6], mean_a[6:12], mean_b[12:18] = 3.0, 3.0, 4.0, 4.0
     a, b = _prompt_scores(mean_a.view(2, 20), 30, seed=0), _prompt_scores(mean_b.view(2, 20), 30, seed=1)
-    result = context_overlap_test(a, b, k=6, n_permutations=200, n_bootstrap=100, seed=0)
+    result = context_overlap_test(a, b, k=6, n_resamples=200, seed=0)
     jacc = result.nulls["jaccard"]
     assert jacc.observed == 0.0 and jacc.mean > 0.5 and jacc.p_value <= 0.01
     assert result.nulls["spearman"].p_value <= 0.01

@@ -46,7 +46,7 @@ def test_scores_pruning_generalization_and_overlap_on_smollm2(smollm2, tmp_path)
     for s in scores.values():  # the exact refinement replaced the estimates it covers
         assert len(s.refined) == 2 * (3 + 2) and s.settings["spearman"].keys() == {"neuron", "head"}
     probe = UtilityProbe.build(smollm2, neutral_texts()[:2])
-    result = generalize(smollm2, candidates, splits, probe=probe, batch_size=4, null_draws=1, n_bootstrap=100,
+    result = generalize(smollm2, candidates, splits, probe=probe, batch_size=4, null_draws=1, n_resamples=100,
                         progress=False)
 
     matrix = result.matrix(value="delta_gap")

@@ -139,6 +139,7 @@ def test_missing_column_names_expected_and_found(name, column):
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.usefixtures("unchecked")
 def test_rejects_non_frames_and_empty_frames(name):
     function, build, _ = CASES[name]
     with pytest.raises(TypeError, match="expects a pandas DataFrame"):

@@ -103,9 +103,11 @@ def test_every_name_pairs_aligned_on_the_name_span(tiny_model, prompts):
             visible[rows.answer_pos[row] + 1:] = False
             assert torch.equal(rows.tokens[row][pairs.name_mask[row] & visible], own[mask[by_id[pid]]])
             assert torch.equal(rows.tokens[row][visible], own[: length[pid]])
-            assert int((pairs.name_mask[row] & ~visible[: rows.tokens.shape[1]]).sum()) == frame.at[row, f"n_fillers_{side}"]
+            fillers = int((pairs.name_mask[row] & ~visible[: rows.tokens.shape[1]]).sum())
+            assert fillers == frame.at[row, f"n_fillers_{side}"]
     capped = build_pairs(tiny_model, subset, max_pairs_per_cell=3)
-    assert (capped.cells["kept"] <= 3).all() and capped.coverage().set_index("context").loc["all", "aligned"] == expected
+    assert (capped.cells["kept"] <= 3).all()
+    assert capped.coverage().set_index("context").loc["all", "aligned"] == expected
 
 
 def test_span_aligned_rows_compute_what_their_prompts_compute(tiny_model, prompts):

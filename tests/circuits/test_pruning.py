@@ -34,6 +34,7 @@ def test_top_k_per_kind():
         top_k_heads({"neuron": NEURONS}, 1)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_top_k_mixed_raw_and_zscore():
     # Raw: neuron scores are larger in unit, so neurons win.
     assert top_k_mixed(SCORES, 1) == ComponentSet([Neuron(1, 2)])
@@ -75,6 +76,7 @@ def test_fasp_rejects_bad_fractions(gamma, alpha, message):
         fasp(FASP_BIAS, FASP_UTILITY, gamma=gamma, alpha=alpha)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_fasp_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="one shape"):
         fasp(FASP_BIAS, FASP_UTILITY[:, :2])
@@ -118,6 +120,7 @@ def test_random_set_is_seeded_and_can_match_per_layer_counts():
         random_set(shape, "head", 13, seed=0)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_wanda_set_difference_is_per_layer():
     score_a = torch.tensor([[5.0, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5]])
     score_b = torch.tensor([[5.0, 0, 0, 0, 0, 4], [0, 0, 0, 0, 9, 0]])

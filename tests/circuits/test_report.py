@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from circuits import plots
-from circuits import explore
+from circuits import explore, plots
 from circuits.report import ReportPaths, Section, _pipe_table, write_report
 from circuits.study_report import exploration_sections
 from interp.components import ComponentSet, ComponentShape, Neuron
@@ -26,7 +25,7 @@ CONTEXTS = ["hiring", "purchase"]
 def figure_sections() -> list[Section]:
     """One section per figure function, on tiny synthetic frames."""
     rng = np.random.default_rng(0)
-    heads = pd.DataFrame([("head", l, h, rng.normal()) for l in range(3) for h in range(4)],
+    heads = pd.DataFrame([("head", layer, h, rng.normal()) for layer in range(3) for h in range(4)],
                          columns=["kind", "layer", "index", "score"])
     neurons = pd.DataFrame({"kind": "neuron", "layer": np.repeat(range(3), 50), "index": np.tile(range(50), 3),
                             "score": rng.normal(size=150)})
@@ -172,6 +171,7 @@ def test_pipe_table_fallback():
     ]
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_sections_are_refused(tmp_path):
     with pytest.raises(ValueError, match="at least one Section"):
         write_report(tmp_path, "t", [])
@@ -268,3 +268,6 @@ def test_audit_section_states_what_share_of_answers_the_metric_sees():
     captions = [caption for caption, _ in section.tables]
     coverage = dict(section.tables)["Covered share of the model's answers per context"]
     assert len(captions) == 2 and coverage["covered"].tolist() == [0.93, 0.5]
+    (_, _, figure), = section.figures
+    bars = figure.axes[0].containers[0]  # the SMD 0.3 of a gap 0.5 (pooled SD 5/3): interval [0.06, 0.54]
+    np.testing.assert_allclose(bars.lines[2][0].get_segments()[0][:, 0], [0.06, 0.54])

@@ -4,13 +4,7 @@ import pytest
 import scipy.stats
 import torch
 
-from circuits.sampling import (
-    SampledAnswers,
-    format_ids,
-    parse_answer,
-    parse_ids,
-    sample_answers,
-)
+from circuits.sampling import SampledAnswers, format_ids, parse_answer, parse_ids, sample_answers
 from interp.batching import encode
 from interp.generation import reply_text
 from interp.hooks import attached_hook_count, hooked
@@ -158,12 +152,14 @@ def test_results_are_frozen_and_validated():
     ({"answer_type": "text"}, "answer_type"),
     ({"max_new_tokens": 600}, "context"),
 ])
+@pytest.mark.usefixtures("unchecked")
 def test_sample_answers_rejects_bad_input(tiny_model, kwargs, match):
     args = {"prompts": PROMPTS, "progress": False} | kwargs
     with pytest.raises(ValueError, match=match):
         sample_answers(tiny_model, args.pop("prompts"), **args)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_parse_answer():
     assert parse_answer("$40k", "number") == 40000.0
     assert parse_answer("Yes.", "yes_no") == 1.0

@@ -67,7 +67,7 @@ def test_score_prompts_refines_the_top_candidates_exactly_and_round_trips(tiny_m
         assert row.estimate == pytest.approx(float(estimate.scores[row.kind][row.layer, row.index]), rel=1e-4, abs=1e-7)
         assert float(scores.scores[row.kind][row.layer, row.index]) == pytest.approx(sign * row.exact, rel=1e-5)
     row = refined.iloc[0]
-    component = Neuron(int(row.layer), int(row["index"])) if row.kind == "neuron" else Head(int(row.layer), int(row["index"]))
+    component = (Neuron if row.kind == "neuron" else Head)(int(row.layer), int(row["index"]))
     assert row.exact == pytest.approx(_gap(tiny_model, eval_set, [component]) - _gap(tiny_model, eval_set),
                                       rel=1e-3, abs=1e-6)
     unrefined = torch.ones_like(scores.scores["neuron"], dtype=torch.bool)

@@ -8,7 +8,7 @@ from circuits.stats import (
     bootstrap_ci,
     cluster_bootstrap,
     mann_whitney,
-    permutation_pvalue,
+    permutation_p_value,
     smd,
 )
 
@@ -83,6 +83,7 @@ def test_bootstrap_ci_paired_drops_incomplete_pairs():
         bootstrap_ci((a, b[:3]), _mean_diff, paired=True)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bootstrap_ci_input_checks():
     with pytest.raises(ValueError, match="tuple"):
         bootstrap_ci([1, 2, 3], np.mean)
@@ -92,22 +93,22 @@ def test_bootstrap_ci_input_checks():
         assert np.isnan(bootstrap_ci(([1.0],), np.mean)[0])
 
 
-def test_permutation_pvalue_exact_small_cases():
+def test_permutation_p_value_exact_small_cases():
     # All 20 relabelings are enumerated; the observed split and its mirror are the extremes.
-    assert permutation_pvalue([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert permutation_p_value([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
     # Paired: 8 sign patterns, the observed one (all a > b) and its mirror are the extremes.
-    assert permutation_pvalue([2, 4, 6], [1, 2, 3], paired=True) == pytest.approx(0.25)
-    assert permutation_pvalue([2, 4, 6, np.nan], [1, 2, 3, 9], paired=True) == pytest.approx(0.25)
+    assert permutation_p_value([2, 4, 6], [1, 2, 3], paired=True) == pytest.approx(0.25)
+    assert permutation_p_value([2, 4, 6, np.nan], [1, 2, 3, 9], paired=True) == pytest.approx(0.25)
 
 
-def test_permutation_pvalue_seeded_and_sensitive():
+def test_permutation_p_value_seeded_and_sensitive():
     rng = np.random.default_rng(4)
     same = rng.normal(size=(2, 40))
     shifted = rng.normal(2, 1, 40)
-    assert permutation_pvalue(same[0], same[1], n_resamples=999) > 0.05
-    assert permutation_pvalue(same[0], shifted, n_resamples=999) < 0.01
-    p1 = permutation_pvalue(same[0], same[1], n_resamples=999, seed=3)
-    assert p1 == permutation_pvalue(same[0], same[1], n_resamples=999, seed=3)
+    assert permutation_p_value(same[0], same[1], n_resamples=999) > 0.05
+    assert permutation_p_value(same[0], shifted, n_resamples=999) < 0.01
+    p1 = permutation_p_value(same[0], same[1], n_resamples=999, seed=3)
+    assert p1 == permutation_p_value(same[0], same[1], n_resamples=999, seed=3)
 
 
 def _crossed_frame(n_names=6, n_templates=4, reps=1, seed=0):

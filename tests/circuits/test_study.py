@@ -14,8 +14,16 @@ import torch
 import yaml
 
 from circuits.config import ConfigError, StudyConfig
-from circuits.study import (ALL_FIELDS, MODEL_FIELDS, UNKEYED, model_key, rebuild_report, run_study, stage_keys,
-                            study_prompts)
+from circuits.study import (
+    ALL_FIELDS,
+    MODEL_FIELDS,
+    UNKEYED,
+    model_key,
+    rebuild_report,
+    run_study,
+    stage_keys,
+    study_prompts,
+)
 from circuits.study import STAGES as STAGE_SPECS
 from interp.testing import tiny_model_dir
 
@@ -125,6 +133,7 @@ def _stored_keys(config, tiny_model):
     return {k: v for k, v in keys.items() if not k.startswith(("prompts-", "pairs-"))}
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_each_config_field_invalidates_exactly_its_stages(tiny_model, tmp_path, monkeypatch):
     import interp.models
 
@@ -183,6 +192,7 @@ def test_changed_config_invalidates_only_downstream_stages(finished_study, tmp_p
         ({"ablation": "erase"}, "ablation"),
     ],
 )
+@pytest.mark.usefixtures("unchecked")
 def test_bad_config_fails_before_model_work(tmp_path, overrides, field):
     with pytest.raises(ConfigError, match=field):
         tiny_config(tmp_path, **overrides).validate()
@@ -208,10 +218,10 @@ def test_config_from_toml_names_unknown_fields(tmp_path):
 def test_killed_study_resumes_with_identical_results(finished_study, tmp_path):
     out = tmp_path / "killed"
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
         "from tests.circuits.test_study import tiny_config\n"
         "from circuits.study import run_study\n"
-        "run_study(tiny_config(%r))\n" % (str(Path(__file__).parents[2]), str(out))
+        f"run_study(tiny_config({str(out)!r}))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = out / ".lock"

@@ -156,6 +156,7 @@ def test_gradient_flows_through_unablated_components(tiny_model, batch):
     assert (grad[:, :, 4:].abs().sum(-1) > 0).all()
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_requests_get_clear_errors(tiny_model, batch):
     with pytest.raises(ValueError, match="N0.96: neuron index 96 is out of range"):
         ablation_hooks(tiny_model, Ablation(ComponentSet([Neuron(0, 96)])))

@@ -108,6 +108,7 @@ def test_masked_means_per_prompt(tiny_model, batch, cache):
         masked_means(tiny_model, batch, hooks, {"short": torch.ones(3, 2, dtype=torch.bool)})
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_inputs_get_clear_errors(tiny_model, batch):
     with pytest.raises(ValueError, match="no hook point 'blocks.0.mlp.hook_pots'"):
         mean_activations(tiny_model, batch, ["blocks.0.mlp.hook_pots"])

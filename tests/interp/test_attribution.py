@@ -84,8 +84,8 @@ def test_atp_matches_hand_computation(tiny_model, pairs, metric_name, request):
     for kind in KIND_HOOKS:
         torch.testing.assert_close(result.per_prompt[kind], hand[kind], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(result.scores[kind], hand[kind].mean(0), atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(result.metric_clean, run_metric(tiny_model, metric, clean).detach(), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(result.metric_corrupt, run_metric(tiny_model, metric, corrupt).detach(), atol=1e-4, rtol=1e-5)
+    for got, batch in ((result.metric_clean, clean), (result.metric_corrupt, corrupt)):
+        torch.testing.assert_close(got, run_metric(tiny_model, metric, batch).detach(), atol=1e-4, rtol=1e-5)
 
 
 def _exact_patch(model, clean, corrupt, metric, name, index=None):
@@ -220,6 +220,7 @@ def test_no_hooks_remain_after_an_exception(tiny_model, pairs, logit_diff, metho
     assert math.isfinite(attribute(tiny_model, clean, corrupt, logit_diff).scores["head"].sum().item())
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_clear_errors(tiny_model, pairs, logit_diff):
     clean, corrupt = pairs
     misaligned = tokenize(tiny_model, [PAIRS[0][1], "Dan likes it", PAIRS[2][1], PAIRS[3][1]])
@@ -254,7 +255,8 @@ def test_result_table_top_and_round_trip(tiny_model, pairs, logit_diff, tmp_path
 
     top = result.top(5)
     threshold = min(abs(result.scores[c.kind][c.layer, c.index].item()) for c in top)
-    assert len(top) == 5 and threshold == torch.cat([s.abs().flatten() for s in result.scores.values()]).topk(5).values[-1]
+    every = torch.cat([s.abs().flatten() for s in result.scores.values()])
+    assert len(top) == 5 and threshold == every.topk(5).values[-1]
     assert top == ComponentSet.top_k(result.scores, 5, absolute=True)
     assert all(c.kind == "head" for c in result.top(3, kind="head"))
 
@@ -304,7 +306,7 @@ def test_smollm2_scores_and_check(smollm2):
     assert result.scores["neuron"].shape == (30, 1536) and result.scores["head"].shape == (30, 9)
     assert all(torch.isfinite(s).all() for s in result.scores.values())
     check = atp_check(smollm2, clean, corrupt, metric, n_components=16, attribution=result)
-    print(f"smollm2 atp_check spearman={check.spearman:.3f} (p={check.pvalue:.2g}, n=16)")
+    print(f"smollm2 atp_check spearman={check.spearman:.3f} (p={check.p_value:.2g}, n=16)")
     assert math.isfinite(check.spearman) and check.spearman > 0
 
 
@@ -358,7 +360,7 @@ def test_ablation_attribution_equals_a_finite_difference(tiny_double, how, metri
                                   batch_size=3, per_prompt=True)
     eps = 1e-2  # central difference: O(eps^2) truncation
     for kind, layer, index in PROBED:
-        def value_of(act, name=hook_name(kind, layer)):
+        def value_of(act, name=hook_name(kind, layer)):  # noqa: B008 (binds this iteration's hook)
             return torch.zeros_like(act) if how == "zero" else means[name].to(act.dtype).expand_as(act)
 
         up = _nudged_metric(tiny_model, metric, batch, kind, layer, index, value_of, eps)

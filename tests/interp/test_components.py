@@ -28,6 +28,7 @@ def test_top_k_single_and_mixed():
         ComponentSet.top_k(neurons, 1)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_out_of_range_is_a_clear_error():
     shape = ComponentShape(n_layers=3, d_mlp=96, n_heads=4)
     with pytest.raises(IndexError, match="head index 4 is out of range"):

@@ -10,6 +10,7 @@ from interp.batching import encode, tokenize
 from interp.numeric import DONE, ROOT, NumberGrammar, expand, expand_each
 
 PROMPTS = ["The seller asked for $", "Hi, the loan is $", "My offer for the used bicycle is $"]
+BUDGET = {"max_nodes": 20, "per_round": 6, "target": 1.0, "min_mass": 1e-6}
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def grammar(tiny_model):
 
 @pytest.fixture(scope="module")
 def tree(tiny_model, grammar):
-    return expand(tiny_model, tokenize(tiny_model, PROMPTS), grammar, max_nodes=20, per_round=6, target=1.0, min_mass=1e-6)
+    return expand(tiny_model, tokenize(tiny_model, PROMPTS), grammar, **BUDGET)
 
 
 def _walk(grammar, tokenizer, text, start=""):
@@ -152,7 +153,7 @@ def test_covered_other_and_uncovered_mass_sum_to_one(tree):
 
 
 def test_expansion_is_deterministic_and_respects_the_budget(tiny_model, grammar, tree):
-    again = expand(tiny_model, tokenize(tiny_model, PROMPTS), grammar, max_nodes=20, per_round=6, target=1.0, min_mass=1e-6)
+    again = expand(tiny_model, tokenize(tiny_model, PROMPTS), grammar, **BUDGET)
     assert again.paths == tree.paths and tree.n_evaluated == 20
     small = expand(tiny_model, tokenize(tiny_model, PROMPTS), grammar, max_nodes=20, per_round=6, min_mass=1.0)
     assert small.n_evaluated == 1 and small.paths == ()  # only the root holds that much
@@ -181,7 +182,7 @@ def test_each_prompt_expands_its_own_tree_exactly(tiny_model, grammar, trees):
     + uncovered sums to 1, and the batched expansion equals expanding the prompt alone."""
     tok = tiny_model.tokenizer
     rng = random.Random(1)
-    for row, (prompt, tree) in enumerate(zip(PROMPTS, trees)):
+    for prompt, tree in zip(PROMPTS, trees):
         assert tree.n_evaluated == 16 and len(set(tree.paths)) == len(tree.paths)
         assert tree.covered + tree.other + tree.uncovered == pytest.approx(1.0, abs=1e-6)
         assert sum(tree.mass) == pytest.approx(tree.covered, rel=1e-6)

@@ -93,7 +93,7 @@ def test_heads_match_transformer_lens(tiny_model, pair, logit_diff):
             baseline=True,
         )
     n_layers, n_heads = tiny_model.cfg.n_layers, tiny_model.cfg.n_heads
-    assert ours.variants == [ComponentSet([Head(l, h)]) for l in range(n_layers) for h in range(n_heads)]
+    assert ours.variants == [ComponentSet([Head(layer, h)]) for layer in range(n_layers) for h in range(n_heads)]
     torch.testing.assert_close(
         ours.values.reshape(n_layers, n_heads, -1), reference.values, atol=1e-4, rtol=0
     )
@@ -208,6 +208,7 @@ def test_microbatching_gives_the_same_result(tiny_model, pair, logit_diff):
         torch.testing.assert_close(split.baseline, whole.baseline, atol=1e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bad_inputs_are_named(tiny_model, pair, logit_diff):
     target, source = pair
     wider = tokenize(tiny_model, [SOURCES[0] + " and more words", SOURCES[1]])

@@ -50,7 +50,8 @@ def test_prefill_refuses_packed_layouts(tiny_model):
     from dataclasses import replace
 
     batch = prompts(tiny_model)
-    packed = replace(batch, key_mask=torch.ones(len(batch), batch.tokens.shape[1], batch.tokens.shape[1], dtype=torch.bool),
+    width = batch.tokens.shape[1]
+    packed = replace(batch, key_mask=torch.ones(len(batch), width, width, dtype=torch.bool),
                      position_ids=torch.zeros_like(batch.tokens))
     with pytest.raises(ValueError, match="plain prompts"):
         prefill(tiny_model, packed)

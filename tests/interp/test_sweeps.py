@@ -97,8 +97,9 @@ def test_mean_sweep_in_prompt_chunks_equals_one_mean_ablated_run_per_variant(tin
 
 PROMPTS = ["The loan officer offered", "A bike costs", "She paid the seller for the old car exactly",
            "Rent is", "The salary offered to the new hire was"]  # different lengths: padding in every batch
-SETS = [ComponentSet([Head(2, 3)]), ComponentSet([Neuron(0, 5), Neuron(2, 9)]), ComponentSet([Head(1, 0), Neuron(2, 7)]),
-        ComponentSet([Neuron(2, 11)]), ComponentSet([Head(0, 1), Head(0, 2), Neuron(1, 90)])]  # start layers 0, 1, 2
+SETS = [ComponentSet([Head(2, 3)]), ComponentSet([Neuron(0, 5), Neuron(2, 9)]),
+        ComponentSet([Head(1, 0), Neuron(2, 7)]), ComponentSet([Neuron(2, 11)]),
+        ComponentSet([Head(0, 1), Head(0, 2), Neuron(1, 90)])]  # start layers 0, 1, 2
 
 
 def _metrics(model):

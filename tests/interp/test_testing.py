@@ -16,7 +16,8 @@ def test_scaled_down_llama3_8b_shape_runs_attribution():
         shape["vocab_size"])
     full = SHAPES["llama3-8b"]  # the same ratios as the papers' shape
     for s in (full, shape):
-        assert s["num_attention_heads"] // s["num_key_value_heads"] == 4 and s["intermediate_size"] / s["hidden_size"] == 3.5
+        assert s["num_attention_heads"] // s["num_key_value_heads"] == 4
+        assert s["intermediate_size"] / s["hidden_size"] == 3.5
     assert full["head_dim"] == shape["head_dim"] == cfg.d_head
     pad = pad_token_id(model.tokenizer)
     clean = pad_ids([[1, 5, 9, 12], [1, 7, 3]], pad)
