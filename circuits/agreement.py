@@ -385,7 +385,8 @@ def run_agreement(
     """Measure and sample the same prompts, then ``compare`` them per context.
 
     Prompts default to a ``select_prompts`` choice of ``contexts`` (default: the study's three); or
-    pass a ready ``prompts`` set; either capped at ``max_prompts`` per context. Each context is sampled on its own, seeded per (prompt index in the
+    pass a ready ``prompts`` set; either capped at ``max_prompts`` per context. Each context is sampled on its
+    own, seeded per (prompt index in the
     context, sample batch), so its rows do not depend on the other contexts chosen. ``batch_size``
     counts rows per forward pass; ``n_noise`` simulated draws make the TV noise reference.
     """
@@ -396,8 +397,8 @@ def run_agreement(
 
         model = load_model(model)
     if prompts is None:
-        prompts = select_prompts(build_prompts(model, list(contexts or StudyConfig.contexts), details=list(details),
-                                               seed=seed), variations=variations, names_per_cell=names_per_cell, seed=seed)
+        built = build_prompts(model, list(contexts or StudyConfig.contexts), details=list(details), seed=seed)
+        prompts = select_prompts(built, variations=variations, names_per_cell=names_per_cell, seed=seed)
     prompts = select_prompts(prompts, per_context=max_prompts, seed=seed)
     measurement = measure(model, prompts, batch_size=batch_size, progress=progress)
     measured, distribution = measurement.values, measurement.distribution

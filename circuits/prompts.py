@@ -229,7 +229,8 @@ def select_prompts(
         frame, keep = prompts.frame, set()
         for ctx, rows in frame.groupby("context", sort=False):
             for split, n in (("heldout", held), ("train", variations - held)):
-                keep |= {(ctx, v) for v in list(dict.fromkeys(rows.loc[rows["variation_split"] == split, "variation"]))[:n]}
+                ordered = dict.fromkeys(rows.loc[rows["variation_split"] == split, "variation"])
+                keep |= {(ctx, v) for v in list(ordered)[:n]}
         chosen = [(ctx, v) in keep for ctx, v in zip(frame["context"], frame["variation"])]
         prompts = prompts.filter(prompt_id=list(frame.loc[chosen, "prompt_id"]))
     if per_context is not None:

@@ -376,7 +376,8 @@ def select(
     for ctx, ctx_scores in scores.items():
         here = {r: v[ctx] if isinstance(v, Mapping) else v for r, v in inputs.items()}
         for strategy in (s for s in chosen if not s.common):
-            out += [(name, int(k), ctx, components) for name, k, components in strategy.pick(settings, ctx_scores, here)]
+            picked = strategy.pick(settings, ctx_scores, here)
+            out += [(name, int(k), ctx, components) for name, k, components in picked]
     for strategy in (s for s in chosen if s.common):
         out += [(name, int(k), "common", components) for name, k, components in strategy.pick(settings, scores, inputs)]
     return out

@@ -326,7 +326,9 @@ class Baselines(SavedResult):
         return cls(ComponentSet.from_dataframe(tables["wanda_difference"]), tables["attention_to_name"].scores)
 
 
-def baseline_sets(model: HookedModel, eval_set: EvalSet, *, top_fraction: float = 0.15, batch_size: int = 16) -> Baselines:
+def baseline_sets(
+    model: HookedModel, eval_set: EvalSet, *, top_fraction: float = 0.15, batch_size: int = 16
+) -> Baselines:
     """The papers' baselines for one context's prompts (every prompt of ``eval_set.rows()``).
 
     ``wanda_difference``: neurons and heads in group A's top ``top_fraction`` Wanda scores but not

@@ -114,7 +114,7 @@ def generate(
     max_new_tokens: int = 12,
     seed: int = 0,
     batch_size: int = 16,
-    progress: bool = True,
+    progress: bool = False,
 ) -> Replies:
     """Sample ``n_samples`` replies per prompt with the KV-cached ``generate`` of the underlying model.
 

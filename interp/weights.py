@@ -21,7 +21,8 @@ def weight_norms(model: HookedModel) -> dict[str, Float[Tensor, "layer ..."] | N
         w_in, w_gate, w_out, w_o = model.W_in, model.W_gate, model.W_out, model.W_O
     except AttributeError as err:
         raise ValueError(
-            f"weight norms need a TransformerBridge (or HookedTransformer) exposing stacked W_in/W_gate/W_out/W_O: {err}"
+            "weight norms need a TransformerBridge (or HookedTransformer) exposing stacked "
+            f"W_in/W_gate/W_out/W_O: {err}"
         ) from err
     with torch.no_grad():
         norms = {

@@ -14,7 +14,8 @@ COLUMNS = ["delta_gap", "delta_low", "delta_high", "share_removed", "share_low",
 
 @pytest.fixture(scope="module")
 def result(tiny_model):
-    prompts = select_prompts(build_prompts(tiny_model, ["lending_amount"], details=["low"]), variations=3, names_per_cell=1)
+    prompts = select_prompts(build_prompts(tiny_model, ["lending_amount"], details=["low"]), variations=3,
+                             names_per_cell=1)
     grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" 5", " 50", " 1,000"], [0.0, 50.0, 1000.0])
     metric = ExpectedValue(grid)
     train = EvalSet.from_prompts(tiny_model, "lending_amount:train",

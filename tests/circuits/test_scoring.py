@@ -23,7 +23,8 @@ from interp.results import ResultFormatError
 
 @pytest.fixture(scope="module")
 def eval_set(tiny_model):
-    prompts = select_prompts(build_prompts(tiny_model, ["lending_amount"], details=["low"]), variations=2, names_per_cell=1)
+    prompts = select_prompts(build_prompts(tiny_model, ["lending_amount"], details=["low"]), variations=2,
+                             names_per_cell=1)
     grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" 5", " 50", " 1,000"], [0.0, 50.0, 1000.0])
     return EvalSet.from_prompts(tiny_model, "lending_amount:train", prompts, ExpectedValue(grid))
 
