@@ -312,7 +312,7 @@ def _add_attribute(subparsers) -> None:
     parser.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--context", required=True, help="context to score")
     parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--names-per-cell", type=int, default=4, 
+    parser.add_argument("--names-per-cell", type=int, default=4,
                         help="names per race x gender cell in each name split (default 4)")
     parser.add_argument("--pairs-per-cell", type=int, default=4, help="pairs kept per template (default 4)")
     parser.add_argument("--method", choices=("atp", "ig"), default="atp")
