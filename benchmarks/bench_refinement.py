@@ -2,7 +2,7 @@
 
 On one context's training prompts (every prompt, no pairs), the linear estimate of zero-ablating
 each MLP neuron and attention head alone, grad(gap) . (0 - activation) summed over positions
-(``circuits.scoring.score_prompts``), is compared with the exact change of the gap when that
+(``circuits.select.scoring.score_prompts``), is compared with the exact change of the gap when that
 component alone is zero-ablated (``interp.sweeps.ablation_sweep``), on the top-N components of each
 kind by |estimate| plus ``--random`` drawn uniformly from the rest. Spearman of estimate vs exact
 over that sample, per kind. Target: at least 0.85 for neurons (heads: reported, no target).
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from circuits.bias import Expansion, context_metric
-from circuits.evaluation import EvalSet
-from circuits.prompts import build_prompts, select_prompts
-from circuits.scoring import score_prompts
+from circuits.evaluate.evaluation import EvalSet
+from circuits.inputs.prompts import build_prompts, select_prompts
+from circuits.measure.bias import Expansion, context_metric
+from circuits.select.scoring import score_prompts
 from interp import load_model
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kinds", nargs="+", default=["neuron", "head"])
     parser.add_argument("--max-nodes", type=int, default=None,
-                        help="number-tree nodes per prompt's answers (default: circuits.bias.Expansion's)")
+                        help="number-tree nodes per prompt's answers (default: circuits.measure.bias.Expansion's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     top, n_random = (40, 20) if args.quick else (args.top, args.random)

@@ -1,0 +1,1 @@
+"""Choosing components: pair-free and pair scores with exact refinement, the papers' baselines, pruning strategies."""
