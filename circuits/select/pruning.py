@@ -15,7 +15,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float
@@ -276,6 +276,7 @@ def wanda_set_difference(
 
 
 # -- the strategy registry ---------------------------------------------------------------------
+@runtime_checkable
 class SelectionSettings(Protocol):
     """The settings a strategy reads (a study config has them)."""
 
