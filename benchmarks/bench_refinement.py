@@ -1,8 +1,8 @@
 """Pair-free first-order scores against exact ablation on the embedded SmolLM2 (issue 13, item 2).
 
-On one context's training prompts (default: lending_approval, the default study's training split of
-it; ``--names-per-cell``/``--variations`` choose others), every prompt and no pairs, the linear estimate of zero-ablating
-each MLP neuron and attention head alone, grad(gap) . (0 - activation) summed over positions
+On one context's training prompts (default: lending_approval, the default study's training split
+of it; ``--names-per-cell``/``--variations`` choose others), every prompt and no pairs, the linear
+estimate of zero-ablating each MLP neuron and attention head alone, grad(gap) . (0 - activation) summed over positions
 (``circuits.select.scoring.score_prompts``), is compared with the exact change of the gap when that
 component alone is zero-ablated (``interp.sweeps.ablation_sweep``), on the top-N components of each
 kind by |estimate| plus ``--random`` drawn uniformly from the rest. Spearman of estimate vs exact

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
 from interp.batching import TokenBatch, pad_token_id
@@ -86,11 +86,11 @@ class TokenSetProb(_SinglePosition):
 
 
 def kl_from_log_probs(
-    log_probs: Float[Tensor, "*row vocab"],
-    reference: Float[Tensor, "*row vocab"],
-    mask: Float[Tensor, "batch pos"] | None = None,
+    log_probs: Float[Tensor, "*lead vocab"],
+    reference: Float[Tensor, "*lead vocab"],
+    mask: Shaped[Tensor, "row pos"] | None = None,
 ) -> Float[Tensor, "..."]:
-    """KL(reference || model) from log-probabilities: per row, or with ``mask`` (``[batch, pos]``,
+    """KL(reference || model) from log-probabilities: per row, or with ``mask`` (``[row, pos]``, any dtype,
     real positions) averaged over each prompt's real positions."""
     per_row = F.kl_div(log_probs, reference, log_target=True, reduction="none").sum(-1)
     if mask is None:

@@ -41,19 +41,18 @@ from circuits.select.scoring import (
 from circuits.study.config import StudyConfig
 from circuits.study.stages import ConfigView, StageStore, frame_digest, settings_key
 from interp.components import ComponentShape
-from interp.hooks import HookedModel
 from interp.locking import directory_lock
 
 PACKAGES = ("bias-circuits", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy")
 
 
 # -- the stage functions: (study, config view, output directory or None, **inputs) -> result --------
-def study_prompts(model: HookedModel, c) -> PromptSet:
+def study_prompts(model_or_tokenizer, c) -> PromptSet:
     """The study's prompts (the root input): ``names_per_cell`` names per group x gender cell in each
     name split (``heldout_name_fraction`` of every cell's names held out) and per context
     ``variations`` variations (None = all), ``heldout_variations`` of them held out."""
-    prompts = build_prompts(model, list(c.contexts), details=list(c.details), heldout_names=c.heldout_name_fraction,
-                            seed=c.seed)
+    prompts = build_prompts(model_or_tokenizer, list(c.contexts), details=list(c.details),
+                            heldout_names=c.heldout_name_fraction, seed=c.seed)
     return select_prompts(prompts, variations=c.variations, heldout_variations=c.heldout_variations,
                           names_per_cell=c.names_per_cell, seed=c.seed)
 

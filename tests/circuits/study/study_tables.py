@@ -1,7 +1,7 @@
 """The tiny-model study's results as long tables, for the test that refactoring leaves them unchanged.
 
-``python -m tests.circuits.study.runner.study_tables OUT`` runs ``tests.circuits.study.runner.test_study.tiny_config`` into a
-temporary directory and writes every table to ``OUT`` (the reference in ``tests/data/study_tables``,
+``python -m tests.circuits.study.study_tables OUT`` runs ``tests.circuits.study.test_study.tiny_config``
+into a temporary directory and writes every table to ``OUT`` (the reference in ``tests/data/study_tables``,
 written by the code before the architecture change and regenerated only when results are meant to
 change, saying so in the commit).
 """
@@ -41,9 +41,8 @@ def study_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
 
 
 def main(out: str) -> None:
-    from tests.circuits.study.runner.test_study import tiny_config
-
     from circuits.study.runner import run_study
+    from tests.circuits.study.test_study import tiny_config
 
     with tempfile.TemporaryDirectory() as tmp:
         run_study(tiny_config(tmp))

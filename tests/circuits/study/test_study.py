@@ -219,7 +219,7 @@ def test_killed_study_resumes_with_identical_results(finished_study, tmp_path):
     out = tmp_path / "killed"
     script = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parents[3])!r})\n"
-        "from tests.circuits.study.runner.test_study import tiny_config\n"
+        "from tests.circuits.study.test_study import tiny_config\n"
         "from circuits.study.runner import run_study\n"
         f"run_study(tiny_config({str(out)!r}))\n"
     )
@@ -259,7 +259,7 @@ def test_killed_study_resumes_with_identical_results(finished_study, tmp_path):
 def test_results_match_the_reference_tables(finished_study):
     """The tiny study's tables equal those the code wrote before the architecture change
     (tests/data/study_tables, see tests/circuits/study_tables.py), up to float rounding."""
-    from tests.circuits.study.runner.study_tables import REFERENCE, study_tables
+    from tests.circuits.study.study_tables import REFERENCE, study_tables
 
     ours = study_tables(finished_study.out_dir)
     reference = {p.stem: pd.read_parquet(p) for p in sorted(REFERENCE.glob("*.parquet"))}
