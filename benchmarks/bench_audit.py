@@ -2,11 +2,11 @@
 
 Over the same prompt texts (the low-detail prompts of a few built-in contexts, a seeded subset):
 
-- ``audit_vs_forward``: the wall time of ``circuits.audit.run_audit`` (the numeric answer metric
+- ``audit_vs_forward``: the wall time of ``circuits.measure.audit.run_audit`` (the numeric answer metric
   with its covered-mass report, then the gaps with their bootstrap intervals) over the time of one
   bare Hugging Face forward per prompt (``model.original_model``, batched and padded alike, no
   grad). Target: at most 4.
-- ``metric_vs_sampling``: the time of 100 KV-cached samples per prompt (``circuits.sampling``,
+- ``metric_vs_sampling``: the time of 100 KV-cached samples per prompt (``circuits.measure.sampling``,
   temperature 1, up to 12 new tokens) over the audit's time. Target: at least 10 (the metric is at
   least ten times cheaper than the papers' way of measuring). Sampling costs the same per prompt
   (two prompts' 200 rows per ``generate`` call), so it is timed on a seeded subset of the prompts
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from common import parse_args, result_line, timed
 
-from circuits.audit import run_audit
-from circuits.prompts import build_prompts, select_prompts
-from circuits.sampling import sample_answers
+from circuits.inputs.prompts import build_prompts, select_prompts
+from circuits.measure.audit import run_audit
+from circuits.measure.sampling import sample_answers
 from interp import load_model
 from interp.batching import encode, microbatches, pad_token_id
 

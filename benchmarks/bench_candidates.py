@@ -19,8 +19,8 @@ import statistics
 import torch
 from common import parse_args, result_line, timed
 
-from circuits.bias import context_metric
-from circuits.prompts import build_pairs, build_prompts
+from circuits.inputs.prompts import build_pairs, build_prompts
+from circuits.measure.bias import context_metric
 from interp import load_model
 from interp.attribution import attribute
 from interp.metrics import ExpectedValue, run_metric

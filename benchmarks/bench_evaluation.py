@@ -1,10 +1,10 @@
 """Stacked evaluation of many component sets against one full forward per set (issue 15, item 2).
 
 On the embedded SmolLM2, one context's training prompts are measured by the study's evaluation
-stage (``circuits.evaluation.evaluate``: the gap endpoints on every prompt, plus utility on the
+stage (``circuits.evaluate.evaluation.evaluate``: the gap endpoints on every prompt, plus utility on the
 reporting half of the neutral text) for a realistic list of sets: top-k neurons and top-k heads by
-the pair-free scores of those prompts (``circuits.scoring.score_prompts``, no refinement) at two
-sizes each, and ``--null-draws`` random sets of each kind and size (``circuits.pruning.null_sets``,
+the pair-free scores of those prompts (``circuits.select.scoring.score_prompts``, no refinement) at two
+sizes each, and ``--null-draws`` random sets of each kind and size (``circuits.select.pruning.null_sets``,
 as ``generalize`` draws them). Both sides run in this one process on the same inputs:
 
 - ``stacked=False``: one ablated forward per set and prompt (the old evaluation stage);
@@ -31,11 +31,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from circuits import pruning
-from circuits.bias import context_metric
-from circuits.evaluation import EvalSet, UtilityProbe, evaluate
-from circuits.prompts import build_prompts, select_prompts
-from circuits.scoring import score_prompts
+from circuits.evaluate.evaluation import EvalSet, UtilityProbe, evaluate
+from circuits.inputs.prompts import build_prompts, select_prompts
+from circuits.measure.bias import context_metric
+from circuits.select import pruning
+from circuits.select.scoring import score_prompts
 from interp import load_model
 from interp.components import ComponentShape
 

@@ -112,7 +112,7 @@ def main() -> int:
         steps.append(run_step(name, command + (["--device", args.device] if takes_device else []), args.timeout))
     if chosen("study"):
         with tempfile.TemporaryDirectory(prefix="run-all-study-") as tmp:
-            study = [sys.executable, "-m", "circuits.cli", "study", "--out", f"{tmp}/study", "--device",
+            study = [sys.executable, "-m", "circuits.study.cli", "study", "--out", f"{tmp}/study", "--device",
                      args.device, "--no-progress"]
             if args.quick:
                 (Path(tmp) / "quick.toml").write_text(QUICK_STUDY)

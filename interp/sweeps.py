@@ -16,7 +16,7 @@ out-of-memory (``Backoff``).
 - :func:`metric_sweep`: any ``interp.metrics.Metric`` (a batch-expanding one, such as packed
   candidate answers, runs on ``metric.expand(batch)``), one value per (set, prompt), with the
   unablated values from the same clean pass. Used by the study's evaluation stage
-  (``circuits.evaluation.evaluate``).
+  (``circuits.evaluate.evaluation.evaluate``).
 - :func:`ablation_sweep`: a free-form ``score(logits, prompt_rows)`` on every position (per-head
   utility, exact re-scoring of top candidates).
 

@@ -26,7 +26,7 @@ from interp.testing import tiny_model_dir
 from tests.interp.test_distributed import eval_inputs, pairs_and_metric, patch_variants
 from interp.attribution import attribute
 from interp.patching import patch_sweep
-from circuits.evaluation import evaluate, paired_values
+from circuits.evaluate.evaluation import evaluate, paired_values
 backend = sys.argv[2]
 init_from_env(backend)
 out = Path(sys.argv[1]) / f"rank{current_shard().rank}"  # every rank saves: all must hold the full result
@@ -68,8 +68,8 @@ def eval_inputs(model):
     """An evaluation set over the ten pairs, two component sets to ablate, and a two-text utility probe."""
     import pandas as pd
 
-    from circuits.evaluation import EvalSet, UtilityProbe
-    from circuits.prompts import PairSet
+    from circuits.evaluate.evaluation import EvalSet, UtilityProbe
+    from circuits.inputs.prompts import PairSet
     from interp.components import ComponentSet, Head, Neuron
 
     clean, corrupt, metric = pairs_and_metric(model)
@@ -146,7 +146,7 @@ def test_two_process_gloo_patch_sweep_equals_single_process(tiny_model, two_proc
 
 def test_two_process_gloo_evaluation_equals_single_process(tiny_model, two_process_run):
 
-    from circuits.evaluation import Evaluation, evaluate, paired_values
+    from circuits.evaluate.evaluation import Evaluation, evaluate, paired_values
 
     eval_set, sets, probe = eval_inputs(tiny_model)
     a, b = paired_values(tiny_model, eval_set, batch_size=3)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from circuits.parsing import parse_number
+from circuits.measure.parsing import parse_number
 from interp.batching import encode, tokenize
 from interp.numeric import DONE, ROOT, NumberGrammar, expand, expand_each
 
@@ -47,8 +47,8 @@ def _walk(grammar, tokenizer, text, start=""):
 def test_parsing_and_enumeration_agree_on_tricky_strings(tiny_model, grammar, text, start, which):
     """The answer the enumeration files a reply under has the value parse_number reads from the reply
     (a range counts at its first number; decimals beyond max_decimals are dropped); also with the
-    grammar the dollar contexts use (``circuits.bias``)."""
-    from circuits.bias import _grammar
+    grammar the dollar contexts use (``circuits.measure.bias``)."""
+    from circuits.measure.bias import _grammar
 
     if which == "dollars":
         grammar = _grammar(tiny_model.tokenizer, "dollars")
@@ -68,8 +68,8 @@ def test_other_types_read_numbers_without_multipliers(tiny_model, text, start, a
     """Chances, percentages, scores and ranks are read without multiplier words (``"0.5 million"`` is
     no probability), so a number with all its decimals is final; the value still agrees with parse_number
     up to the decimals read."""
-    from circuits.bias import _grammar
-    from circuits.contexts import DECIMALS
+    from circuits.inputs.contexts import DECIMALS
+    from circuits.measure.bias import _grammar
 
     if start == "0." and not DECIMALS[answer_type]:
         pytest.skip("a rank has no decimals to start")

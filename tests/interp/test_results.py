@@ -67,7 +67,7 @@ def test_wrong_directories_say_what_is_wrong(tmp_path):
 
 @dataclass(frozen=True)
 class Wrapped(SavedResult):
-    """A result that nests another, as ``circuits.scoring.ContextScores`` nests its attribution."""
+    """A result that nests another, as ``circuits.select.scoring.ContextScores`` nests its attribution."""
 
     RESULT = "tests.Wrapped"
 

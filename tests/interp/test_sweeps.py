@@ -59,7 +59,7 @@ def test_sweep_rejects_empty_variants(tiny_model, batch):
 
 @pytest.mark.parametrize("measure", ["kl", "perplexity"])
 def test_head_utility_is_the_per_head_kl_or_perplexity_increase(tiny_model, measure):
-    from circuits.evaluation import UtilityProbe, head_utility
+    from circuits.evaluate.evaluation import UtilityProbe, head_utility
 
     probe = UtilityProbe.build(tiny_model, TEXTS)
     got = head_utility(tiny_model, probe, n_texts=3, measure=measure, progress=False)

@@ -1,0 +1,1 @@
+"""Reporting: one function per figure, the HTML/Markdown page writer, the study report."""

@@ -1,0 +1,3 @@
+"""Choosing components: pair-free and pair scores with exact refinement, the papers' baselines, pruning
+strategies.
+"""
