@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import no_type_check
 
 import torch
 from tqdm.auto import tqdm
@@ -46,6 +47,7 @@ DONE: State = ("done", 0, False, 0, "")
 LEAD: State = ("lead", 0, False, 0, "")  # a space before the first digit
 
 
+@no_type_check  # its methods run once per vocabulary token and state: checking them would dominate
 @dataclass(frozen=True)
 class NumberGrammar:
     """Which tokens continue a partial number, for one tokenizer (see the module docstring).
