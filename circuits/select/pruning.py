@@ -3,7 +3,7 @@
 Scores are ``{kind: [layer, index]}`` tensors (``kind`` is ``"neuron"`` or ``"head"``); unless a
 function says otherwise, a higher score means the component carries more bias, so it is pruned first.
 
-Strategies: top-k per kind or mixed, FASP (Zayed et al. 2024), the "common" set of several
+Strategies: top-k per kind, FASP (Zayed et al. 2024), the "common" set of several
 contexts (Ma et al. 2025), and the baselines: random sets (optionally matching another set's
 per-layer counts), weight magnitude, and the Wanda set difference between two groups' scores.
 ``null_sets`` draws the random sets of the same kind and size that a strategy is compared against.
@@ -15,7 +15,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float
@@ -26,8 +26,6 @@ from interp.hooks import HookedModel
 from interp.weights import weight_norms
 
 Scores = Mapping[Kind, Float[Tensor, "layer _index"]]
-Normalization = Literal["raw", "zscore"]
-NORMALIZATIONS: tuple[Normalization, ...] = ("raw", "zscore")
 
 
 def _floor_fraction(fraction: float, n: int) -> int:
@@ -67,32 +65,6 @@ def top_k_neurons(scores: Scores, k: int, *, absolute: bool = False) -> Componen
 def top_k_heads(scores: Scores, k: int, *, absolute: bool = False) -> ComponentSet:
     """The ``k`` attention heads with the highest score (``absolute``: highest magnitude)."""
     return ComponentSet.top_k(_kind_scores(scores, "head"), k, kind="head", absolute=absolute)
-
-
-def top_k_mixed(
-    scores: Scores, k: int, *, normalize: Normalization = "raw", absolute: bool = False
-) -> ComponentSet:
-    """The ``k`` components with the highest score, neurons and heads competing on one scale.
-
-    ``normalize="raw"`` compares the scores as given: right when both kinds are scored in the same
-    unit, e.g. attribution scores (estimated change of one bias metric when the component is
-    ablated). ``"zscore"`` standardizes each kind over all its components, ``(s - mean) / std``
-    (population std; a constant kind maps to 0), for scores whose units differ by kind (weight
-    norms). Note that z-scores favour the larger population's extremes: with 46k neurons and 270
-    heads, the top neuron z-scores are larger by chance alone. ``absolute`` ranks by magnitude and
-    is applied before normalizing.
-    """
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    prepared = {}
-    for kind in scores:
-        values = _kind_scores(scores, kind)
-        values = values.abs() if absolute else values
-        if normalize == "zscore":
-            std = values.std(correction=0)
-            values = (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
-        prepared[kind] = values
-    return ComponentSet.top_k(prepared, k)
 
 
 # -- FASP ----------------------------------------------------------------------------------------

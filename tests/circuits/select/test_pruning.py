@@ -13,7 +13,6 @@ from circuits.select.pruning import (
     shape_of_scores,
     strategy_reads,
     top_k_heads,
-    top_k_mixed,
     top_k_neurons,
     wanda_set_difference,
     weight_magnitude_scores,
@@ -34,18 +33,6 @@ def test_top_k_per_kind():
         top_k_heads({"neuron": NEURONS}, 1)
 
 
-@pytest.mark.usefixtures("unchecked")
-def test_top_k_mixed_raw_and_zscore():
-    # Raw: neuron scores are larger in unit, so neurons win.
-    assert top_k_mixed(SCORES, 1) == ComponentSet([Neuron(1, 2)])
-    # z-scores: N1.2 = (6 - 3.5) / sqrt(35/12) = 1.46; H0.1 = (0.5 - 0.275) / sqrt(0.021875) = 1.52.
-    assert top_k_mixed(SCORES, 1, normalize="zscore") == ComponentSet([Head(0, 1)])
-    assert top_k_mixed(SCORES, 2, normalize="zscore") == ComponentSet([Head(0, 1), Neuron(1, 2)])
-    with pytest.raises(ValueError, match="normalize must be one of"):
-        top_k_mixed(SCORES, 1, normalize="rank")
-
-
-# Hand-worked FASP example: 2 layers x 3 heads, N = 6.
 FASP_UTILITY = torch.tensor([[0.9, 0.1, 0.5], [0.3, 0.8, 0.2]])
 FASP_BIAS = torch.tensor([[5.0, 1.0, 4.0], [2.0, 3.0, -1.0]])
 
