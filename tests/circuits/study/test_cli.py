@@ -69,8 +69,12 @@ def test_model_without_tokenizer_is_one_line(tmp_path, capsys):
 
 SLOW = ("import sys, time; sys.path.insert(0, {root!r})\n"
         "import circuits.measure.audit as audit\n"
-        "real = audit.measure\n"
-        "audit.measure = lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1]\n"
+        "real, calls = audit.measure, []\n"
+        "def slow(*a, **k):  # after two chunks, wait for the interrupt: the run cannot finish first\n"
+        "    time.sleep(0.5 if len(calls) < 2 else 120)\n"
+        "    calls.append(1)\n"
+        "    return real(*a, **k)\n"
+        "audit.measure = slow\n"
         "from circuits.study.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
 
