@@ -67,7 +67,8 @@ def test_model_without_tokenizer_is_one_line(tmp_path, capsys):
     assert "has no tokenizer files" in _one_line_error(code, capsys)
 
 
-SLOW = ("import sys, time; sys.path.insert(0, {root!r})\n"
+SLOW = ("import signal, sys, time; sys.path.insert(0, {root!r})\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the test run ignores Ctrl-C (nohup, &)\n"
         "import circuits.measure.audit as audit\n"
         "real, calls = audit.measure, []\n"
         "def slow(*a, **k):  # after two chunks, wait for the interrupt: the run cannot finish first\n"
