@@ -9,11 +9,11 @@ Levels, for a set scored on context ``c``'s training split (training variations,
 
 Every row carries the endpoints of ``circuits.evaluate.evaluation.evaluate`` (``delta_gap`` with its paired
 two-way cluster interval, ``share_removed``, ``overshoot``, ``mde``, ...). With ``null_draws`` each
-candidate is also evaluated against random sets of its kind and size (``pruning.null_sets``) on the
-same evaluation sets: ``null_low``/``null_high`` are the 2.5th and 97.5th percentiles of their
+candidate is also evaluated against random sets of its kind and size (``pruning.null_sets``) on its
+evaluation sets at ``null_levels`` (default every level): ``null_low``/``null_high`` are the 2.5th and 97.5th percentiles of their
 ``delta_gap`` (with few draws, close to their range), ``null_mean`` their mean, and
 ``outside_null`` says whether the strategy's ``delta_gap`` lies outside that band. The null rows
-themselves are kept in ``nulls``.
+themselves are kept in ``nulls``; rows at other levels have no band (NaN, ``outside_null`` False).
 
 The train-context x eval-context matrix has L1 on its diagonal and L2 off it.
 """
@@ -144,6 +144,7 @@ def generalize(
     means=None,
     batch_size: int = 16,
     null_draws: int = 0,
+    null_levels: Sequence[str] = LEVELS,
     n_resamples: int = 1000,
     seed: int = 0,
     shape: ComponentShape | None = None,
@@ -153,11 +154,15 @@ def generalize(
     """Measure every candidate on its own context's L0/names/L1 sets and every other context's L1.
 
     ``null_draws`` random sets of each candidate's kind and size (seeded by ``seed`` and the
-    candidate's position) are measured on the same sets (see the module docstring); ``shape``
+    candidate's position) are measured on its evaluation sets at ``null_levels`` (see the module
+    docstring); ``shape``
     defaults to the model's. ``stacked`` (default) evaluates every set of one evaluation set in
     stacked forwards (``circuits.evaluate.evaluation.evaluate``); the numbers are those of one forward per set.
     """
     labels = [c.label for c in candidates]
+    unknown_levels = sorted(set(null_levels) - set(LEVELS))
+    if unknown_levels:
+        raise ValueError(f"null_levels {unknown_levels} are not levels; choose from {list(LEVELS)}")
     if len(set(labels)) != len(labels):
         raise ValueError("candidate labels must be unique")
     unknown = sorted({c.train_context for c in candidates} - set(splits) - {"common"})
@@ -183,9 +188,12 @@ def generalize(
     if null_draws:
         shape = shape or ComponentShape.of(model)
         for i, c in enumerate(candidates):
+            judged = [name for name in plan[c.label] if _level(c.train_context, *origin[name]) in null_levels]
+            if not judged:
+                continue
             for d, drawn in enumerate(null_sets(c.components, shape, n_draws=null_draws, seed=seed * 100_003 + i)):
                 label = f"{c.label}#null{d}"
-                sets[label], plan[label], null_of[label] = drawn, plan[c.label], c.label
+                sets[label], plan[label], null_of[label] = drawn, judged, c.label
     result = evaluate(model, sets, eval_sets, probe=probe, how=how, means=means, plan=plan, batch_size=batch_size,
                       seed=seed, n_resamples=n_resamples, progress=progress, stacked=stacked)
     meta = {c.label: c for c in candidates}
@@ -205,7 +213,7 @@ def generalize(
     null_frame = pd.DataFrame(nulls) if nulls else None
     if null_frame is not None:
         frame = _with_null_band(frame, null_frame)
-    settings = {**result.settings, "levels": LEVELS, "null_draws": null_draws}
+    settings = {**result.settings, "levels": LEVELS, "null_draws": null_draws, "null_levels": list(null_levels)}
     return Generalization(frame, settings, null_frame)
 
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from circuits.evaluate.generalization import LEVELS
 from circuits.inputs.contexts import CONTEXTS, DETAILS
 from circuits.select.pruning import STRATEGIES
 from interp.models import ModelLoadError, check_device, peek_shape, resolve_model_path
 
 Strategy = Literal[tuple(STRATEGIES)]  # a name in the registry circuits.select.pruning.STRATEGIES
+Level = Literal[LEVELS]  # a generalization level, circuits.evaluate.generalization.LEVELS
 
 
 class ConfigError(ValueError):
@@ -102,6 +104,7 @@ class StudyConfig:
     refine_top: int = 30  # top candidates per kind re-scored by exact ablation (0: none)
     refine_random: int = 10  # random components per kind also re-scored (the Spearman check)
     null_draws: int = 3  # random sets of each strategy's kind and size, evaluated alongside it
+    null_levels: tuple[Level, ...] = ("L1",)  # where the random sets are evaluated (the levels judged against them)
     n_bootstrap: int = 1000  # two-way cluster bootstrap resamples of every endpoint
     seed: int = 0
     batch_size: int = 8

@@ -152,7 +152,8 @@ def _selection(s: Study, c, out, scores, **inputs) -> None:
 def _generalization(s: Study, c, out, selection, pairs, means=None) -> None:
     splits = {ctx: p.splits(heldout_names=c.heldout_names) for ctx, p in pairs.items()}
     generalize(s.model, selection, splits, probe=UtilityProbe.build(s.model), how=c.ablation, means=means,
-               batch_size=c.batch_size, null_draws=c.null_draws, n_resamples=c.n_bootstrap, seed=c.seed,
+               batch_size=c.batch_size, null_draws=c.null_draws, null_levels=c.null_levels,
+               n_resamples=c.n_bootstrap, seed=c.seed,
                progress=c.progress).save(out)
 
 
@@ -220,7 +221,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (  # in dependency or
     Stage("selection", ("strategies", "neuron_ks", "head_ks", "fasp_gamma", "fasp_alphas", "seed"),
           ("scores", "baselines", "head-utility", "head-bias"), run=_selection,
           load=lambda path: list(CandidateSets.load(path).sets)),
-    Stage("generalization", ("ablation", "heldout_names", "null_draws", "n_bootstrap", "seed"),
+    Stage("generalization", ("ablation", "heldout_names", "null_draws", "null_levels", "n_bootstrap", "seed"),
           ("selection", "pairs", "means"), run=_generalization, load=Generalization.load),
     Stage("overlap", ("overlap_k", "n_null", "seed"), ("scores", "generalization"), run=_overlap,
           load=lambda path: path),

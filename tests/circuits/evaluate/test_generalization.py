@@ -13,7 +13,7 @@ COLUMNS = ["delta_gap", "delta_low", "delta_high", "share_removed", "share_low",
 
 
 @pytest.fixture(scope="module")
-def result(tiny_model):
+def setup(tiny_model):
     prompts = select_prompts(build_prompts(tiny_model, ["lending_amount"], details=["low"]), variations=3,
                              names_per_cell=1)
     grid = CandidateAnswers.from_texts(tiny_model.tokenizer, [" 5", " 50", " 1,000"], [0.0, 50.0, 1000.0])
@@ -27,8 +27,13 @@ def result(tiny_model):
                   CandidateSet("neurons", "top_k_neurons", 3, "lending_amount",
                                ComponentSet([Neuron(0, 7), Neuron(2, 5), Neuron(2, 9)]))]
     probe = UtilityProbe.build(tiny_model, ["The weather was mild today.", "A short neutral sentence."])
-    return generalize(tiny_model, candidates, splits, probe=probe, null_draws=4, n_resamples=200, seed=1,
-                      progress=False)
+    return candidates, splits, probe
+
+
+@pytest.fixture(scope="module")
+def result(tiny_model, setup):
+    candidates, splits, probe = setup
+    return generalize(tiny_model, candidates, splits, probe=probe, null_draws=4, n_resamples=200, seed=1)
 
 
 def test_generalization_rows_carry_the_endpoints_and_the_null_band(result, tmp_path):
@@ -48,6 +53,22 @@ def test_generalization_rows_carry_the_endpoints_and_the_null_band(result, tmp_p
     assert {"generalization.parquet", "nulls.parquet", "power.parquet"} <= {p.name for p in out.iterdir()}
     loaded = Generalization.load(out)
     assert loaded.nulls.equals(result.nulls) and loaded.to_dataframe().equals(result.to_dataframe())
+
+
+def test_null_levels_restrict_the_random_sets_to_the_levels_judged(tiny_model, setup, result):
+    candidates, splits, probe = setup
+    only_l1 = generalize(tiny_model, candidates, splits, probe=probe, null_draws=4, null_levels=("L1",),
+                         n_resamples=200, seed=1)
+    assert set(only_l1.nulls["eval"]) == {"lending_amount:heldout"}
+    assert len(only_l1.nulls) == 4 * len(candidates)
+    frame, full = only_l1.frame.set_index(["set", "eval"]), result.frame.set_index(["set", "eval"])
+    l1 = frame[frame["level"] == "L1"].index
+    for column in ("null_low", "null_high", "null_mean", "outside_null", "delta_gap"):  # the same draws and prompts
+        assert frame.loc[l1, column].tolist() == pytest.approx(full.loc[l1, column].tolist())
+    l0 = frame[frame["level"] == "L0"]
+    assert l0["null_low"].isna().all() and not l0["outside_null"].any()
+    with pytest.raises(ValueError, match="null_levels \\['L3'\\] are not levels"):
+        generalize(tiny_model, candidates, splits, null_draws=1, null_levels=("L3",))
 
 
 def test_power_lists_the_minimum_detectable_delta_per_evaluation_set(result):

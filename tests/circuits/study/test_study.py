@@ -37,7 +37,8 @@ def tiny_config(out_dir, **overrides) -> StudyConfig:
         max_pairs_per_cell=1, strategies=("top_k_neurons", "top_k_heads", "fasp", "common"),
         heldout_names=False, utility_texts=4,
         neuron_ks=(5,), head_ks=(2,), fasp_alphas=(0.1,), overlap_k=10, n_null=20, batch_size=4,
-        refine_top=20, refine_random=5, null_draws=2, n_bootstrap=100, out_dir=str(out_dir), progress=False,
+        refine_top=20, refine_random=5, null_draws=2, null_levels=("L0", "names", "L1", "L2"), n_bootstrap=100,
+        out_dir=str(out_dir), progress=False,
     )
     return StudyConfig(**{**settings, **overrides})
 
@@ -104,6 +105,7 @@ CHANGES = {
     "refine_top": (3, [*SCORES, *DOWNSTREAM]),
     "refine_random": (2, [*SCORES, *DOWNSTREAM]),
     "null_draws": (3, ["generalization", "overlap", "report"]),
+    "null_levels": (("L1",), ["generalization", "overlap", "report"]),
     "n_bootstrap": (50, ["generalization", "overlap", "report"]),
     "utility_texts": (5, ["head-utility", *DOWNSTREAM]),
     "heldout_names": (True, ["generalization", "overlap", "report"]),
