@@ -10,8 +10,8 @@ Levels, for a set scored on context ``c``'s training split (training variations,
 Every row carries the endpoints of ``circuits.evaluate.evaluation.evaluate`` (``delta_gap`` with its paired
 two-way cluster interval, ``share_removed``, ``overshoot``, ``mde``, ...). With ``null_draws`` each
 candidate is also evaluated against random sets of its kind and size (``pruning.null_sets``) on its
-evaluation sets at ``null_levels`` (default every level): ``null_low``/``null_high`` are the 2.5th and 97.5th percentiles of their
-``delta_gap`` (with few draws, close to their range), ``null_mean`` their mean, and
+evaluation sets at ``null_levels`` (default every level): ``null_low``/``null_high`` are the 2.5th and
+97.5th percentiles of their ``delta_gap`` (with few draws, close to their range), ``null_mean`` their mean, and
 ``outside_null`` says whether the strategy's ``delta_gap`` lies outside that band. The null rows
 themselves are kept in ``nulls``; rows at other levels have no band (NaN, ``outside_null`` False).
 
