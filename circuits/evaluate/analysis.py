@@ -81,26 +81,32 @@ def permutation_tests(scores: Mapping[str, ContextScores], *, k: int, n_null: in
 
 
 def shared_specific_table(generalization: Generalization) -> pd.DataFrame:
-    """Per context and k: held-out reduction by its own top-k set vs by the common set alone."""
+    """Per context and k: the held-out (L1) change of the gap by its own top-k set (``full_*``) vs by the
+    common set alone (``shared_*``): ``delta`` with its interval and the signed ``share`` removed (primary),
+    and the old ``reduction`` ratio (secondary)."""
     frame = generalization.frame
     rows = []
+
+    def endpoints(row: pd.Series, prefix: str) -> dict:
+        nan = float("nan")
+        return {f"{prefix}_delta": row.get("delta_gap", nan), f"{prefix}_delta_low": row.get("delta_low", nan),
+                f"{prefix}_delta_high": row.get("delta_high", nan), f"{prefix}_share": row.get("share_removed", nan),
+                f"{prefix}_reduction": row["reduction"], f"{prefix}_low": row.get("reduction_low", nan),
+                f"{prefix}_high": row.get("reduction_high", nan)}
+
     for kind in ("neuron", "head"):
         own = frame[(frame["strategy"] == f"top_k_{kind}s") & (frame["level"] == "L1")]
         shared = frame[(frame["strategy"] == f"common_{kind}s") & (frame["split"] == "heldout")]
         for (k, ctx), row in own.set_index(["k", "eval_context"]).iterrows():
             match = shared[(shared["k"] == k) & (shared["eval_context"] == ctx)]
             if len(match):
-                rows.append({"kind": kind, "k": k, "context": ctx, "full_reduction": row["reduction"],
-                             "full_low": row.get("reduction_low", float("nan")),
-                             "full_high": row.get("reduction_high", float("nan")),
-                             "shared_reduction": float(match["reduction"].iloc[0]),
-                             "shared_low": float(match["reduction_low"].iloc[0])
-                             if "reduction_low" in match else float("nan"),
-                             "shared_high": float(match["reduction_high"].iloc[0])
-                             if "reduction_high" in match else float("nan"),
+                rows.append({"kind": kind, "k": k, "context": ctx, **endpoints(row, "full"),
+                             **endpoints(match.iloc[0], "shared"),
                              "n_shared": int(match["n_components"].iloc[0]), "n_full": int(row["n_components"])})
     table = pd.DataFrame(rows)
     if len(table):
+        table["specific_delta"] = table["full_delta"] - table["shared_delta"]
+        table["specific_share"] = table["full_share"] - table["shared_share"]
         table["specific_reduction"] = table["full_reduction"] - table["shared_reduction"]
     return table
 

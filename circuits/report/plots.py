@@ -333,14 +333,15 @@ def bias_vs_sparsity(df: pd.DataFrame) -> Figure:
 
 
 def generalization_matrix(df: pd.DataFrame) -> Figure:
-    """Bias reduction when pruning with a set from one context and evaluating on another.
+    """Share of the gap removed when pruning with a set from one context and evaluating on another.
 
-    Columns: ``train_context, eval_context, reduction`` (fraction of the unpruned bias removed; shown
-    as percentages) and optionally ``strategy`` (one panel each, on one shared colour scale). Evaluation
-    contexts that are also training contexts come first, in the same order, so the diagonal is in-context.
+    Columns: ``train_context, eval_context, share_removed`` (signed fraction of the unpruned gap removed,
+    ``-delta_gap / gap before``: above 100% the gap changed sign; shown as percentages) and optionally
+    ``strategy`` (one panel each, on one shared colour scale). Evaluation contexts that are also training
+    contexts come first, in the same order, so the diagonal is in-context.
     """
     figure = "generalization_matrix"
-    _require(df, figure, ["train_context", "eval_context", "reduction"], ["strategy"], numeric=["reduction"])
+    _require(df, figure, ["train_context", "eval_context", "share_removed"], ["strategy"], numeric=["share_removed"])
     faceted = "strategy" in df.columns
     _unique(df, figure, (["strategy"] if faceted else []) + ["train_context", "eval_context"],
             "filter to one k / metric first")
@@ -348,13 +349,13 @@ def generalization_matrix(df: pd.DataFrame) -> Figure:
     evals = _levels(df["eval_context"])
     evals = [c for c in trains if c in evals] + [c for c in evals if c not in trains]
     strategies = _levels(df["strategy"]) if faceted else [None]
-    limit = float(np.nanmax(np.abs(df["reduction"].to_numpy(dtype=float)))) or 1.0
+    limit = float(np.nanmax(np.abs(df["share_removed"].to_numpy(dtype=float)))) or 1.0
     fig, axes = _panels(
         len(strategies), (1.8 + 0.75 * len(evals), 1.3 + 0.55 * len(trains)), style="white"
     )
     for ax, strategy in zip(axes, strategies):
         rows = df if strategy is None else df[df["strategy"] == strategy]
-        grid = rows.pivot(index="train_context", columns="eval_context", values="reduction")
+        grid = rows.pivot(index="train_context", columns="eval_context", values="share_removed")
         sns.heatmap(
             grid.reindex(index=trains, columns=evals).astype(float),
             ax=ax,
@@ -373,9 +374,9 @@ def generalization_matrix(df: pd.DataFrame) -> Figure:
         ax.tick_params(axis="x", labelrotation=30)
         ax.tick_params(axis="y", labelrotation=0)
     fig.colorbar(
-        axes[0].collections[0], ax=axes, label="bias reduction", format=PercentFormatter(1.0), shrink=0.8
+        axes[0].collections[0], ax=axes, label="share of the gap removed", format=PercentFormatter(1.0), shrink=0.8
     )
-    fig.suptitle("Generalization: bias reduction, pruning context x evaluation context")
+    fig.suptitle("Generalization: share of the gap removed, pruning context x evaluation context")
     return fig
 
 
@@ -473,21 +474,22 @@ def jaccard_curves(df: pd.DataFrame) -> Figure:
 
 
 def shared_specific(df: pd.DataFrame) -> Figure:
-    """Stacked bars per context: the bias reduction achieved by the shared components, and the rest.
+    """Stacked bars per context: the share of the gap removed by the shared components, and the rest.
 
-    Columns: ``context, full_reduction, shared_reduction`` (fractions of the unpruned bias). The lower
-    bar is ``shared_reduction``; the upper one is ``full_reduction - shared_reduction`` (the
-    context-specific part, drawn downwards if negative); the full reduction is written above each bar.
+    Columns: ``context, full_share, shared_share`` (signed fractions of the unpruned gap removed by the
+    context's own set and by the shared components alone). The lower bar is ``shared_share``; the upper
+    one is ``full_share - shared_share`` (the context-specific part, drawn downwards if negative); the
+    full share is written above each bar.
     """
     figure = "shared_specific"
     _require(
-        df, figure, ["context", "full_reduction", "shared_reduction"],
-        numeric=["full_reduction", "shared_reduction"],
+        df, figure, ["context", "full_share", "shared_share"],
+        numeric=["full_share", "shared_share"],
     )
     _unique(df, figure, ["context"], "filter to one strategy / k first")
     contexts = [str(c) for c in df["context"]]
-    full = df["full_reduction"].to_numpy(dtype=float)
-    shared = df["shared_reduction"].to_numpy(dtype=float)
+    full = df["full_share"].to_numpy(dtype=float)
+    shared = df["shared_share"].to_numpy(dtype=float)
     shared_colour, specific_colour = sns.color_palette("tab10", 2)
     fig, (ax,) = _panels(1, (max(6.5, 3.0 + 0.9 * len(contexts)), 4.2))
     x = np.arange(len(contexts))
@@ -502,7 +504,8 @@ def shared_specific(df: pd.DataFrame) -> Figure:
     ax.set_xticks(x, contexts, rotation=30 if len(contexts) > 4 else 0, ha="right" if len(contexts) > 4 else "center")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.margins(y=0.1)
-    ax.set(xlabel="context", ylabel="bias reduction", title="Bias reduction: shared vs context-specific part")
+    ax.set(xlabel="context", ylabel="share of the gap removed",
+           title="Share of the gap removed: shared vs context-specific part")
     fig.legend(loc="outside right upper", fontsize=8)
     return fig
 
@@ -511,25 +514,25 @@ def shared_specific(df: pd.DataFrame) -> Figure:
 
 
 def utility_cost(df: pd.DataFrame, *, label_k: bool = True) -> Figure:
-    """Bias reduction against utility cost, one line per strategy through its points in order of k.
+    """Share of the gap removed against utility cost, one line per strategy through its points in order of k.
 
-    Columns: ``strategy, k, kl, bias_reduction`` (``kl``: divergence from the unpruned model on neutral
-    prompts; ``bias_reduction``: fraction of the unpruned bias). Points are labelled with k when
+    Columns: ``strategy, k, kl, share_removed`` (``kl``: divergence from the unpruned model on neutral
+    prompts; ``share_removed``: signed fraction of the unpruned gap removed). Points are labelled with k when
     ``label_k``. The KL axis is logarithmic when it spans more than a factor of 100.
     """
     figure = "utility_cost"
-    _require(df, figure, ["strategy", "k", "kl", "bias_reduction"], numeric=["k", "kl", "bias_reduction"])
+    _require(df, figure, ["strategy", "k", "kl", "share_removed"], numeric=["k", "kl", "share_removed"])
     _unique(df, figure, ["strategy", "k"], "filter to one context / metric first")
     strategies = _levels(df["strategy"])
     colours = _palette(strategies)
     fig, (ax,) = _panels(1, (6.5, 4.5))
     for strategy in strategies:
         line = df[df["strategy"] == strategy].sort_values("k")
-        ax.plot(line["kl"], line["bias_reduction"], marker="o", markersize=4, color=colours[strategy], label=strategy)
+        ax.plot(line["kl"], line["share_removed"], marker="o", markersize=4, color=colours[strategy], label=strategy)
         if label_k:
             for point in line.itertuples():
                 ax.annotate(
-                    f"{point.k:g}", (point.kl, point.bias_reduction), xytext=(3, 3), textcoords="offset points",
+                    f"{point.k:g}", (point.kl, point.share_removed), xytext=(3, 3), textcoords="offset points",
                     fontsize=7, color=colours[strategy],
                 )
     ax.axhline(0, color="0.6", linewidth=0.6, zorder=0)
@@ -537,8 +540,8 @@ def utility_cost(df: pd.DataFrame, *, label_k: bool = True) -> Figure:
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set(
         xlabel="utility cost: KL divergence from the unpruned model",
-        ylabel="bias reduction",
-        title="Bias reduction vs utility cost" + (" (points labelled with k)" if label_k else ""),
+        ylabel="share of the gap removed",
+        title="Share of the gap removed vs utility cost" + (" (points labelled with k)" if label_k else ""),
     )
     ax.legend(title="strategy", fontsize=8)
     return fig

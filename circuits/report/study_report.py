@@ -89,25 +89,35 @@ def _pruning_sections(gen: Generalization) -> list[Section]:
         tables=[("Held-out (L1) results", own[[c for c in columns if c in own]].round(4))],
         figures=[("bias_vs_sparsity", "Gap vs number of ablated components", plots.bias_vs_sparsity(curves))],
     )]
-    matrix = gen.matrix()
+    matrix = gen.matrix(value="share_removed")
     largest = matrix.groupby("strategy")["k"].transform("max")
     matrix = matrix[matrix["k"] == largest]
-    pivot_table = matrix.pivot_table(index=["strategy", "train_context"], columns="eval_context", values="reduction")
+    held_out = frame[frame["level"].isin(["L1", "L2"])]
+    cross = held_out[[c for c in ("strategy", "k", "train_context", "eval_context", "level", "delta_gap", "delta_low",
+                                  "delta_high", "share_removed", "null_low", "null_high", "outside_null", "overshoot")
+                      if c in held_out]]
     sections.append(Section(
         "Generalization",
-        "Bias reduction (1 - |gap| / |unablated gap|) on held-out variations: the diagonal is the context the set "
-        "was found on (L1), off-diagonal cells are other contexts (L2). Shown at each strategy's largest k.",
-        tables=[("Train x eval reduction", pivot_table.round(3).reset_index())],
-        figures=[("generalization_matrix", "Train context x eval context bias reduction",
-                  plots.generalization_matrix(matrix[["strategy", "train_context", "eval_context", "reduction"]]))],
+        "Change of the gap (delta_gap, 95% two-way cluster interval) on held-out variations: L1 on the context "
+        "the set was found on, L2 on the other contexts, with the random-set null band where it was drawn "
+        f"(null_levels: {', '.join(gen.settings.get('null_levels', ['L0', 'names', 'L1', 'L2']))}). The matrix "
+        "shows the signed share of the gap removed (-delta_gap / gap before; above 100% the gap changed sign) "
+        "at each strategy's largest k: the diagonal is L1, off-diagonal cells are L2.",
+        tables=[("Held-out change of the gap, L1 and L2", cross.round(4))],
+        figures=[("generalization_matrix", "Train context x eval context share of the gap removed",
+                  plots.generalization_matrix(matrix[["strategy", "train_context", "eval_context",
+                                                      "share_removed"]]))],
     ))
-    levels = frame[frame["strategy"] != "none"].groupby(["strategy", "k", "level"], as_index=False)["reduction"].mean()
+    pruned = frame[frame["strategy"] != "none"]
+    levels = pruned.groupby(["strategy", "k", "level"], as_index=False)[["delta_gap", "share_removed"]].mean()
     sections.append(Section(
         "Generalization levels",
-        "Mean reduction per level: L0 the scored prompts, names = held-out names, L1 held-out variations, "
-        "L2 other contexts.",
-        tables=[("Mean reduction per level", levels.pivot_table(index=["strategy", "k"], columns="level",
-                                                                values="reduction").round(3).reset_index())],
+        "Mean change of the gap and share removed per level: L0 the scored prompts, names = held-out names, "
+        "L1 held-out variations, L2 other contexts.",
+        tables=[("Mean delta_gap per level", levels.pivot_table(index=["strategy", "k"], columns="level",
+                                                                values="delta_gap").round(4).reset_index()),
+                ("Mean share removed per level", levels.pivot_table(index=["strategy", "k"], columns="level",
+                                                                    values="share_removed").round(3).reset_index())],
     ))
     if "mde" in frame:
         sections.append(Section(
@@ -119,12 +129,13 @@ def _pruning_sections(gen: Generalization) -> list[Section]:
             tables=[("Minimum detectable delta", gen.power().round(4))],
         ))
     util = frame[frame["level"] == "L1"].groupby(["strategy", "k"], as_index=False).agg(
-        kl=("kl", "first"), bias_reduction=("reduction", "mean"))
+        kl=("kl", "first"), share_removed=("share_removed", "mean"))
     sections.append(Section(
         "Utility cost",
-        "KL divergence from the unablated model on neutral text against held-out bias reduction.",
-        tables=[("Utility and reduction", util.round(4))],
-        figures=[("utility_cost", "Bias reduction vs utility cost", plots.utility_cost(util))],
+        "KL divergence from the unablated model on neutral text against the held-out (L1) share of the gap "
+        "removed (mean over the contexts a strategy's sets were found on).",
+        tables=[("Utility and share removed", util.round(4))],
+        figures=[("utility_cost", "Share of the gap removed vs utility cost", plots.utility_cost(util))],
     ))
     return sections
 
@@ -157,12 +168,13 @@ def _overlap_sections(tables: dict[str, pd.DataFrame]) -> list[Section]:
         for kind in shared["kind"].unique():
             rows = shared[shared["kind"] == kind]
             rows = rows[rows["k"] == rows["k"].max()]
-            figures.append((f"shared_specific_{kind}", f"Shared vs context-specific reduction ({kind}s)",
-                            plots.shared_specific(rows[["context", "full_reduction", "shared_reduction"]])))
+            figures.append((f"shared_specific_{kind}", f"Shared vs context-specific share of the gap removed ({kind}s)",
+                            plots.shared_specific(rows[["context", "full_share", "shared_share"]])))
         out.append(Section(
             "Shared vs context-specific",
-            "Held-out reduction by each context's own top-k set (full) and by the components common to the "
-            "training contexts alone (shared); the rest needs context-specific components.",
+            "Held-out (L1) change of the gap by each context's own top-k set (full) and by the components common "
+            "to the training contexts alone (shared), with 95% intervals, and the signed shares of the gap they "
+            "remove; the rest needs context-specific components. reduction columns: the old ratio (secondary).",
             tables=[("Decomposition", shared.round(4))],
             figures=figures,
         ))

@@ -35,14 +35,14 @@ def figure_sections() -> list[Section]:
         + [{"strategy": s, "k": k, "eval_context": c, "bias": 0.4 / k, "bias_lo": 0.3 / k, "bias_hi": 0.5 / k}
            for s in ("atp", "random") for k in (1, 10, 100) for c in CONTEXTS]
     )
-    generalization = pd.DataFrame([{"train_context": a, "eval_context": b, "reduction": 0.5 if a == b else 0.2}
+    generalization = pd.DataFrame([{"train_context": a, "eval_context": b, "share_removed": 0.5 if a == b else 0.2}
                                    for a in CONTEXTS for b in CONTEXTS])
     overlap = pd.DataFrame([{"context_a": "hiring", "context_b": "purchase", "stat": "jaccard", "value": 0.3,
                              "null_mean": 0.05}])
     jaccard = pd.DataFrame([{"pair": "hiring / purchase", "k": k, "jaccard": 0.2, "null_mean": 0.01,
                              "null_lo": 0.0, "null_hi": 0.02} for k in (10, 100)])
-    shared = pd.DataFrame({"context": CONTEXTS, "full_reduction": [0.5, 0.4], "shared_reduction": [0.2, 0.3]})
-    utility = pd.DataFrame([{"strategy": "atp", "k": k, "kl": 0.01 * k, "bias_reduction": 0.1 * k} for k in (1, 5)])
+    shared = pd.DataFrame({"context": CONTEXTS, "full_share": [0.5, 0.4], "shared_share": [0.2, 0.3]})
+    utility = pd.DataFrame([{"strategy": "atp", "k": k, "kl": 0.01 * k, "share_removed": 0.1 * k} for k in (1, 5)])
     audit = pd.DataFrame({"context": CONTEXTS, "gap": [0.1, -0.2], "gap_lo": [0.0, -0.3], "gap_hi": [0.2, -0.1]})
     figures = [
         ("Head scores", plots.attribution_heatmap(heads)),
@@ -152,7 +152,7 @@ def test_markdown_links_existing_pngs(report):
 def test_figures_are_closed_and_names_sanitized(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1])
-    other = plots.shared_specific(pd.DataFrame({"context": ["a"], "full_reduction": [0.5], "shared_reduction": [0.2]}))
+    other = plots.shared_specific(pd.DataFrame({"context": ["a"], "full_share": [0.5], "shared_share": [0.2]}))
     section = Section("Contents", figures=[("Bias / k (L1)!", "one", fig), ("bias-k-l1", "two", other)])
     paths = write_report(tmp_path, "t", [section, Section("Contents")])
     assert not plt.fignum_exists(fig.number)

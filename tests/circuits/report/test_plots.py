@@ -45,7 +45,7 @@ def sparsity_frame(ks=(1, 10, 100, 1000), band=True) -> pd.DataFrame:
 
 def generalization_frame() -> pd.DataFrame:
     return pd.DataFrame([
-        {"strategy": s, "train_context": a, "eval_context": b, "reduction": 0.5 if a == b else 0.1 * (i - 1)}
+        {"strategy": s, "train_context": a, "eval_context": b, "share_removed": 0.5 if a == b else 0.1 * (i - 1)}
         for i, s in enumerate(STRATEGIES) for a in CONTEXTS for b in reversed(CONTEXTS)
     ])
 
@@ -66,12 +66,12 @@ def jaccard_frame() -> pd.DataFrame:
 
 
 def shared_frame() -> pd.DataFrame:
-    return pd.DataFrame({"context": CONTEXTS, "full_reduction": [0.6, 0.5, 0.4],
-                         "shared_reduction": [0.3, 0.1, 0.35]})
+    return pd.DataFrame({"context": CONTEXTS, "full_share": [0.6, 0.5, 0.4],
+                         "shared_share": [0.3, 0.1, 0.35]})
 
 
 def utility_frame() -> pd.DataFrame:
-    rows = [{"strategy": s, "k": k, "kl": k * 1e-4 * (i + 1), "bias_reduction": k / 1000}
+    rows = [{"strategy": s, "k": k, "kl": k * 1e-4 * (i + 1), "share_removed": k / 1000}
             for i, s in enumerate(STRATEGIES) for k in (1, 10, 100, 1000)]
     return pd.DataFrame(rows).sample(frac=1.0, random_state=RNG_SEED)  # shuffled: lines must follow k
 
@@ -114,12 +114,12 @@ CASES = {  # function, frame builder, required columns
     "top_components": (plots.top_components, heads_frame, ["kind", "layer", "index", "score"]),
     "bias_vs_sparsity": (plots.bias_vs_sparsity, sparsity_frame, ["strategy", "k", "eval_context", "bias"]),
     "generalization_matrix": (
-        plots.generalization_matrix, generalization_frame, ["train_context", "eval_context", "reduction"]
+        plots.generalization_matrix, generalization_frame, ["train_context", "eval_context", "share_removed"]
     ),
     "overlap_matrix": (plots.overlap_matrix, overlap_frame, ["context_a", "context_b", "stat", "value"]),
     "jaccard_curves": (plots.jaccard_curves, jaccard_frame, ["pair", "k", "jaccard"]),
-    "shared_specific": (plots.shared_specific, shared_frame, ["context", "full_reduction", "shared_reduction"]),
-    "utility_cost": (plots.utility_cost, utility_frame, ["strategy", "k", "kl", "bias_reduction"]),
+    "shared_specific": (plots.shared_specific, shared_frame, ["context", "full_share", "shared_share"]),
+    "utility_cost": (plots.utility_cost, utility_frame, ["strategy", "k", "kl", "share_removed"]),
     "audit_gaps": (plots.audit_gaps, audit_frame, ["context", "gap", "gap_lo", "gap_hi"]),
     "upset": (plots.upset, upset_frame, ["intersection", "size"]),
     "layer_profile": (plots.layer_profile, profile_frame, ["context", "layer", "count"]),
