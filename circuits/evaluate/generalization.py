@@ -155,9 +155,9 @@ def generalize(
 
     ``null_draws`` random sets of each candidate's kind and size (seeded by ``seed`` and the
     candidate's position) are measured on its evaluation sets at ``null_levels`` (see the module
-    docstring); ``shape``
-    defaults to the model's. ``stacked`` (default) evaluates every set of one evaluation set in
-    stacked forwards (``circuits.evaluate.evaluation.evaluate``); the numbers are those of one forward per set.
+    docstring); ``shape`` defaults to the model's. ``stacked`` (default) evaluates every set of one
+    evaluation set in stacked forwards (``circuits.evaluate.evaluation.evaluate``); the numbers are those
+    of one forward per set.
     """
     labels = [c.label for c in candidates]
     unknown_levels = sorted(set(null_levels) - set(LEVELS))

@@ -8,7 +8,7 @@ import pandas as pd
 
 from circuits.evaluate import explore
 from circuits.evaluate.analysis import load_overlap_tables
-from circuits.evaluate.generalization import Generalization
+from circuits.evaluate.generalization import LEVELS, Generalization
 from circuits.measure.audit import AuditResult
 from circuits.measure.coverage import coverage_lines, coverage_table
 from circuits.report import plots
@@ -100,7 +100,7 @@ def _pruning_sections(gen: Generalization) -> list[Section]:
         "Generalization",
         "Change of the gap (delta_gap, 95% two-way cluster interval) on held-out variations: L1 on the context "
         "the set was found on, L2 on the other contexts, with the random-set null band where it was drawn "
-        f"(null_levels: {', '.join(gen.settings.get('null_levels', ['L0', 'names', 'L1', 'L2']))}). The matrix "
+        f"(null_levels: {', '.join(gen.settings.get('null_levels', LEVELS))}). The matrix "
         "shows the signed share of the gap removed (-delta_gap / gap before; above 100% the gap changed sign) "
         "at each strategy's largest k: the diagonal is L1, off-diagonal cells are L2.",
         tables=[("Held-out change of the gap, L1 and L2", cross.round(4))],
