@@ -151,18 +151,20 @@ class _Trie:
     end_read: Int[Tensor, "cand"]  # where a candidate's stop term is read (its own last node)
     end_tokens: Int[Tensor, "cand m"]  # the tokens that would continue it, -1 padded
 
-    @classmethod
-    def of(cls, token_ids: Sequence[Sequence[int]], ends: Sequence[Sequence[int] | None]) -> "_Trie":
+    @staticmethod
+    def prefixes(token_ids: Sequence[Sequence[int]], ends: Sequence[Sequence[int] | None]) -> dict:
+        """The fed prefixes, each a node, in order (a parent before its children): ``{prefix: node}``."""
         node_of: dict[tuple[int, ...], int] = {}
-        parents, tokens, depth = [], [], []
         for ids, end in zip(token_ids, ends):
             for d in range(1, len(ids) + bool(end)):
-                prefix = tuple(ids[:d])
-                if prefix not in node_of:
-                    node_of[prefix] = len(tokens)
-                    parents.append(node_of.get(prefix[:-1], -1))
-                    tokens.append(ids[d - 1])
-                    depth.append(d)
+                node_of.setdefault(tuple(ids[:d]), len(node_of))
+        return node_of
+
+    @classmethod
+    def of(cls, token_ids: Sequence[Sequence[int]], ends: Sequence[Sequence[int] | None]) -> "_Trie":
+        node_of = cls.prefixes(token_ids, ends)
+        parents = [node_of.get(prefix[:-1], -1) for prefix in node_of]
+        tokens, depth = [prefix[-1] for prefix in node_of], [len(prefix) for prefix in node_of]
         n = len(tokens)
         sees = torch.eye(n, dtype=torch.bool)
         for node, parent in enumerate(parents):  # parents come before children
@@ -241,7 +243,7 @@ class CandidateAnswers:
     @property
     def n_nodes(self) -> int:
         """Positions the packed trie adds to every row."""
-        return 0 if self.single_token else len(self._trie.tokens)
+        return 0 if self.single_token else len(_Trie.prefixes(self.token_ids, self._ends))
 
     @cached_property
     def _trie(self) -> _Trie:

@@ -14,6 +14,9 @@ changing its value (``"k."``) leads to a final node of its own.
 ``expand_each`` grows every prompt's own tree best-first, a batch of prompts at once: each round
 feeds each prompt's most probable frontier nodes onto a key/value cache that holds the prompts and
 every node evaluated so far (nothing is recomputed), and returns one ``NumberTree`` per prompt.
+With ``significant``, a partial number whose digits fix its magnitude and that many significant
+digits is not expanded further: it is a *bounded* answer (``"52,5"`` holds every number from 52,500
+to 52,599 and is valued at its range's midpoint through ``NumberGrammar.fill``).
 A grammar without multiplier words reads a number that has all its decimals as final (no node
 needs evaluating for it).
 
@@ -158,6 +161,25 @@ class NumberGrammar:
         """Whether a number with this many decimals takes no multiplier."""
         return self.multiplier_decimals is not None and decimals > self.multiplier_decimals
 
+    def fill(self, state: State) -> str | None:
+        """The digits that complete ``state``'s digit run at its midpoint, where the digits fix the
+        number's magnitude: inside a thousands group (``"12,5"`` + ``"50"``: 12,550, the middle of
+        12,500-12,599) or in the decimals (``"5.2"`` + ``"5"``); None where more integer digits could
+        still scale it (``"26"`` may be 26, 260 or 26,000). A further thousands group or a multiplier
+        (``"12.5k"``) is taken not to follow: on SmolLM2's dollar answers a multiplier after decimals
+        held under 1e-4 of the mass (benchmarks/RESULTS.md)."""
+        phase, _, comma, count, word = state
+        if word:
+            return None
+        if phase == "int" and comma:
+            if count < 3:
+                return "5".ljust(3 - count, "0")
+            return "." + "5".ljust(self.max_decimals, "0") if self.max_decimals else ""  # "12,500" + ".50"
+        if phase in ("dot", "frac"):
+            decimals = count if phase == "frac" else 0
+            return "5".ljust(self.max_decimals - decimals, "0") if decimals < self.max_decimals else ""
+        return None
+
     def state_of(self, text: str) -> State:
         """The state after the characters of ``text`` (e.g. an answer prefix's ``"0."``)."""
         state = ROOT
@@ -207,6 +229,8 @@ class NumberTree:
     other: float  # mean probability that the reply is no number
     uncovered: float  # mean probability of the numbers not covered (unexpanded or dropped)
     n_evaluated: int
+    fills: tuple[str | None, ...]  # per answer: None for a complete number, else its midpoint digits
+    bounded: float  # mean probability of the bounded answers (partial numbers valued at their midpoint)
 
     def candidates(
         self, tokenizer, value: Callable[[str], float | None], *, min_mass: float = 0.0, packed: bool = True
@@ -325,7 +349,7 @@ def expand(
     bar.close()
     uncovered = dropped + sum((logp.exp() for _, logp in frontier.values()), torch.zeros(n))
     return NumberTree(tuple(paths), tuple(ends), tuple(masses), root_continuations, float(covered.mean()),
-                      other + float(lead_other.mean()), float(uncovered.mean()), evaluated)
+                      other + float(lead_other.mean()), float(uncovered.mean()), evaluated, (None,) * len(paths), 0.0)
 
 
 class _GrowingCache:
@@ -337,10 +361,12 @@ class _GrowingCache:
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         batch = batch.to(self.device)
+        read, at = torch.unique(batch.answer_pos, return_inverse=True)  # unembed the answer positions only
         with attention_reads_cache(model):
-            out = self.hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, use_cache=True)
+            out = self.hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, use_cache=True,
+                          logits_to_keep=read)
         rows = torch.arange(len(batch), device=self.device)
-        self.root = out.logits[rows, batch.answer_pos].float().log_softmax(-1).cpu()
+        self.root = out.logits[rows, at].float().log_softmax(-1).cpu()
         self.cache = out.past_key_values
         self.keys = batch.attention_mask.bool()  # row key: which cached keys a row's nodes may read
         self.lengths = batch.lengths
@@ -382,11 +408,12 @@ def expand_each(
     batch: TokenBatch,
     grammar: NumberGrammar,
     *,
-    start: State = ROOT,
+    start: str = "",
     target: float = 0.97,
     max_nodes: int = 160,
     per_round: int = 16,
     min_mass: float = 1e-4,
+    significant: int | None = None,
     progress: bool = False,
 ) -> list[NumberTree]:
     """Best-first expansion of each prompt's own number tree, all of ``batch``'s prompts at once.
@@ -395,13 +422,22 @@ def expand_each(
     forward for every prompt still expanding, on the key/value cache of the prompts and of the
     nodes evaluated so far); a prompt stops when its covered mass reaches ``target`` of its numeric
     mass, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it (final
-    answers under ``min_mass`` are dropped too). Returns one ``NumberTree`` per prompt, whose
-    ``mass`` is that prompt's probability of each answer. Deterministic: ties break by token ids.
+    answers under ``min_mass`` are dropped too). ``start``: the part of the number the prompt
+    already holds (``"0."``). With ``significant``, a partial number with that many significant
+    digits whose magnitude is fixed (``NumberGrammar.fill``) is not expanded further: it is one
+    *bounded* answer, its probability the prefix's (every number it starts), valued at its midpoint
+    (within ``10 ** (1 - significant)`` of it, relatively). Returns one ``NumberTree`` per prompt,
+    whose ``mass`` is that prompt's probability of each answer. Deterministic: ties break by token ids.
     """
     import heapq
 
     n = len(batch)
+    start_sig, start = _significant(0, start), grammar.state_of(start)
     cache = _GrowingCache(model, batch)
+
+    def file(t, path, state, logp, sig):
+        fill = grammar.fill(state) if significant is not None and sig >= significant else None
+        _push(t, path, state, logp, min_mass * t["numeric"], sig, fill)
     root_ids = grammar.continuation_ids(start)
     root_table = grammar.continuations(start)
     ids_t = torch.tensor(root_ids, dtype=torch.long)
@@ -409,11 +445,10 @@ def expand_each(
     for r in range(n):
         logp = cache.root[r, ids_t].double()
         other = float(torch.log1p(-logp.exp().sum().clamp(max=1 - 1e-12)).exp())
-        t = {"paths": [], "ends": [], "mass": [], "covered": 0.0, "dropped": 0.0, "frontier": [],
-             "col": {}, "other": other, "numeric": 1 - other, "evaluated": 0, "pending": 0.0}
-        floor = min_mass * t["numeric"]
+        t = {"paths": [], "ends": [], "mass": [], "fills": [], "covered": 0.0, "bounded": 0.0, "dropped": 0.0,
+             "frontier": [], "col": {}, "other": other, "numeric": 1 - other, "evaluated": 0}
         for j, token in enumerate(root_ids):
-            _push(t, (token,), root_table[token], float(logp[j]), floor)
+            file(t, (token,), root_table[token], float(logp[j]), _significant(start_sig, grammar.token_texts[token]))
         trees.append(t)
 
     def active(r):
@@ -431,12 +466,11 @@ def expand_each(
             t, picked = trees[r], []
             floor = min_mass * t["numeric"]
             while t["frontier"] and len(picked) < min(per_round, max_nodes - t["evaluated"]):
-                neg, path, state, logp = t["frontier"][0]
+                neg, path, state, logp, sig = t["frontier"][0]
                 if -neg < floor:
                     break
                 heapq.heappop(t["frontier"])
-                t["pending"] -= math.exp(logp)
-                picked.append((path, state, logp))
+                picked.append((path, state, logp, sig))
             chosen.append(picked)
         slots = max(len(p) for p in chosen)
         width = cache.keys.shape[1]
@@ -445,20 +479,20 @@ def expand_each(
         ancestors = torch.zeros(len(live), slots, width, dtype=torch.bool)
         for i, (r, picked) in enumerate(zip(live, chosen)):
             col = trees[r]["col"]
-            for s, (path, _, _) in enumerate(picked):
+            for s, (path, *_) in enumerate(picked):
                 tokens[i, s], depth[i, s] = path[-1], len(path)
                 for d in range(1, len(path)):
                     ancestors[i, s, col[path[:d]]] = True
         logps = cache.feed(tokens, depth, ancestors)
         index = {}
         for picked in chosen:
-            for _, state, _ in picked:
+            for _, state, *_ in picked:
                 if state not in index:
                     index[state] = torch.tensor(grammar.continuation_ids(state), dtype=torch.long)
         for i, (r, picked) in enumerate(zip(live, chosen)):
             t = trees[r]
             floor = min_mass * t["numeric"]
-            for s, (path, state, logp) in enumerate(picked):
+            for s, (path, state, logp, sig) in enumerate(picked):
                 t["col"][path] = width + s
                 table = grammar.continuations(state)
                 ids = grammar.continuation_ids(state)
@@ -469,13 +503,14 @@ def expand_each(
                     t["other"] += math.exp(logp + stop)
                 else:
                     t["paths"].append(path), t["ends"].append(ids), t["mass"].append(math.exp(logp + stop))
+                    t["fills"].append(None)
                     t["covered"] += math.exp(logp + stop)
                 kept = (mass * math.exp(logp) >= floor).nonzero().flatten().tolist()
                 t["dropped"] += math.exp(logp) * (float(mass.sum()) - float(mass[kept].sum()))
                 lps = (logp + child[kept]).tolist()
                 for j, lp in zip(kept, lps):
                     token = ids[j]
-                    _push(t, path + (token,), table[token], lp, floor)
+                    file(t, path + (token,), table[token], lp, _significant(sig, grammar.token_texts[token]))
             t["evaluated"] += len(picked)
             bar.update(len(picked))
         live = [r for r in live if active(r)]
@@ -484,27 +519,35 @@ def expand_each(
     for t in trees:
         uncovered = t["dropped"] + sum(math.exp(f[3]) for f in t["frontier"])
         out.append(NumberTree(tuple(t["paths"]), tuple(t["ends"]), tuple(t["mass"]), root_ids, t["covered"],
-                              t["other"], uncovered, t["evaluated"]))
+                              t["other"], uncovered, t["evaluated"], tuple(t["fills"]), t["bounded"]))
     return out
 
 
-def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: float) -> None:
-    """File a child: a final answer is covered (or dropped under ``floor``); a partial number joins
-    the frontier (dropped under ``floor``: it could never be chosen)."""
+def _significant(sig: int, text: str) -> int:
+    """The significant digits of a number after ``text`` follows ``sig`` of them (leading zeros
+    are not significant)."""
+    for c in text:
+        if c in DIGITS and (sig or c != "0"):
+            sig += 1
+    return sig
+
+
+def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: float, sig: int,
+          fill: str | None) -> None:
+    """File a child: a final or bounded answer (``fill`` not None) is covered, a partial number
+    joins the frontier; either is dropped under ``floor`` (it could never be chosen)."""
     import heapq
 
     mass = math.exp(logp)
-    if state == DONE:
-        if mass >= floor:
-            tree["paths"].append(path), tree["ends"].append(None), tree["mass"].append(mass)
-            tree["covered"] += mass
-        else:
-            tree["dropped"] += mass
-    elif mass >= floor:
-        heapq.heappush(tree["frontier"], (-mass, path, state, logp))
-        tree["pending"] += mass
-    else:
+    if mass < floor:
         tree["dropped"] += mass
+    elif state == DONE or fill is not None:
+        tree["paths"].append(path), tree["ends"].append(None), tree["mass"].append(mass)
+        tree["fills"].append(None if state == DONE else fill)
+        tree["covered"] += mass
+        tree["bounded"] += mass if state != DONE else 0.0
+    else:
+        heapq.heappush(tree["frontier"], (-mass, path, state, logp, sig))
 
 
 __all__ = ["DONE", "LEAD", "ROOT", "NumberGrammar", "NumberTree", "expand", "expand_each"]

@@ -22,9 +22,10 @@ error. Each reply is read two ways:
 
 - Bins: every value whose pooled metric mass is at least ``min_share`` (1%) is a bin of its own;
   the other covered values form one ``rare`` bin; ``other`` holds the uncovered rest. A sampled
-  reply falls in its value's bin when that value is one of its own prompt's covered answers, and in
-  ``other`` otherwise (unread replies, refusals, numbers the metric does not cover): the same
-  event the metric's ``1 - grid_mass`` measures, so no reply is dropped. Pooling compares the
+  reply falls in its value's bin when that value is one of its own prompt's covered answers (or lies
+  in the range of one of its bounded answers: ``placed_values``), and in ``other`` otherwise
+  (unread replies, refusals, numbers the metric does not cover): the same event the metric's
+  ``1 - grid_mass`` measures, so no reply is dropped. Pooling compares the
   context's overall answer distribution; the per-prompt correlation below checks prompt by prompt.
 - ``tv``: the total-variation distance between the pooled sampled and metric bin distributions,
   replies read by ``metric_value``; ``tv_parsed``: the same with replies read by ``value``.
@@ -178,6 +179,27 @@ def _key(values) -> np.ndarray:
     return np.round(np.asarray(values, dtype=float), 6)
 
 
+def placed_values(distribution: pd.DataFrame, samples: pd.DataFrame) -> np.ndarray:
+    """Each sample's ``value`` as the metric files it: unchanged where it is one of its prompt's
+    covered values, else the value of the prompt's bounded answer whose range (``value_low`` to
+    ``value_high``, see ``circuits.measure.bias.measure``) holds it (``52,537`` under ``"52,5"`` is
+    52,550), else unchanged (a number the metric does not cover)."""
+    values = np.asarray(samples["value"], dtype=float).copy()
+    if "value_low" not in distribution:
+        return values
+    ranged = distribution[distribution["value_high"] > distribution["value_low"]]
+    ranges = {p: (g["value_low"].to_numpy(), g["value_high"].to_numpy(), g["candidate_value"].to_numpy())
+              for p, g in ranged.groupby("prompt_id", sort=False)}
+    exact = set(zip(distribution["prompt_id"], _key(distribution["candidate_value"])))
+    for i, (prompt, value, key) in enumerate(zip(samples["prompt_id"], values, _key(values))):
+        if prompt in ranges and not np.isnan(value) and (prompt, key) not in exact:
+            low, high, mid = ranges[prompt]
+            hit = np.flatnonzero((low <= value) & (value < high))
+            if len(hit):
+                values[i] = mid[hit[0]]
+    return values
+
+
 def value_tv(
     distribution: pd.DataFrame, samples: pd.DataFrame, *, min_share: float = OWN_BIN_SHARE,
     n_noise: int = 2000, seed: int = 0,
@@ -185,7 +207,8 @@ def value_tv(
     """The TV distance between one context's pooled metric distribution and its sampled replies, with
     the sampling-noise reference (see the module docstring).
 
-    ``distribution``: ``prompt_id, candidate_value, mass`` (absolute probability) per covered answer;
+    ``distribution``: ``prompt_id, candidate_value, mass`` (absolute probability) per covered answer,
+    optionally ``value_low, value_high`` (the ranges of bounded answers: ``placed_values``);
     ``samples``: ``prompt_id, value`` (the parsed reply; NaN = unparsed) per reply. Returns the
     statistics and the pooled bin table (``bin, metric, sampled``).
     """
@@ -204,7 +227,7 @@ def value_tv(
     metric[:, -1] = np.clip(1 - metric[:, :-1].sum(1), 0, None)
     metric /= metric.sum(1, keepdims=True)
     covered = set(zip(dist["prompt_id"], dist["key"]))
-    keys = _key(samples["value"])
+    keys = _key(placed_values(dist, samples))
     bin_of = [column.get(k, len(own)) if (p, k) in covered else len(labels) - 1
               for p, k in zip(samples["prompt_id"], keys)]
     counts = np.zeros_like(metric)
@@ -311,7 +334,7 @@ def compare(
         bins.append(binned_parsed.assign(context=context, reading="parsed"))
         shares = {}
         if read == "metric_value":
-            kinds = pd.Series(reading_of(drawn["metric_value"], drawn["value"]))
+            kinds = pd.Series(reading_of(drawn["metric_value"], placed_values(distribution, drawn)))
             shares = {f"{k}_share": float((kinds == k).mean()) for k in READINGS}
         rows.append({
             "context": context,
@@ -433,11 +456,12 @@ def run_agreement(
             "metric_value": metric_value,
         }))
     samples = pd.concat(parts, ignore_index=True)
-    samples["reading"] = reading_of(samples["metric_value"], samples["value"])
+    samples["reading"] = reading_of(samples["metric_value"], placed_values(distribution, samples))
     summary = measurement.settings.get("summary", {})
     per = measured[[*META, "value", "grid_mass"]].rename(columns={"value": "expected"})
     per["summary"] = per["context"].map(summary if isinstance(summary, dict) else {}).fillna("mean")
-    table, bins = compare(per, samples, distribution[["prompt_id", "candidate_value", "mass"]],
+    ranges = [c for c in ("value_low", "value_high") if c in distribution]
+    table, bins = compare(per, samples, distribution[["prompt_id", "candidate_value", "mass", *ranges]],
                           n_resamples=n_resamples, confidence=confidence, n_noise=n_noise, seed=seed)
     settings = run_settings(model, prompts, variations=variations, names_per_cell=names_per_cell,
                             max_prompts=max_prompts, n_samples=n_samples, temperature=temperature,
@@ -452,6 +476,6 @@ def run_agreement(
 
 
 __all__ = [
-    "READINGS", "Agreement", "compare", "metric_reading", "per_prompt", "read_reply", "reading_of",
-    "readings", "run_agreement", "sample_scale", "scaled_samples", "value_tv",
+    "READINGS", "Agreement", "compare", "metric_reading", "per_prompt", "placed_values", "read_reply",
+    "reading_of", "readings", "run_agreement", "sample_scale", "scaled_samples", "value_tv",
 ]

@@ -14,7 +14,9 @@ tree (``interp.numeric``: digits, separators, ``DECIMALS`` decimals and, for dol
 read as ``parse_number`` reads them) is expanded best-first on the prompt's key/value cache until
 ``Expansion.target`` of its numeric mass is covered or its node budget is spent; ``measure`` reads
 the masses from that expansion (no second pass) and the metric scores each prompt's own answers
-exactly, each with its stop term (the number ends there). The answers are derived on the
+exactly, each with its stop term (the number ends there), or, once its leading digits fix its value
+to ``Expansion.significant`` digits, as one bounded answer (``"52,5"``: every number it starts,
+valued at 52,550). The answers are derived on the
 unmodified model and kept, so an ablated or patched model is scored on the same answers. Yes/no
 covers the case, leading-space and markdown-bold variants of Yes and No. A format with a fixed
 ``AnswerGrid`` scores that grid instead.
@@ -53,6 +55,8 @@ CONTRASTS = {"race": ("group", "White", "Black"), "gender": ("gender", "woman", 
 SUMMARY = {"dollars": "log10", "percent": "mean", "score": "mean", "probability": "mean", "rank": "mean",
            "yes_no": "mean"}
 YES_NO = {"Yes": 1.0, "No": 0.0}
+# The significant digits that make a partial number a bounded answer, per answer type (``Expansion``).
+SIGNIFICANT = {"dollars": 2, "percent": 3, "score": 3, "probability": 3, "rank": 3}
 # Every form counts: leading space or not, case, markdown bold; trailing punctuation follows it.
 YES_NO_FORMS = (" {}", "{}", " {lower}", "{lower}", " {upper}", "{upper}", "**{}", " **{}")
 
@@ -63,13 +67,24 @@ class Expansion:
     best-first (``per_round`` nodes a round, ``batch_size`` prompts at once on their key/value
     cache) until ``target`` of its numeric mass (the probability that the reply is a number) is
     covered, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it;
-    final answers under ``min_mass`` are dropped (see ``interp.numeric.expand_each``)."""
+    final answers under ``min_mass`` are dropped (see ``interp.numeric.expand_each``).
+
+    With ``bounded``, a partial number with ``significant`` significant digits whose magnitude its
+    digits fix (inside a thousands group or in the decimals) is one *bounded* answer: its
+    probability is that of every number it starts, its value their range's midpoint (``"52,5"`` is
+    52,550 for 52,500-52,599; ``"1,2"`` 1,250). ``significant`` digits place it within a range
+    ``10 ** (1 - significant)`` of its value wide; None takes the answer type's ``SIGNIFICANT``:
+    2 for dollars (ranges of at most 10%, so within 5% of the midpoint: amounts are spread over
+    hundreds of values and summarized on a log scale), 3 for the rest (a probability's or a
+    percentage's last decimals are final before that)."""
 
     target: float = 0.99
     max_nodes: int = 192
     per_round: int = 32
     min_mass: float = 1e-4
     batch_size: int = 32
+    bounded: bool = True
+    significant: int | None = None
 
 
 _DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -159,17 +174,21 @@ def answer_candidates(
 
 @dataclass(frozen=True, eq=False)
 class _Answers:
-    """One prompt's expanded answers: candidates (with stop terms), absolute masses, other mass."""
+    """One prompt's answers: candidates (with stop terms), absolute masses, other mass, which answers
+    are bounded and the low end of each answer's range (its value for a complete number)."""
 
     candidates: CandidateAnswers
     mass: np.ndarray
     other: float
+    bounded: np.ndarray
+    low: np.ndarray
 
 
 def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]], expansion: Expansion,
                      batch_size: int | None = None) -> dict[tuple[int, ...], _Answers]:
     """Every prompt's own answers (prompts given as token tuples), expanded ``expansion.batch_size``
-    prompts at a time; each answer valued by ``parse_number`` of the prefix's number start plus it."""
+    prompts at a time; each answer valued by ``parse_number`` of the prefix's number start plus it
+    (plus its midpoint digits for a bounded answer)."""
     from interp.hooks import attached_hook_count
 
     if attached_hook_count(model):
@@ -187,28 +206,38 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
     for part in microbatches(len(order), batch_size or expansion.batch_size):
         chunk = [keys[i] for i in order[part]]
         batch = pad_ids([list(k) for k in chunk], pad).to(model.cfg.device)
-        trees = expand_each(model, batch, grammar, start=grammar.state_of(start), target=expansion.target,
+        trees = expand_each(model, batch, grammar, start=start, target=expansion.target,
                             max_nodes=expansion.max_nodes, per_round=expansion.per_round,
-                            min_mass=expansion.min_mass)
+                            min_mass=expansion.min_mass, significant=_significant(expansion, answer.type))
         for key, tree in zip(chunk, trees):
             keep = []
             for i, path in enumerate(tree.paths):
-                if path not in values:
-                    values[path] = parse_number(start + tokenizer.decode(list(path)))
-                if values[path] is not None:
+                at = (path, tree.fills[i])
+                if at not in values:
+                    text, fill = start + tokenizer.decode(list(path)), tree.fills[i] or ""
+                    values[at] = parse_number(text + fill), parse_number(text + re.sub(r"\d", "0", fill))
+                if values[at][0] is not None:
                     keep.append(i)
             if not keep:
                 raise ValueError(f"the model gives no {answer.type} answer after a prompt (non-numeric mass "
                                  f"{tree.other:.3g}); check the answer prefix {answer.prefix!r}")
             paths = tuple(tree.paths[i] for i in keep)
             cands = CandidateAnswers(tuple(tokenizer.decode(list(p)) for p in paths),
-                                     tuple(float(values[p]) for p in paths), paths, packed,
+                                     tuple(float(values[tree.paths[i], tree.fills[i]][0]) for i in keep), paths, packed,
                                      tuple(tree.ends[i] for i in keep), tree.root_continuations)
-            out[key] = _Answers(cands, np.array([tree.mass[i] for i in keep]), tree.other)
+            bounded = np.array([tree.fills[i] is not None for i in keep])
+            low = np.array([values[tree.paths[i], tree.fills[i]][1] for i in keep], dtype=float)
+            out[key] = _Answers(cands, np.array([tree.mass[i] for i in keep]), tree.other, bounded, low)
     return out
 
 
-_VALUES: dict = {}  # (tokenizer, number start) -> {token path: parse_number value}
+def _significant(expansion: Expansion, answer_type: str) -> int | None:
+    if not expansion.bounded:
+        return None
+    return SIGNIFICANT[answer_type] if expansion.significant is None else expansion.significant
+
+
+_VALUES: dict = {}  # (tokenizer, number start) -> {(token path, fill): (value, its range's low end)}
 
 
 def _context_answer(model, context: str | Context, prompts: PromptSet | None) -> tuple[str, AnswerFormat, bool]:
@@ -345,9 +374,12 @@ def measure(
 
     ``values``: the prompt columns with ``value`` (the type's default summary, ``settings["summary"]``),
     ``value_mean``, ``value_median``, ``value_log10`` (numeric types; NaN for yes/no), ``grid_mass``,
-    ``other_mass`` and ``tail_mass``. ``distribution``: per prompt and covered answer its text
-    (``candidate``), ``candidate_value``, ``probability`` (renormalized over the covered answers)
-    and ``mass`` (absolute). ``batch_size`` counts prompts per forward pass (for a shared candidate
+    ``other_mass``, ``tail_mass`` and ``bounded_mass`` (the part of ``grid_mass`` held by bounded
+    answers, see ``Expansion``). ``distribution``: per prompt and covered answer its text
+    (``candidate``), ``candidate_value``, ``probability`` (renormalized over the covered answers),
+    ``mass`` (absolute), ``bounded`` (a partial number valued at its range's midpoint: it holds
+    the probability of every number it starts) and its range ``value_low`` to ``value_high`` (the
+    value itself for a complete number). ``batch_size`` counts prompts per forward pass (for a shared candidate
     set, fewer when its trie would make the logits read too large; a row per candidate when the model
     cannot run a packed layout). Deterministic, and the same on any subset of the prompts (up to float
     rounding: each prompt's answers are its own). ``settings["trie_nodes"]``: the mean number of
@@ -356,7 +388,7 @@ def measure(
     frame = prompts.frame
     pad = pad_token_id(model.tokenizer)
     columns = {c: np.full(len(frame), np.nan) for c in ("value", "value_mean", "value_median", "value_log10",
-                                                           "grid_mass", "other_mass")}
+                                                           "grid_mass", "other_mass", "bounded_mass")}
     dist_parts, summaries, nodes = [], {}, {}
     bar = tqdm(total=len(frame), desc="measuring", disable=not progress)
     for context in prompts.contexts:
@@ -372,8 +404,7 @@ def measure(
             found = _numeric_answers(model, answer, list(dict.fromkeys(keys)), expansion, batch_size)
             cands.own.update({k: a.candidates for k, a in found.items()})
             check_answer_alignment(model, texts[0], found[keys[0]].candidates)
-            per_prompt = [(found[k].candidates.texts, found[k].mass, np.array(found[k].candidates.values),
-                           found[k].other) for k in keys]
+            per_prompt = [found[k] for k in keys]
             nodes[context] = float(np.mean([found[k].candidates.n_nodes for k in keys]))
             bar.update(len(rows))
         else:
@@ -381,10 +412,13 @@ def measure(
             nodes[context] = cands.n_nodes
             per_prompt = _score_shared(model, cands, ids, batch_size, pad)
             bar.update(len(rows))
-        for r, (cand_texts, mass, values, other) in zip(rows, per_prompt):
+        for r, answers in zip(rows, per_prompt):
+            mass, other, bounded = answers.mass, answers.other, answers.bounded
+            values = np.asarray(answers.candidates.values, dtype=np.float64)
             grid = float(mass.sum())
             p = mass / grid
             columns["grid_mass"][r], columns["other_mass"][r] = grid, other
+            columns["bounded_mass"][r] = float(mass[bounded].sum())
             columns["value_mean"][r] = float(p @ values)
             columns["value_median"][r] = _median(p, values)
             if answer_type != "yes_no":
@@ -392,8 +426,9 @@ def measure(
             columns["value"][r] = float(p @ SUMMARIES[summary](torch.from_numpy(values)).numpy())
             dist_parts.append(pd.DataFrame({
                 "prompt_id": frame["prompt_id"].iat[r], "context": context,
-                "candidate": list(cand_texts),
-                "candidate_value": values, "probability": p, "mass": mass,
+                "candidate": list(answers.candidates.texts),
+                "candidate_value": values, "probability": p, "mass": mass, "bounded": bounded,
+                "value_low": answers.low, "value_high": np.where(bounded, 2 * values - answers.low, values),
             }))
     bar.close()
     keep = [c for c in frame.columns if c not in ("user_text", "prompt_text")]
@@ -414,7 +449,8 @@ def measure(
 
 
 def _score_shared(model, cands: CandidateAnswers, ids: list, batch_size: int, pad: int) -> list:
-    """Per prompt ``(texts, mass, values, other)`` of a candidate set shared by every prompt."""
+    """Per prompt its ``_Answers`` under a candidate set shared by every prompt (none bounded)."""
+    unbounded = np.zeros(len(cands.texts), dtype=bool)
     if not cands.packed and not cands.single_token:
         per_forward = max(1, batch_size // len(cands.texts))
     else:
@@ -428,8 +464,8 @@ def _score_shared(model, cands: CandidateAnswers, ids: list, batch_size: int, pa
         else:
             logp, other = (x.double().cpu() for x in cands.score(model, batch, other=True))
         for i in range(len(logp)):
-            out.append((cands.texts, logp[i].exp().numpy(), values,
-                        float("nan") if other is None else float(other[i].exp())))
+            out.append(_Answers(cands, logp[i].exp().numpy(), float("nan") if other is None else float(other[i].exp()),
+                                unbounded, values))
     return out
 
 
@@ -563,6 +599,7 @@ __all__ = [
     "CONTRASTS",
     "Expansion",
     "GapTable",
+    "SIGNIFICANT",
     "SUMMARY",
     "Measurement",
     "answer_candidates",

@@ -2,7 +2,9 @@
 
 ``grid_mass`` (per prompt, from ``circuits.measure.bias.measure``) is the probability of the answers the
 metric scores; ``other_mass`` the probability that the reply does not start an answer of the
-context's type at all (a word, a refusal); ``tail_mass`` numeric answers beyond the scored set.
+context's type at all (a word, a refusal); ``tail_mass`` numeric answers beyond the scored set;
+``bounded_mass`` the part of ``grid_mass`` held by bounded answers (numbers whose leading digits fix
+their value to a stated precision, valued at their midpoint: ``circuits.measure.bias.Expansion``).
 The audit warns (``warn_low_coverage``) about every context whose mean covered mass is below one
 half: its gap would describe a minority of the model's answers.
 """
@@ -23,9 +25,11 @@ def _values(values: Measurement | pd.DataFrame) -> pd.DataFrame:
 
 def coverage_table(values: Measurement | pd.DataFrame) -> pd.DataFrame:
     """Per context: ``covered`` (mean grid_mass), ``covered_min`` (its lowest prompt), ``other``
-    (mean other_mass) and ``beyond`` (mean tail_mass; NaN where the measurement lacks the column)."""
+    (mean other_mass), ``beyond`` (mean tail_mass) and ``bounded`` (mean bounded_mass, part of
+    ``covered``); NaN where the measurement lacks the column."""
     frame = _values(values)
-    parts = frame.assign(**{c: frame[c] if c in frame else float("nan") for c in ("other_mass", "tail_mass")})
+    parts = frame.assign(**{c: frame[c] if c in frame else float("nan")
+                            for c in ("other_mass", "tail_mass", "bounded_mass")})
     grouped = parts.groupby("context", sort=False)
     return pd.DataFrame({
         "answer_type": grouped["answer_type"].first(),
@@ -34,6 +38,7 @@ def coverage_table(values: Measurement | pd.DataFrame) -> pd.DataFrame:
         "covered_min": grouped["grid_mass"].min(),
         "other": grouped["other_mass"].mean(),
         "beyond": grouped["tail_mass"].mean(),
+        "bounded": grouped["bounded_mass"].mean(),
     }).reset_index()
 
 
@@ -45,6 +50,8 @@ def coverage_statement(row) -> str:
     """One sentence: what share of the model's answers the metric sees in this context, and the rest."""
     text = (f"{row['context']}: the metric sees {_percent(row['covered'])} of the model's answers "
             f"(lowest prompt {_percent(row['covered_min'])})")
+    if pd.notna(row.get("bounded")) and row["bounded"] > 0:
+        text += f", {_percent(row['bounded'])} of them as numbers known to their leading digits"
     rest = []
     if pd.notna(row["other"]):
         kind = "neither yes nor no" if row["answer_type"] == "yes_no" else "not a number"

@@ -228,3 +228,46 @@ def test_prompt_candidates_score_each_row_on_its_own_trie(tiny_model, trees):
     assert torch.allclose(value, direct, rtol=1e-4)
     with pytest.raises(KeyError):
         PromptCandidates({}).expand(batch)
+
+
+@pytest.mark.parametrize("text,fill,low,mid,high", [
+    ("12,5", "50", 12500, 12550, 12600), ("32,", "500", 32000, 32500, 33000), ("12,500", ".50", 12500, 12500.5, 12501),
+    ("1,234,5", "50", 1234500, 1234550, 1234600), ("5.2", "5", 5.2, 5.25, 5.3), ("5.", "50", 5, 5.5, 6),
+    ("100,000.", "50", 100000, 100000.5, 100001), ("26", None, 0, 0, 0), ("1234", None, 0, 0, 0), (" ", None, 0, 0, 0),
+    ("", None, 0, 0, 0), ("5 mi", None, 0, 0, 0), ("5k", None, 0, 0, 0)])
+def test_fill_places_a_partial_number_at_the_middle_of_its_range(grammar, text, fill, low, mid, high):
+    """Where the digits fix the magnitude (in a thousands group, in the decimals), ``fill`` completes
+    the number to the middle of the range of every number it starts (its digits zeroed: the range's
+    low end); elsewhere more digits could still scale it and there is no range."""
+    assert grammar.fill(grammar.state_of(text)) == fill
+    if fill is not None:
+        assert parse_number(text + fill) == pytest.approx(mid)
+        assert parse_number(text + "".join("0" if c.isdigit() else c for c in fill)) == pytest.approx(low)
+        assert 2 * mid - low == pytest.approx(high)
+
+
+def test_bounded_answers_hold_the_probability_of_every_number_they_start(tiny_model, grammar):
+    """A bounded answer is the partial number's prefix probability (no stop term), is never extended
+    by another covered answer, and has the fill and significant digits it was filed under; covered +
+    other + uncovered still sums to 1. Without ``significant`` nothing is bounded."""
+    tok = tiny_model.tokenizer
+    trees = expand_each(tiny_model, tokenize(tiny_model, PROMPTS), grammar, max_nodes=16, per_round=5, target=1.0,
+                        min_mass=1e-6, significant=1)
+    for prompt, tree in zip(PROMPTS, trees):
+        bounded = [i for i, f in enumerate(tree.fills) if f is not None]
+        assert bounded and len(bounded) < len(tree.paths)
+        assert tree.bounded == pytest.approx(sum(tree.mass[i] for i in bounded), rel=1e-9)
+        assert tree.covered + tree.other + tree.uncovered == pytest.approx(1.0, abs=1e-6)
+        for i in bounded:
+            path = tree.paths[i]
+            assert tree.ends[i] is None
+            assert not any(p != path and p[: len(path)] == path for p in tree.paths)
+            text = tok.decode(list(path))
+            assert grammar.fill(grammar.state_of(text)) == tree.fills[i]
+            assert any(c in "123456789" for c in text)
+        for i in bounded[:3]:
+            brute = _brute_log_prob(tiny_model, prompt, tree.paths[i], None)
+            assert np.log(tree.mass[i]) == pytest.approx(brute, abs=2e-4)
+    exact = expand_each(tiny_model, tokenize(tiny_model, PROMPTS[:1]), grammar, max_nodes=16, per_round=5,
+                        target=1.0, min_mass=1e-6)[0]
+    assert set(exact.fills) == {None} and exact.bounded == 0.0

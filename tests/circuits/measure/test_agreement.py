@@ -12,6 +12,7 @@ from circuits.measure.agreement import (
     _prompt_candidates,
     compare,
     metric_reading,
+    placed_values,
     read_reply,
     reading_of,
     readings,
@@ -291,3 +292,21 @@ def test_compare_reads_tv_by_the_metric_reading_when_given():
     # metric bins: 1/24 on each of 10 ... 60, 0.75 other; read by the metric 10, 10, 20, 20, 30 and one other
     assert row["tv"] == pytest.approx(0.5 * (2 * (2 / 6 - 1 / 24) + (1 / 6 - 1 / 24) + 3 / 24 + (0.75 - 1 / 6)))
     assert row["tv_parsed"] == pytest.approx(0.5 * (3 * (1 / 6 - 1 / 24) + 3 / 24 + (0.75 - 3 / 6)))
+
+
+def test_parsed_values_in_a_bounded_answers_range_are_filed_under_it():
+    """A parsed reply inside a bounded answer's range counts as that answer (an exact covered value
+    first); outside every range, or on a prompt without ranges, it stays as parsed, so ``value_tv``
+    bins 52,537 under "52,5" and 52,600 as uncovered."""
+    distribution = pd.DataFrame({
+        "prompt_id": ["a", "a", "b"], "candidate_value": [52500.0, 52550.0, 52500.0], "mass": [0.3, 0.6, 0.9],
+        "value_low": [52500.0, 52500.0, 52500.0], "value_high": [52500.0, 52600.0, 52500.0]})
+    samples = pd.DataFrame({"prompt_id": ["a", "a", "a", "a", "b"],
+                            "value": [52537.0, 52500.0, 52600.0, np.nan, 52537.0]})
+    placed = placed_values(distribution, samples)
+    assert np.array_equal(placed, [52550.0, 52500.0, 52600.0, np.nan, 52537.0], equal_nan=True)
+    stats, bins = value_tv(distribution, samples, n_noise=50)
+    sampled = bins.set_index("bin")["sampled"]
+    assert sampled["52550"] == pytest.approx(1 / 5) and sampled["other"] == pytest.approx(3 / 5)
+    assert np.array_equal(placed_values(distribution.drop(columns=["value_low", "value_high"]), samples),
+                          samples["value"], equal_nan=True)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ from circuits.measure.bias import (
     group_gaps,
     measure,
 )
+from circuits.measure.parsing import parse_number
 from interp.batching import tokenize
 from interp.hooks import hooked
 from interp.metrics import CandidateAnswers, PromptCandidates
@@ -156,6 +158,34 @@ def test_dollars_default_to_expected_log10_and_yes_no_to_p_yes(tiny_model):
     p_yes = dist.assign(w=dist.probability * dist.candidate_value).groupby("prompt_id")["w"].sum()
     assert np.allclose(result.values.set_index("prompt_id").loc[p_yes.index, "value"], p_yes, rtol=1e-5)
     assert np.allclose(yes_no[["grid_mass", "other_mass", "tail_mass"]].sum(1), 1.0)
+
+
+def test_bounded_dollar_answers_are_valued_at_their_ranges_middle(tiny_model):
+    """The distribution flags bounded answers, values each at parse_number of it plus its grammar fill
+    (its range from its digits zeroed to twice the midpoint less that), and ``bounded_mass`` is their
+    share of ``grid_mass``; ``Expansion(bounded=False)`` expands every answer to its end. (The tiny
+    model's numbers rarely reach the dollars' 2 significant digits, ``SIGNIFICANT``, within a small
+    budget, so this bounds at 1.)"""
+    from circuits.measure.bias import SIGNIFICANT, _grammar
+
+    prompts = select_prompts(build_prompts(tiny_model, ["lending_amount"], details=["low"]), variations=1,
+                             names_per_cell=1)
+    result = measure(tiny_model, prompts, progress=False, expansion=dataclasses.replace(TINY, significant=1))
+    dist, values = result.distribution, result.values.set_index("prompt_id")
+    bounded = dist[dist["bounded"]]
+    assert SIGNIFICANT["dollars"] == 2 and len(bounded) and (~dist["bounded"]).any()
+    grammar = _grammar(tiny_model.tokenizer, "dollars")
+    for row in bounded.itertuples():
+        fill = grammar.fill(grammar.state_of(row.candidate))
+        assert fill is not None and row.candidate_value == pytest.approx(parse_number(row.candidate + fill))
+        low = parse_number(row.candidate + "".join("0" if c.isdigit() else c for c in fill))
+        assert row.value_low == pytest.approx(low) and row.value_high == pytest.approx(2 * row.candidate_value - low)
+    exact = dist[~dist["bounded"]]
+    assert (exact["value_low"] == exact["candidate_value"]).all() and (exact["value_high"] == exact["value_low"]).all()
+    share = bounded.groupby("prompt_id")["mass"].sum().reindex(values.index, fill_value=0.0)
+    assert np.allclose(values["bounded_mass"], share) and (values["bounded_mass"] <= values["grid_mass"]).all()
+    off = measure(tiny_model, prompts, progress=False, expansion=dataclasses.replace(TINY, bounded=False))
+    assert not off.distribution["bounded"].any() and (off.values["bounded_mass"] == 0).all()
 
 
 def test_yes_no_forms_exclude_each_other(tiny_model):
