@@ -165,13 +165,16 @@ class NumberGrammar:
         """The digits that complete ``state``'s digit run at its midpoint, where the digits fix the
         number's magnitude: inside a thousands group (``"12,5"`` + ``"50"``: 12,550, the middle of
         12,500-12,599) or in the decimals (``"5.2"`` + ``"5"``); None where more integer digits could
-        still scale it (``"26"`` may be 26, 260 or 26,000). A further thousands group or a multiplier
-        (``"12.5k"``) is taken not to follow: on SmolLM2's dollar answers a multiplier after decimals
-        held under 1e-4 of the mass (benchmarks/RESULTS.md)."""
+        still scale it (``"26"`` may be 26, 260 or 26,000) or a comma may have ended it (``"45,"``
+        may be "45, then"). A further thousands group or a multiplier (``"12.5k"``) is taken not to
+        follow: on SmolLM2's dollar answers a multiplier after decimals held under 1e-4 of the mass
+        (benchmarks/RESULTS.md)."""
         phase, _, comma, count, word = state
         if word:
             return None
         if phase == "int" and comma:
+            if count == 0:  # a comma may end the number ("45, then"): a digit must follow first
+                return None
             if count < 3:
                 return "5".ljust(3 - count, "0")
             return "." + "5".ljust(self.max_decimals, "0") if self.max_decimals else ""  # "12,500" + ".50"
@@ -424,9 +427,11 @@ def expand_each(
     mass, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it (final
     answers under ``min_mass`` are dropped too). ``start``: the part of the number the prompt
     already holds (``"0."``). With ``significant``, a partial number with that many significant
-    digits whose magnitude is fixed (``NumberGrammar.fill``) is not expanded further: it is one
-    *bounded* answer, its probability the prefix's (every number it starts), valued at its midpoint
-    (within ``10 ** (1 - significant)`` of it, relatively). Returns one ``NumberTree`` per prompt,
+    digits whose magnitude is fixed (``NumberGrammar.fill``) is one *bounded* answer, its
+    probability the prefix's (every number it starts), valued at its range's midpoint (a range at
+    most ``10 ** (1 - significant)`` of its value wide); it is refined (evaluated, its digits
+    replacing it) when its mass times its range's half-width in decades (``REFINE``) outranks the
+    mass of every unexpanded node. Returns one ``NumberTree`` per prompt,
     whose ``mass`` is that prompt's probability of each answer. Deterministic: ties break by token ids.
     """
     import heapq
@@ -435,9 +440,10 @@ def expand_each(
     start_sig, start = _significant(0, start), grammar.state_of(start)
     cache = _GrowingCache(model, batch)
 
-    def file(t, path, state, logp, sig):
+    def file(t, path, state, logp, sig):  # a child: bounded at ``significant`` digits where its range is fixed
         fill = grammar.fill(state) if significant is not None and sig >= significant else None
         _push(t, path, state, logp, min_mass * t["numeric"], sig, fill)
+
     root_ids = grammar.continuation_ids(start)
     root_table = grammar.continuations(start)
     ids_t = torch.tensor(root_ids, dtype=torch.long)
@@ -446,7 +452,7 @@ def expand_each(
         logp = cache.root[r, ids_t].double()
         other = float(torch.log1p(-logp.exp().sum().clamp(max=1 - 1e-12)).exp())
         t = {"paths": [], "ends": [], "mass": [], "fills": [], "covered": 0.0, "bounded": 0.0, "dropped": 0.0,
-             "frontier": [], "col": {}, "other": other, "numeric": 1 - other, "evaluated": 0}
+             "frontier": [], "col": {}, "other": other, "numeric": 1 - other, "evaluated": 0, "dead": set()}
         for j, token in enumerate(root_ids):
             file(t, (token,), root_table[token], float(logp[j]), _significant(start_sig, grammar.token_texts[token]))
         trees.append(t)
@@ -466,10 +472,14 @@ def expand_each(
             t, picked = trees[r], []
             floor = min_mass * t["numeric"]
             while t["frontier"] and len(picked) < min(per_round, max_nodes - t["evaluated"]):
-                neg, path, state, logp, sig = t["frontier"][0]
+                neg, path, state, logp, sig, answer = t["frontier"][0]
                 if -neg < floor:
                     break
                 heapq.heappop(t["frontier"])
+                if answer >= 0:  # a bounded answer refined: its digits' nodes replace it
+                    t["dead"].add(answer)
+                    t["covered"] -= math.exp(logp)
+                    t["bounded"] -= math.exp(logp)
                 picked.append((path, state, logp, sig))
             chosen.append(picked)
         slots = max(len(p) for p in chosen)
@@ -517,9 +527,11 @@ def expand_each(
     bar.close()
     out = []
     for t in trees:
-        uncovered = t["dropped"] + sum(math.exp(f[3]) for f in t["frontier"])
-        out.append(NumberTree(tuple(t["paths"]), tuple(t["ends"]), tuple(t["mass"]), root_ids, t["covered"],
-                              t["other"], uncovered, t["evaluated"], tuple(t["fills"]), t["bounded"]))
+        uncovered = t["dropped"] + sum(math.exp(f[3]) for f in t["frontier"] if f[5] < 0)
+        keep = [i for i in range(len(t["paths"])) if i not in t["dead"]]
+        paths, ends, mass, fills = ([t[k][i] for i in keep] for k in ("paths", "ends", "mass", "fills"))
+        out.append(NumberTree(tuple(paths), tuple(ends), tuple(mass), root_ids, t["covered"], t["other"], uncovered,
+                              t["evaluated"], tuple(fills), t["bounded"]))
     return out
 
 
@@ -535,7 +547,9 @@ def _significant(sig: int, text: str) -> int:
 def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: float, sig: int,
           fill: str | None) -> None:
     """File a child: a final or bounded answer (``fill`` not None) is covered, a partial number
-    joins the frontier; either is dropped under ``floor`` (it could never be chosen)."""
+    joins the frontier; either is dropped under ``floor`` (it could never be chosen). A bounded
+    answer joins the frontier too, to be refined at ``REFINE`` times its mass per decade of its
+    range's width (``10 ** (1 - sig)`` of its value at most)."""
     import heapq
 
     mass = math.exp(logp)
@@ -545,9 +559,17 @@ def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: f
         tree["paths"].append(path), tree["ends"].append(None), tree["mass"].append(mass)
         tree["fills"].append(None if state == DONE else fill)
         tree["covered"] += mass
-        tree["bounded"] += mass if state != DONE else 0.0
+        if state != DONE:
+            tree["bounded"] += mass
+            weight = REFINE * 10.0 ** (1 - sig)
+            heapq.heappush(tree["frontier"], (-mass * weight, path, state, logp, sig, len(tree["paths"]) - 1))
     else:
-        heapq.heappush(tree["frontier"], (-mass, path, state, logp, sig))
+        heapq.heappush(tree["frontier"], (-mass, path, state, logp, sig, -1))
+
+
+# A bounded answer's range of relative width w spans about w / (2 ln 10) decades either side of its
+# midpoint: refining it is worth that share of its mass (an unexpanded node's whole mass is unknown).
+REFINE = 1 / (2 * math.log(10))
 
 
 __all__ = ["DONE", "LEAD", "ROOT", "NumberGrammar", "NumberTree", "expand", "expand_each"]

@@ -48,10 +48,10 @@ def _percent(x: float) -> str:
 
 def coverage_statement(row) -> str:
     """One sentence: what share of the model's answers the metric sees in this context, and the rest."""
+    bounded = row.get("bounded", float("nan"))
+    known = f"; {_percent(bounded)} as numbers known by their leading digits" if bounded > 0 else ""
     text = (f"{row['context']}: the metric sees {_percent(row['covered'])} of the model's answers "
-            f"(lowest prompt {_percent(row['covered_min'])})")
-    if pd.notna(row.get("bounded")) and row["bounded"] > 0:
-        text += f", {_percent(row['bounded'])} of them as numbers known to their leading digits"
+            f"(lowest prompt {_percent(row['covered_min'])}{known})")
     rest = []
     if pd.notna(row["other"]):
         kind = "neither yes nor no" if row["answer_type"] == "yes_no" else "not a number"

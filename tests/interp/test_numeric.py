@@ -231,7 +231,8 @@ def test_prompt_candidates_score_each_row_on_its_own_trie(tiny_model, trees):
 
 
 @pytest.mark.parametrize("text,fill,low,mid,high", [
-    ("12,5", "50", 12500, 12550, 12600), ("32,", "500", 32000, 32500, 33000), ("12,500", ".50", 12500, 12500.5, 12501),
+    ("12,5", "50", 12500, 12550, 12600), ("32,", None, 0, 0, 0), ("32,1", "50", 32100, 32150, 32200),
+    ("12,500", ".50", 12500, 12500.5, 12501),
     ("1,234,5", "50", 1234500, 1234550, 1234600), ("5.2", "5", 5.2, 5.25, 5.3), ("5.", "50", 5, 5.5, 6),
     ("100,000.", "50", 100000, 100000.5, 100001), ("26", None, 0, 0, 0), ("1234", None, 0, 0, 0), (" ", None, 0, 0, 0),
     ("", None, 0, 0, 0), ("5 mi", None, 0, 0, 0), ("5k", None, 0, 0, 0)])
@@ -271,3 +272,26 @@ def test_bounded_answers_hold_the_probability_of_every_number_they_start(tiny_mo
     exact = expand_each(tiny_model, tokenize(tiny_model, PROMPTS[:1]), grammar, max_nodes=16, per_round=5,
                         target=1.0, min_mass=1e-6)[0]
     assert set(exact.fills) == {None} and exact.bounded == 0.0
+
+
+def test_bounded_answers_worth_more_than_the_frontier_are_refined(tiny_model, grammar, monkeypatch):
+    """With refinement outranking everything (``REFINE`` huge), a bounded answer is evaluated before
+    any unexpanded node: it leaves the covered answers, its stop answer and its digits' answers
+    replace it, with exact masses and a total that still sums to 1."""
+    import interp.numeric as numeric
+
+    monkeypatch.setattr(numeric, "REFINE", 1e9)
+    tree = expand_each(tiny_model, tokenize(tiny_model, PROMPTS[:1]), grammar, max_nodes=24, per_round=4,
+                       target=1.0, min_mass=1e-12, significant=1)[0]
+    tok = tiny_model.tokenizer
+    refined = [p for p in tree.paths if any(grammar.fill(grammar.state_of(tok.decode(list(p[:d])))) is not None
+                                            for d in range(1, len(p)))]
+    assert refined  # answers under a bounded prefix: that prefix was refined
+    for path in refined:  # a refined prefix is left only as its own stop answer (the number ends there)
+        assert all(f is None for q, f in zip(tree.paths, tree.fills) if q == path[: len(q)] and q != path)
+    assert tree.covered + tree.other + tree.uncovered == pytest.approx(1.0, abs=1e-6)
+    assert sum(tree.mass) == pytest.approx(tree.covered, rel=1e-6)
+    for path in refined[:3]:
+        i = tree.paths.index(path)
+        assert np.log(tree.mass[i]) == pytest.approx(_brute_log_prob(tiny_model, PROMPTS[0], path, tree.ends[i]),
+                                                     abs=2e-4)

@@ -23,6 +23,11 @@ def test_coverage_table_and_statements():
     assert lines[0] == ("loan: the metric sees 93% of the model's answers (lowest prompt 90%); unseen: 5% not "
                         "a number (a word, a refusal), 2% numbers beyond the scored ones")
     assert lines[2].startswith("vote: the metric sees 99%") and "neither yes nor no" in lines[2]
+    bounded = VALUES.assign(bounded_mass=[0.5, 0.3, 0.0, 0.0, 0.0])
+    assert coverage_table(bounded).set_index("context").loc["loan", "bounded"] == pytest.approx(0.4)
+    assert coverage_lines(bounded)[0].startswith("loan: the metric sees 93% of the model's answers (lowest prompt "
+                                                 "90%; 40% as numbers known by their leading digits); unseen:")
+    assert coverage_lines(bounded)[1] == lines[1]  # none bounded: nothing said
     old = coverage_lines(VALUES.drop(columns=["other_mass", "tail_mass"]))  # a measurement without them
     assert old[1] == "office: the metric sees 3% of the model's answers (lowest prompt 2%)"
 
