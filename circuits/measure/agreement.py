@@ -180,19 +180,20 @@ def _key(values) -> np.ndarray:
 
 
 def placed_values(distribution: pd.DataFrame, samples: pd.DataFrame) -> np.ndarray:
-    """Each sample's ``value`` as the metric files it: unchanged where it is one of its prompt's
-    covered values, else the value of the prompt's bounded answer whose range (``value_low`` to
-    ``value_high``, see ``circuits.measure.bias.measure``) holds it (``52,537`` under ``"52,5"`` is
-    52,550), else unchanged (a number the metric does not cover)."""
+    """Each sample's ``value`` as the metric files it: the value of its prompt's bounded answer whose
+    range (``value_low`` to ``value_high``, see ``circuits.measure.bias.measure``) holds it (``52,537``
+    under ``"52,5"`` is 52,550; where ranges overlap, the answer of most mass), else unchanged. The
+    metric's own values are placed alike (``value_tv``), so a complete ``"100000"`` and a bounded
+    ``"100,0"`` share a bin, as a parsed reply cannot tell them apart."""
     values = np.asarray(samples["value"], dtype=float).copy()
     if "value_low" not in distribution:
         return values
-    ranged = distribution[distribution["value_high"] > distribution["value_low"]]
+    ranged = distribution[distribution["value_high"] > distribution["value_low"]].sort_values("mass", ascending=False,
+                                                                                            kind="stable")
     ranges = {p: (g["value_low"].to_numpy(), g["value_high"].to_numpy(), g["candidate_value"].to_numpy())
               for p, g in ranged.groupby("prompt_id", sort=False)}
-    exact = set(zip(distribution["prompt_id"], _key(distribution["candidate_value"])))
-    for i, (prompt, value, key) in enumerate(zip(samples["prompt_id"], values, _key(values))):
-        if prompt in ranges and not np.isnan(value) and (prompt, key) not in exact:
+    for i, (prompt, value) in enumerate(zip(samples["prompt_id"], values)):
+        if prompt in ranges and not np.isnan(value):
             low, high, mid = ranges[prompt]
             hit = np.flatnonzero((low <= value) & (value < high))
             if len(hit):
@@ -213,7 +214,8 @@ def value_tv(
     statistics and the pooled bin table (``bin, metric, sampled``).
     """
     ids = list(dict.fromkeys(samples["prompt_id"]))
-    dist = distribution[distribution["prompt_id"].isin(ids)].assign(key=lambda f: _key(f["candidate_value"]))
+    dist = distribution[distribution["prompt_id"].isin(ids)]
+    dist = dist.assign(key=_key(placed_values(dist, dist.rename(columns={"candidate_value": "value"}))))
     if set(ids) - set(dist["prompt_id"]):
         raise ValueError(f"{len(set(ids) - set(dist['prompt_id']))} sampled prompts have no metric distribution")
     pooled = dist.groupby("key")["mass"].sum() / len(ids)
@@ -334,7 +336,8 @@ def compare(
         bins.append(binned_parsed.assign(context=context, reading="parsed"))
         shares = {}
         if read == "metric_value":
-            kinds = pd.Series(reading_of(drawn["metric_value"], placed_values(distribution, drawn)))
+            kinds = pd.Series(reading_of(placed_values(distribution, drawn.assign(value=drawn["metric_value"])),
+                                         placed_values(distribution, drawn)))
             shares = {f"{k}_share": float((kinds == k).mean()) for k in READINGS}
         rows.append({
             "context": context,
@@ -456,7 +459,8 @@ def run_agreement(
             "metric_value": metric_value,
         }))
     samples = pd.concat(parts, ignore_index=True)
-    samples["reading"] = reading_of(samples["metric_value"], placed_values(distribution, samples))
+    samples["reading"] = reading_of(placed_values(distribution, samples.assign(value=samples["metric_value"])),
+                                    placed_values(distribution, samples))
     summary = measurement.settings.get("summary", {})
     per = measured[[*META, "value", "grid_mass"]].rename(columns={"value": "expected"})
     per["summary"] = per["context"].map(summary if isinstance(summary, dict) else {}).fillna("mean")

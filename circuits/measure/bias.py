@@ -70,13 +70,16 @@ class Expansion:
     final answers under ``min_mass`` are dropped (see ``interp.numeric.expand_each``).
 
     With ``bounded``, a partial number with ``significant`` significant digits whose magnitude its
-    digits fix (inside a thousands group or in the decimals) is one *bounded* answer: its
+    digits fix (a digit into a thousands group, or in the decimals) is one *bounded* answer: its
     probability is that of every number it starts, its value their range's midpoint (``"52,5"`` is
-    52,550 for 52,500-52,599; ``"1,2"`` 1,250). ``significant`` digits place it within a range
+    52,550 for 52,500-52,599; ``"1,2"`` 1,250), and a bounded answer holding more than the frontier
+    is worth is refined (``interp.numeric.REFINE``: ``"5,0"`` at 10% of a prompt's mass becomes
+    ``"5,00"`` ... ``"5,09"``). ``significant`` digits place it within a range
     ``10 ** (1 - significant)`` of its value wide; None takes the answer type's ``SIGNIFICANT``:
     2 for dollars (ranges of at most 10%, so within 5% of the midpoint: amounts are spread over
     hundreds of values and summarized on a log scale), 3 for the rest (a probability's or a
-    percentage's last decimals are final before that)."""
+    percentage's last decimals are final before that). The ranges assume that no further thousands
+    group or multiplier follows (``"52,500,000"``, ``"12.5k"``)."""
 
     target: float = 0.99
     max_nodes: int = 192

@@ -295,18 +295,20 @@ def test_compare_reads_tv_by_the_metric_reading_when_given():
 
 
 def test_parsed_values_in_a_bounded_answers_range_are_filed_under_it():
-    """A parsed reply inside a bounded answer's range counts as that answer (an exact covered value
-    first); outside every range, or on a prompt without ranges, it stays as parsed, so ``value_tv``
-    bins 52,537 under "52,5" and 52,600 as uncovered."""
+    """A parsed reply inside a bounded answer's range counts as that answer, and so does a covered
+    complete value inside it (a parsed "52,500" cannot tell "52500" from "52,5..."): ``value_tv``
+    bins them together; outside every range, or on a prompt without ranges, a value stays as parsed."""
     distribution = pd.DataFrame({
         "prompt_id": ["a", "a", "b"], "candidate_value": [52500.0, 52550.0, 52500.0], "mass": [0.3, 0.6, 0.9],
         "value_low": [52500.0, 52500.0, 52500.0], "value_high": [52500.0, 52600.0, 52500.0]})
     samples = pd.DataFrame({"prompt_id": ["a", "a", "a", "a", "b"],
                             "value": [52537.0, 52500.0, 52600.0, np.nan, 52537.0]})
     placed = placed_values(distribution, samples)
-    assert np.array_equal(placed, [52550.0, 52500.0, 52600.0, np.nan, 52537.0], equal_nan=True)
+    assert np.array_equal(placed, [52550.0, 52550.0, 52600.0, np.nan, 52537.0], equal_nan=True)
     stats, bins = value_tv(distribution, samples, n_noise=50)
-    sampled = bins.set_index("bin")["sampled"]
-    assert sampled["52550"] == pytest.approx(1 / 5) and sampled["other"] == pytest.approx(3 / 5)
+    table = bins.set_index("bin")
+    assert table.loc["52550", "sampled"] == pytest.approx(2 / 5)
+    assert table.loc["other", "sampled"] == pytest.approx(3 / 5)
+    assert table.loc["52550", "metric"] == pytest.approx(0.9 * 4 / 5)  # prompt a's 0.3 + 0.6, a's 4 of 5 replies
     assert np.array_equal(placed_values(distribution.drop(columns=["value_low", "value_high"]), samples),
                           samples["value"], equal_nan=True)
