@@ -201,6 +201,13 @@ def placed_values(distribution: pd.DataFrame, samples: pd.DataFrame) -> np.ndarr
     return values
 
 
+def placed_readings(distribution: pd.DataFrame, samples: pd.DataFrame) -> np.ndarray:
+    """``reading_of`` the two readings of each sample (``metric_value``, ``value``), both placed in the
+    metric's bounded answers (``placed_values``)."""
+    return reading_of(placed_values(distribution, samples.assign(value=samples["metric_value"])),
+                      placed_values(distribution, samples))
+
+
 def value_tv(
     distribution: pd.DataFrame, samples: pd.DataFrame, *, min_share: float = OWN_BIN_SHARE,
     n_noise: int = 2000, seed: int = 0,
@@ -336,8 +343,7 @@ def compare(
         bins.append(binned_parsed.assign(context=context, reading="parsed"))
         shares = {}
         if read == "metric_value":
-            kinds = pd.Series(reading_of(placed_values(distribution, drawn.assign(value=drawn["metric_value"])),
-                                         placed_values(distribution, drawn)))
+            kinds = pd.Series(placed_readings(distribution, drawn))
             shares = {f"{k}_share": float((kinds == k).mean()) for k in READINGS}
         rows.append({
             "context": context,
@@ -459,8 +465,7 @@ def run_agreement(
             "metric_value": metric_value,
         }))
     samples = pd.concat(parts, ignore_index=True)
-    samples["reading"] = reading_of(placed_values(distribution, samples.assign(value=samples["metric_value"])),
-                                    placed_values(distribution, samples))
+    samples["reading"] = placed_readings(distribution, samples)
     summary = measurement.settings.get("summary", {})
     per = measured[[*META, "value", "grid_mass"]].rename(columns={"value": "expected"})
     per["summary"] = per["context"].map(summary if isinstance(summary, dict) else {}).fillna("mean")
@@ -480,6 +485,6 @@ def run_agreement(
 
 
 __all__ = [
-    "READINGS", "Agreement", "compare", "metric_reading", "per_prompt", "placed_values", "read_reply",
-    "reading_of", "readings", "run_agreement", "sample_scale", "scaled_samples", "value_tv",
+    "READINGS", "Agreement", "compare", "metric_reading", "per_prompt", "placed_readings", "placed_values",
+    "read_reply", "reading_of", "readings", "run_agreement", "sample_scale", "scaled_samples", "value_tv",
 ]

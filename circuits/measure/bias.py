@@ -225,12 +225,12 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
                 raise ValueError(f"the model gives no {answer.type} answer after a prompt (non-numeric mass "
                                  f"{tree.other:.3g}); check the answer prefix {answer.prefix!r}")
             paths = tuple(tree.paths[i] for i in keep)
-            cands = CandidateAnswers(tuple(tokenizer.decode(list(p)) for p in paths),
-                                     tuple(float(values[tree.paths[i], tree.fills[i]][0]) for i in keep), paths, packed,
-                                     tuple(tree.ends[i] for i in keep), tree.root_continuations)
+            value, low = zip(*(values[tree.paths[i], tree.fills[i]] for i in keep))
+            cands = CandidateAnswers(tuple(tokenizer.decode(list(p)) for p in paths), tuple(map(float, value)),
+                                     paths, packed, tuple(tree.ends[i] for i in keep), tree.root_continuations)
             bounded = np.array([tree.fills[i] is not None for i in keep])
-            low = np.array([values[tree.paths[i], tree.fills[i]][1] for i in keep], dtype=float)
-            out[key] = _Answers(cands, np.array([tree.mass[i] for i in keep]), tree.other, bounded, low)
+            out[key] = _Answers(cands, np.array([tree.mass[i] for i in keep]), tree.other, bounded,
+                                np.array(low, dtype=float))
     return out
 
 
