@@ -40,6 +40,7 @@ from interp.batching import TokenBatch
 from interp.bridge import attention_reads_cache
 from interp.hooks import HookedModel
 from interp.metrics import CandidateAnswers
+from interp.prefix import prefill
 
 DIGITS = "0123456789"
 # (phase, leading digits (4 = more than 3), comma seen, digits in the current group / decimals, word)
@@ -356,21 +357,18 @@ def expand(
 
 
 class _GrowingCache:
-    """The prompts' key/value cache, grown by every evaluated node (never recomputed): a node is
-    fed its last token at the position id it would have right after the prompt and its ancestors,
-    and attends to its prompt, its ancestors' cached keys and itself."""
+    """The prompts' key/value cache (``interp.prefix.prefill``: each shared prefix computed once),
+    grown by every evaluated node (never recomputed): a node is fed its last token at the position
+    id it would have right after the prompt and its ancestors, and attends to its prompt, its
+    ancestors' cached keys and itself."""
 
     def __init__(self, model: HookedModel, batch: TokenBatch):
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         batch = batch.to(self.device)
-        read, at = torch.unique(batch.answer_pos, return_inverse=True)  # unembed the answer positions only
-        with attention_reads_cache(model):
-            out = self.hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, use_cache=True,
-                          logits_to_keep=read)
-        rows = torch.arange(len(batch), device=self.device)
-        self.root = out.logits[rows, at].float().log_softmax(-1).cpu()
-        self.cache = out.past_key_values
+        filled = prefill(model, batch)  # each shared prefix (system prompt, template) once
+        self.root = filled.logits.float().log_softmax(-1).cpu()
+        self.cache = filled.cache
         self.keys = batch.attention_mask.bool()  # row key: which cached keys a row's nodes may read
         self.lengths = batch.lengths
         self.rows = torch.arange(len(batch))  # the batch rows still in the cache, in cache order

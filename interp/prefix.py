@@ -92,10 +92,11 @@ def prefill(model: HookedModel, batch: TokenBatch, *, min_prefix: int = 8) -> Pr
             suffix = batch.tokens[index, p:top]
             mask = batch.attention_mask[index, :top]
             positions = torch.arange(p, top, device=device)[None].expand(len(members), -1)
+            read, at = torch.unique(batch.answer_pos[index] - p, return_inverse=True)  # unembed these only
             out = hf(input_ids=suffix, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                     use_cache=True)
+                     use_cache=True, logits_to_keep=read)
             computed += p + sum(lengths[i] - p for i in members)
-            last = out.logits[torch.arange(len(members), device=device), batch.answer_pos[index] - p]
+            last = out.logits[torch.arange(len(members), device=device), at]
             if logits is None:
                 logits = last.new_zeros(n, last.shape[-1])
             logits[index] = last

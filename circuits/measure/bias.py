@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from circuits.inputs.contexts import DECIMALS, AnswerFormat, Context, get_context
 from circuits.inputs.prompts import PromptSet, uses_chat
 from circuits.measure.parsing import parse_number
-from circuits.measure.stats import cluster_bootstrap, mann_whitney, permutation_p_value, smd
+from circuits.measure.stats import gap_interval, mann_whitney, permutation_p_value, smd
 from interp.batching import encode, microbatches, pad_ids, pad_token_id
 from interp.hooks import HookedModel
 from interp.metrics import SUMMARIES, CandidateAnswers, ExpectedValue, PromptCandidates, takes_layout
@@ -544,15 +544,8 @@ def group_gaps(
                 )
                 continue
             gap = _gap(part, column, a)
-            low, high = cluster_bootstrap(
-                part,
-                lambda f, column=column, a=a: _gap(f, column, a),
-                ["name", "variation"],
-                strata={"name": column},
-                n_resamples=n_resamples,
-                seed=seed,
-                confidence=confidence,
-            )
+            low, high = gap_interval(part, "value", column, a, ["name", "variation"], strata={"name": column},
+                                     n_resamples=n_resamples, seed=seed, confidence=confidence)
             adv_low, adv_high = _signed_interval(sign, low, high)
             rows.append(
                 {

@@ -278,6 +278,26 @@ def cluster_bootstrap(
     return _percentile_interval(estimates, confidence)
 
 
+def gap_interval(
+    frame: pd.DataFrame,
+    value: str,
+    group: str,
+    group_a: Hashable,
+    clusters: Sequence[str],
+    *,
+    strata: Mapping[str, str | Sequence[str]] | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """``cluster_bootstrap`` of the gap ``mean(value | group == group_a) - mean(value | other rows)``,
+    the same resamples, every resample's gap computed at once (a weighted mean, not a resampled frame)."""
+    _check_level(confidence)
+    weights = cluster_weights(frame, clusters, strata=strata, n_resamples=n_resamples, seed=seed)
+    in_a = (frame[group] == group_a).to_numpy()
+    return _percentile_interval(_weighted_gaps(weights, frame[value].to_numpy(float), in_a), confidence)
+
+
 def _weighted_gaps(weights: np.ndarray, values: np.ndarray, in_a: np.ndarray) -> np.ndarray:
     """Per resample, weighted mean of ``values`` over group A rows minus over group B rows."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -362,6 +382,7 @@ __all__ = [
     "cluster_bootstrap",
     "cluster_weights",
     "gap_change",
+    "gap_interval",
     "correlation",
     "mann_whitney",
     "permutation_p_value",

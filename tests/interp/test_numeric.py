@@ -199,6 +199,25 @@ def test_each_prompt_expands_its_own_tree_exactly(tiny_model, grammar, trees):
     assert all(tok.decode(list(p)) for p in trees[0].paths)
 
 
+def test_prompts_sharing_a_prefix_expand_as_each_alone(tiny_model, grammar):
+    """A batch whose prompts share a long prefix (run once, ``interp.prefix``) gives each prompt the
+    tree it gets alone, its answers at their brute-force probabilities."""
+    from interp.prefix import prefix_groups
+
+    prompts = ["You are a careful clerk who replies with one number and nothing else. " + p for p in PROMPTS]
+    batch = tokenize(tiny_model, prompts)
+    rows = [batch.tokens[i, :n].tolist() for i, n in enumerate(batch.lengths.tolist())]
+    assert [len(members) for members, shared in prefix_groups(rows, 8) if shared >= 8] == [len(prompts)]
+    budget = dict(max_nodes=10, per_round=4, target=1.0, min_mass=1e-6)
+    trees = expand_each(tiny_model, batch, grammar, **budget)
+    for prompt, tree in zip(prompts, trees):
+        alone = expand_each(tiny_model, tokenize(tiny_model, [prompt]), grammar, **budget)[0]
+        assert alone.paths == tree.paths and np.allclose(alone.mass, tree.mass, rtol=1e-4)
+        i = int(np.argmax(tree.mass))
+        brute = _brute_log_prob(tiny_model, prompt, tree.paths[i], tree.ends[i])
+        assert np.log(tree.mass[i]) == pytest.approx(brute, abs=2e-4)
+
+
 def test_prompt_candidates_score_each_row_on_its_own_trie(tiny_model, trees):
     """Packed rows of different tries (padded to the longest) give each prompt's tree masses, with
     -inf where a row has fewer candidates; the values and the expected value follow each row's set."""
