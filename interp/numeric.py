@@ -29,6 +29,7 @@ prompt like any other candidate grid. Characters that are not part of a number, 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import no_type_check
@@ -233,7 +234,7 @@ class NumberTree:
     other: float  # mean probability that the reply is no number
     uncovered: float  # mean probability of the numbers not covered (unexpanded or dropped)
     n_evaluated: int
-    fills: tuple[str | None, ...]  # per answer: None for a complete number, else its midpoint digits
+    fills: tuple[str | None, ...]  # per answer: None for a complete number, else its midpoint digits ("": past top)
     bounded: float  # mean probability of the bounded answers (partial numbers valued at their midpoint)
 
     def candidates(
@@ -415,6 +416,7 @@ def expand_each(
     per_round: int = 16,
     min_mass: float = 1e-4,
     significant: int | None = None,
+    top: float | None = None,
     progress: bool = False,
 ) -> list[NumberTree]:
     """Best-first expansion of each prompt's own number tree, all of ``batch``'s prompts at once.
@@ -429,18 +431,21 @@ def expand_each(
     probability the prefix's (every number it starts), valued at its range's midpoint (a range at
     most ``10 ** (1 - significant)`` of its value wide); it is refined (evaluated, its digits
     replacing it) when its mass times its range's half-width in decades (``REFINE``) outranks the
-    mass of every unexpanded node. Returns one ``NumberTree`` per prompt,
+    mass of every unexpanded node. With ``top``, a partial number already past it (every number it
+    starts is larger: ``"126"`` for a top of 100) is one bounded answer with the fill ``""``, never
+    refined (a caller that clips values to ``top`` knows its value exactly). Returns one ``NumberTree`` per prompt,
     whose ``mass`` is that prompt's probability of each answer. Deterministic: ties break by token ids.
     """
     import heapq
 
     n = len(batch)
-    start_sig, start = _significant(0, start), grammar.state_of(start)
+    text, start_sig, start = start, _significant(0, start), grammar.state_of(start)
     cache = _GrowingCache(model, batch)
 
     def file(t, path, state, logp, sig):  # a child: bounded at ``significant`` digits where its range is fixed
         fill = grammar.fill(state) if significant is not None and sig >= significant else None
-        _push(t, path, state, logp, min_mass * t["numeric"], sig, fill)
+        past = top is not None and state != DONE and _least(text + "".join(grammar.token_texts[i] for i in path)) > top
+        _push(t, path, state, logp, min_mass * t["numeric"], sig, "" if past else fill, refine=not past)
 
     root_ids = grammar.continuation_ids(start)
     root_table = grammar.continuations(start)
@@ -542,12 +547,19 @@ def _significant(sig: int, text: str) -> int:
     return sig
 
 
+def _least(text: str) -> int:
+    """The least number a partial number can still become: its leading digits (``"12,5"``: 12, as
+    the comma may end it)."""
+    found = re.search(r"\d+", text)
+    return int(found.group()) if found else 0
+
+
 def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: float, sig: int,
-          fill: str | None) -> None:
+          fill: str | None, refine: bool = True) -> None:
     """File a child: a final or bounded answer (``fill`` not None) is covered, a partial number
     joins the frontier; either is dropped under ``floor`` (it could never be chosen). A bounded
-    answer joins the frontier too, to be refined at ``REFINE`` times its mass per decade of its
-    range's width (``10 ** (1 - sig)`` of its value at most)."""
+    answer joins the frontier too (with ``refine``), to be refined at ``REFINE`` times its mass per
+    decade of its range's width (``10 ** (1 - sig)`` of its value at most)."""
     import heapq
 
     mass = math.exp(logp)
@@ -559,6 +571,7 @@ def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: f
         tree["covered"] += mass
         if state != DONE:
             tree["bounded"] += mass
+        if state != DONE and refine:
             weight = REFINE * 10.0 ** (1 - sig)
             heapq.heappush(tree["frontier"], (-mass * weight, path, state, logp, sig, len(tree["paths"]) - 1))
     else:

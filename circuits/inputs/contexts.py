@@ -61,16 +61,31 @@ class AnswerGrid:
 @dataclass(frozen=True)
 class AnswerFormat:
     """How the model answers: the question's closing instruction, the answer prefix and, only to
-    fix the answers scored, a grid (None: the model's own answers)."""
+    fix the answers scored, a grid (None: the model's own answers).
+
+    ``scale``: the ``(low, high)`` range the instruction asks for (``"a rank from 1 to 100"``), or
+    None. An answer beyond it counts at its end (``on_scale``: rank 126 reads as 100), in the metric
+    and in parsed sampled replies alike, so a partial number already past ``high`` is one answer."""
 
     type: str
     instruction: str
     prefix: str
     grid: AnswerGrid | None = None
+    scale: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.type not in ANSWER_TYPES:
             raise ValueError(f"unknown answer type {self.type!r}; choose from {list(ANSWER_TYPES)}")
+        if self.scale is not None:
+            low, high = self.scale
+            if not low < high:
+                raise ValueError(f"a {self.type} scale must be (low, high) with low < high, got {self.scale}")
+
+    def on_scale(self, value: float | None) -> float | None:
+        """``value`` clipped to ``scale`` (None and NaN stay)."""
+        if self.scale is None or value is None:
+            return value
+        return min(max(value, self.scale[0]), self.scale[1]) if value == value else value
 
 
 @dataclass(frozen=True)
@@ -169,6 +184,20 @@ def _fields(
     return table
 
 
+def _answer_format(kind: str, entry: object) -> AnswerFormat:
+    where = f"[answers.{kind}]"
+    entry = dict(_fields(entry, where, ("instruction", "prefix"), ("scale",), {"scale": list}))
+    if "scale" in entry:
+        scale = entry["scale"]
+        if len(scale) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale):
+            raise ValueError(f"{where}: scale must be two numbers [low, high], got {scale!r}")
+        entry["scale"] = (float(scale[0]), float(scale[1]))
+    try:
+        return AnswerFormat(kind, **entry)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
 def _scenario(name: str, entry: object) -> dict:
     entry = _fields(entry, f"[scenarios.{name}]", ("variations",), ("setup",), {"variations": list})
     variations = tuple(
@@ -219,8 +248,7 @@ def load_contexts(path: Path = CONTEXTS_FILE) -> tuple[dict[str, Context], dict[
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         data = _fields(data, "the file", sections, types=dict.fromkeys(sections, dict))
         answers = {
-            kind: AnswerFormat(kind, **_fields(entry, f"[answers.{kind}]", ("instruction", "prefix")))
-            for kind, entry in data["answers"].items()
+            kind: _answer_format(kind, entry) for kind, entry in data["answers"].items()
         }
         scenarios = {name: _scenario(name, entry) for name, entry in data["scenarios"].items()}
         contexts = {

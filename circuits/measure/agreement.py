@@ -461,7 +461,7 @@ def run_agreement(
             "sample": drawn["sample"],
             "text": drawn["text"],
             "token_ids": [format_ids(i) for i in ids],
-            "value": [read_reply(answer.prefix, text, kind) for text in drawn["text"]],
+            "value": [answer.on_scale(read_reply(answer.prefix, text, kind)) for text in drawn["text"]],
             "metric_value": metric_value,
         }))
     samples = pd.concat(parts, ignore_index=True)

@@ -16,7 +16,8 @@ read as ``parse_number`` reads them) is expanded best-first on the prompt's key/
 the masses from that expansion (no second pass) and the metric scores each prompt's own answers
 exactly, each with its stop term (the number ends there), or, once its leading digits fix its value
 to ``Expansion.significant`` digits, as one bounded answer (``"52,5"``: every number it starts,
-valued at 52,550). The answers are derived on the
+valued at 52,550). A format with a ``scale`` (a rank from 1 to 100) counts an answer beyond it at
+its end, so a partial number already past the top (``"126"``) is one bounded answer too. The answers are derived on the
 unmodified model and kept, so an ablated or patched model is scored on the same answers. Yes/no
 covers the case, leading-space and markdown-bold variants of Yes and No. A format with a fixed
 ``AnswerGrid`` scores that grid instead.
@@ -55,6 +56,8 @@ CONTRASTS = {"race": ("group", "White", "Black"), "gender": ("gender", "woman", 
 SUMMARY = {"dollars": "log10", "percent": "mean", "score": "mean", "probability": "mean", "rank": "mean",
            "yes_no": "mean"}
 YES_NO = {"Yes": 1.0, "No": 0.0}
+# The least share of a prompt's numeric mass a covered answer holds (``Expansion``): without a scale, and on one.
+MIN_MASS = {False: 1e-4, True: 1e-5}
 # The significant digits that make a partial number a bounded answer, per answer type (``Expansion``).
 SIGNIFICANT = {"dollars": 2, "percent": 3, "score": 3, "probability": 3, "rank": 3}
 # Every form counts: leading space or not, case, markdown bold; trailing punctuation follows it.
@@ -67,7 +70,10 @@ class Expansion:
     best-first (``per_round`` nodes a round, ``batch_size`` prompts at once on their key/value
     cache) until ``target`` of its numeric mass (the probability that the reply is a number) is
     covered, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it;
-    final answers under ``min_mass`` are dropped (see ``interp.numeric.expand_each``).
+    final answers under ``min_mass`` are dropped (see ``interp.numeric.expand_each``). None takes
+    ``MIN_MASS``: 1e-4, or 1e-5 for a format with a ``scale``, whose tail is mostly numbers past its
+    top, one answer each that needs no forward (SmolLM2's sports ranks: covered 0.888 at 1e-4, 0.917
+    at 1e-5, at the same cost and 2.7 times the answers).
 
     With ``bounded``, a partial number with ``significant`` significant digits whose magnitude its
     digits fix (a digit into a thousands group, or in the decimals) is one *bounded* answer: its
@@ -84,7 +90,7 @@ class Expansion:
     target: float = 0.99
     max_nodes: int = 192
     per_round: int = 32
-    min_mass: float = 1e-4
+    min_mass: float | None = None
     batch_size: int = 32
     bounded: bool = True
     significant: int | None = None
@@ -148,9 +154,9 @@ def answer_candidates(
 
     Numeric types: the answers the model gives after the ``pilots`` prompt texts (see
     ``Expansion``), each ending with its stop term, valued by ``parse_number`` of the prefix's
-    number start plus the answer (``"0." + "75"``). Yes/no: the variants of Yes and No
-    (``YES_NO_FORMS``). A fixed grid: its strings (a terminated grid ends each with the end of
-    the answer: end of turn for chat prompts, a newline for plain ones).
+    number start plus the answer (``"0." + "75"``) on the format's scale (``AnswerFormat.on_scale``).
+    Yes/no: the variants of Yes and No (``YES_NO_FORMS``). A fixed grid: its strings (a terminated
+    grid ends each with the end of the answer: end of turn for chat prompts, a newline for plain ones).
     """
     tokenizer = _tokenizer(model)
     chat = uses_chat(tokenizer) if chat is None else chat
@@ -164,9 +170,10 @@ def answer_candidates(
     grammar = _grammar(tokenizer, answer.type)
     batch = pad_ids([encode(model, t) for t in pilots], pad_token_id(tokenizer))
     tree = expand(model, batch, grammar, start=grammar.state_of(start), target=expansion.target,
-                  max_nodes=expansion.max_nodes, per_round=expansion.per_round, min_mass=expansion.min_mass)
-    cands = tree.candidates(tokenizer, lambda text: parse_number(start + text), min_mass=expansion.min_mass,
-                            packed=takes_layout(model))
+                  max_nodes=expansion.max_nodes, per_round=expansion.per_round,
+                  min_mass=_min_mass(expansion, answer))
+    cands = tree.candidates(tokenizer, lambda text: answer.on_scale(parse_number(start + text)),
+                            min_mass=_min_mass(expansion, answer), packed=takes_layout(model))
     if len(cands.texts) < 2:
         raise ValueError(
             f"the model gives almost no {answer.type} answers after the prompt (covered mass {tree.covered:.3g}, "
@@ -202,7 +209,7 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
     tokenizer = _tokenizer(model)
     start = number_start(answer.prefix)
     grammar = _grammar(tokenizer, answer.type)
-    values = _VALUES.setdefault((tokenizer, start), {})
+    values = _VALUES.setdefault((tokenizer, start, answer.scale), {})
     pad, packed = pad_token_id(tokenizer), takes_layout(model)
     order = sorted(range(len(keys)), key=lambda i: len(keys[i]))  # similar lengths batch together
     out = {}
@@ -211,14 +218,16 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
         batch = pad_ids([list(k) for k in chunk], pad).to(model.cfg.device)
         trees = expand_each(model, batch, grammar, start=start, target=expansion.target,
                             max_nodes=expansion.max_nodes, per_round=expansion.per_round,
-                            min_mass=expansion.min_mass, significant=_significant(expansion, answer.type))
+                            min_mass=_min_mass(expansion, answer), significant=_significant(expansion, answer.type),
+                            top=answer.scale[1] if answer.scale else None)
         for key, tree in zip(chunk, trees):
             keep = []
             for i, path in enumerate(tree.paths):
                 at = (path, tree.fills[i])
                 if at not in values:
                     text, fill = start + tokenizer.decode(list(path)), tree.fills[i] or ""
-                    values[at] = parse_number(text + fill), parse_number(text + re.sub(r"\d", "0", fill))
+                    values[at] = (answer.on_scale(parse_number(text + fill)),
+                                  answer.on_scale(parse_number(text + re.sub(r"\d", "0", fill))))
                 if values[at][0] is not None:
                     keep.append(i)
             if not keep:
@@ -234,13 +243,17 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
     return out
 
 
+def _min_mass(expansion: Expansion, answer: AnswerFormat) -> float:
+    return MIN_MASS[answer.scale is not None] if expansion.min_mass is None else expansion.min_mass
+
+
 def _significant(expansion: Expansion, answer_type: str) -> int | None:
     if not expansion.bounded:
         return None
     return SIGNIFICANT[answer_type] if expansion.significant is None else expansion.significant
 
 
-_VALUES: dict = {}  # (tokenizer, number start) -> {(token path, fill): (value, its range's low end)}
+_VALUES: dict = {}  # (tokenizer, number start, scale) -> {(token path, fill): (value, its range's low end)}
 
 
 def _context_answer(model, context: str | Context, prompts: PromptSet | None) -> tuple[str, AnswerFormat, bool]:
@@ -594,6 +607,7 @@ def group_gaps(
 __all__ = [
     "CONTRASTS",
     "Expansion",
+    "MIN_MASS",
     "GapTable",
     "SIGNIFICANT",
     "SUMMARY",

@@ -314,3 +314,29 @@ def test_bounded_answers_worth_more_than_the_frontier_are_refined(tiny_model, gr
         i = tree.paths.index(path)
         assert np.log(tree.mass[i]) == pytest.approx(_brute_log_prob(tiny_model, PROMPTS[0], path, tree.ends[i]),
                                                      abs=2e-4)
+
+
+def test_numbers_already_past_the_top_are_one_answer_each(tiny_model, grammar, monkeypatch):
+    """With ``top``, a partial number whose leading digits exceed it is one bounded answer with the
+    fill "" (its prefix probability; never extended, never refined even when refinement outranks
+    everything); every number evaluated further starts at or below the top."""
+    import re
+
+    import interp.numeric as numeric
+
+    monkeypatch.setattr(numeric, "REFINE", 1e9)
+    tok = tiny_model.tokenizer
+    trees = expand_each(tiny_model, tokenize(tiny_model, PROMPTS), grammar, max_nodes=16, per_round=5, target=1.0,
+                        min_mass=1e-6, significant=1, top=5)
+    for prompt, tree in zip(PROMPTS, trees):
+        past = [i for i, f in enumerate(tree.fills) if f == ""]
+        assert past and tree.covered + tree.other + tree.uncovered == pytest.approx(1.0, abs=1e-6)
+        for i in past:
+            path, text = tree.paths[i], tok.decode(list(tree.paths[i]))
+            assert tree.ends[i] is None and int(re.search(r"\d+", text).group()) > 5
+            assert not any(p != path and p[: len(path)] == path for p in tree.paths)
+        for i in past[:3]:
+            assert np.log(tree.mass[i]) == pytest.approx(_brute_log_prob(tiny_model, prompt, tree.paths[i], None),
+                                                         abs=2e-4)
+        stops = [re.search(r"\d+", tok.decode(list(p))) for p, e in zip(tree.paths, tree.ends) if e is not None]
+        assert stops and all(int(m.group()) <= 5 for m in stops if m)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from circuits.inputs.contexts import (
@@ -106,6 +107,15 @@ def test_the_data_file_renders_the_prompts_written_before_it():
     assert CONTEXTS["lending_rate"].variations is CONTEXTS["lending_approval"].variations
 
 
+def test_a_scale_clips_answers_to_the_range_the_instruction_asks_for():
+    rank, score = DEFAULT_ANSWERS["rank"], DEFAULT_ANSWERS["score"]
+    assert rank.scale == (1.0, 100.0) and "1 to 100" in rank.instruction
+    assert score.scale == (0.0, 100.0) and "0 to 100" in score.instruction
+    assert CONTEXTS["sports"].answer.scale == rank.scale and DEFAULT_ANSWERS["dollars"].scale is None
+    assert [rank.on_scale(v) for v in (126.0, 0.0, 37.5, None)] == [100.0, 1.0, 37.5, None]
+    assert np.isnan(rank.on_scale(float("nan"))) and DEFAULT_ANSWERS["percent"].on_scale(126.0) == 126.0
+
+
 @pytest.mark.parametrize(
     "edit,message",
     [
@@ -117,6 +127,8 @@ def test_the_data_file_renders_the_prompts_written_before_it():
         (('key = "bakery"', 'kee = "bakery"'), r"\[scenarios.lending\] variation 1 lacks key"),
         (('question = "How much', 'query = "How much'), r"\[contexts.lending_amount\] lacks question"),
         (("[answers.dollars]", "[answers.dollars"), r"contexts.toml: .*line"),
+        (("scale = [1, 100]", "scale = [100, 1]"), r"\[answers.rank\]: a rank scale must be \(low, high\)"),
+        (("scale = [1, 100]", 'scale = [1, "top"]'), r"\[answers.rank\]: scale must be two numbers"),
     ],
 )
 def test_a_malformed_context_file_names_the_file_and_the_entry(tmp_path, edit, message):
