@@ -340,3 +340,26 @@ def test_numbers_already_past_the_top_are_one_answer_each(tiny_model, grammar, m
                                                          abs=2e-4)
         stops = [re.search(r"\d+", tok.decode(list(p))) for p, e in zip(tree.paths, tree.ends) if e is not None]
         assert stops and all(int(m.group()) <= 5 for m in stops if m)
+
+
+@pytest.mark.slow
+def test_smollm2_prompts_sharing_their_chat_header_expand_as_each_alone(smollm2):
+    """On SmolLM2's chat prompts (system prompt and header shared, run once): each prompt's tree in a
+    batch equals its tree alone, answers and probabilities."""
+    from circuits.inputs.prompts import build_prompts
+    from circuits.measure.bias import _grammar, number_start
+    from interp.batching import pad_ids, pad_token_id
+    from interp.prefix import prefix_groups
+
+    prompts = build_prompts(smollm2, ["lending_amount"], details=["low"], seed=0)
+    texts = list(prompts.texts[:4])
+    start = number_start(prompts.answers["lending_amount"].prefix)
+    grammar = _grammar(smollm2.tokenizer, "dollars")
+    rows = [encode(smollm2, t) for t in texts]
+    assert [shared >= 20 for _, shared in prefix_groups(rows, 8)] == [True]
+    budget = dict(start=start, max_nodes=24, per_round=8, target=1.0, min_mass=1e-4, significant=2)
+    batch = pad_ids(rows, pad_token_id(smollm2.tokenizer))
+    for row, tree in zip(rows, expand_each(smollm2, batch, grammar, **budget)):
+        alone = expand_each(smollm2, pad_ids([row], pad_token_id(smollm2.tokenizer)), grammar, **budget)[0]
+        assert alone.paths == tree.paths and alone.fills == tree.fills
+        np.testing.assert_allclose(tree.mass, alone.mass, rtol=1e-3, atol=1e-7)
