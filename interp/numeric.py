@@ -16,7 +16,8 @@ feeds each prompt's most probable frontier nodes onto a key/value cache that hol
 every node evaluated so far (nothing is recomputed), and returns one ``NumberTree`` per prompt.
 With ``significant``, a partial number whose digits fix its magnitude and that many significant
 digits is not expanded further: it is a *bounded* answer (``"52,5"`` holds every number from 52,500
-to 52,599 and is valued at its range's midpoint through ``NumberGrammar.fill``).
+to 52,599 and is valued at its range's midpoint through ``NumberGrammar.fill``); with ``top``, so is
+a partial number already past it (for a caller that reads larger numbers as ``top``).
 A grammar without multiplier words reads a number that has all its decimals as final (no node
 needs evaluating for it).
 
@@ -235,7 +236,7 @@ class NumberTree:
     uncovered: float  # mean probability of the numbers not covered (unexpanded or dropped)
     n_evaluated: int
     fills: tuple[str | None, ...]  # per answer: None for a complete number, else its midpoint digits ("": past top)
-    bounded: float  # mean probability of the bounded answers (partial numbers valued at their midpoint)
+    bounded: float  # mean probability of the bounded answers (partial numbers at their midpoint or past top)
 
     def candidates(
         self, tokenizer, value: Callable[[str], float | None], *, min_mass: float = 0.0, packed: bool = True
@@ -433,8 +434,9 @@ def expand_each(
     replacing it) when its mass times its range's half-width in decades (``REFINE``) outranks the
     mass of every unexpanded node. With ``top``, a partial number already past it (every number it
     starts is larger: ``"126"`` for a top of 100) is one bounded answer with the fill ``""``, never
-    refined (a caller that clips values to ``top`` knows its value exactly). Returns one ``NumberTree`` per prompt,
-    whose ``mass`` is that prompt's probability of each answer. Deterministic: ties break by token ids.
+    refined (a caller that clips values to ``top`` knows its value exactly). Returns one
+    ``NumberTree`` per prompt, whose ``mass`` is that prompt's probability of each answer.
+    Deterministic: ties break by token ids.
     """
     import heapq
 

@@ -17,8 +17,9 @@ the masses from that expansion (no second pass) and the metric scores each promp
 exactly, each with its stop term (the number ends there), or, once its leading digits fix its value
 to ``Expansion.significant`` digits, as one bounded answer (``"52,5"``: every number it starts,
 valued at 52,550). A format with a ``scale`` (a rank from 1 to 100) counts an answer beyond it at
-its end, so a partial number already past the top (``"126"``) is one bounded answer too. The answers are derived on the
-unmodified model and kept, so an ablated or patched model is scored on the same answers. Yes/no
+its end, so a partial number already past the top (``"126"``) is one bounded answer too. The
+answers are derived on the unmodified model and kept, so an ablated or patched model is scored on
+the same answers. Yes/no
 covers the case, leading-space and markdown-bold variants of Yes and No. A format with a fixed
 ``AnswerGrid`` scores that grid instead.
 
