@@ -186,13 +186,15 @@ def answer_candidates(
 @dataclass(frozen=True, eq=False)
 class _Answers:
     """One prompt's answers: candidates (with stop terms), absolute masses, other mass, which answers
-    are bounded and the low end of each answer's range (its value for a complete number)."""
+    are bounded, the low end of each answer's range (its value for a complete number) and which
+    answers are numbers beyond the format's scale (valued at its end)."""
 
     candidates: CandidateAnswers
     mass: np.ndarray
     other: float
     bounded: np.ndarray
     low: np.ndarray
+    beyond: np.ndarray
 
 
 def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]], expansion: Expansion,
@@ -227,20 +229,21 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
                 at = (path, tree.fills[i])
                 if at not in values:
                     text, fill = start + tokenizer.decode(list(path)), tree.fills[i] or ""
-                    values[at] = (answer.on_scale(parse_number(text + fill)),
-                                  answer.on_scale(parse_number(text + re.sub(r"\d", "0", fill))))
+                    raw = parse_number(text + fill)
+                    values[at] = (answer.on_scale(raw), answer.on_scale(parse_number(text + re.sub(r"\d", "0", fill))),
+                                  answer.on_scale(raw) != raw)
                 if values[at][0] is not None:
                     keep.append(i)
             if not keep:
                 raise ValueError(f"the model gives no {answer.type} answer after a prompt (non-numeric mass "
                                  f"{tree.other:.3g}); check the answer prefix {answer.prefix!r}")
             paths = tuple(tree.paths[i] for i in keep)
-            value, low = zip(*(values[tree.paths[i], tree.fills[i]] for i in keep))
+            value, low, beyond = zip(*(values[tree.paths[i], tree.fills[i]] for i in keep))
             cands = CandidateAnswers(tuple(tokenizer.decode(list(p)) for p in paths), tuple(map(float, value)),
                                      paths, packed, tuple(tree.ends[i] for i in keep), tree.root_continuations)
             bounded = np.array([tree.fills[i] is not None for i in keep])
             out[key] = _Answers(cands, np.array([tree.mass[i] for i in keep]), tree.other, bounded,
-                                np.array(low, dtype=float))
+                                np.array(low, dtype=float), np.array(beyond, dtype=bool))
     return out
 
 
@@ -254,7 +257,7 @@ def _significant(expansion: Expansion, answer_type: str) -> int | None:
     return SIGNIFICANT[answer_type] if expansion.significant is None else expansion.significant
 
 
-_VALUES: dict = {}  # (tokenizer, number start, scale) -> {(token path, fill): (value, its range's low end)}
+_VALUES: dict = {}  # (tokenizer, number start, scale) -> {(token path, fill): (value, range's low end, beyond)}
 
 
 def _context_answer(model, context: str | Context, prompts: PromptSet | None) -> tuple[str, AnswerFormat, bool]:
@@ -391,21 +394,24 @@ def measure(
 
     ``values``: the prompt columns with ``value`` (the type's default summary, ``settings["summary"]``),
     ``value_mean``, ``value_median``, ``value_log10`` (numeric types; NaN for yes/no), ``grid_mass``,
-    ``other_mass``, ``tail_mass`` and ``bounded_mass`` (the part of ``grid_mass`` held by bounded
-    answers, see ``Expansion``). ``distribution``: per prompt and covered answer its text
-    (``candidate``), ``candidate_value``, ``probability`` (renormalized over the covered answers),
-    ``mass`` (absolute), ``bounded`` (a partial number valued at its range's midpoint: it holds
-    the probability of every number it starts) and its range ``value_low`` to ``value_high`` (the
-    value itself for a complete number). ``batch_size`` counts prompts per forward pass (for a shared candidate
-    set, fewer when its trie would make the logits read too large; a row per candidate when the model
-    cannot run a packed layout). Deterministic, and the same on any subset of the prompts (up to float
-    rounding: each prompt's answers are its own). ``settings["trie_nodes"]``: the mean number of
-    trie nodes per prompt (numeric types) or the shared trie's.
+    ``other_mass``, ``tail_mass``, ``bounded_mass`` (the part of ``grid_mass`` held by bounded
+    answers, see ``Expansion``) and ``beyond_scale_mass`` (the part held by numbers beyond the
+    format's scale, read at its end: ``AnswerFormat.on_scale``). ``distribution``: per prompt and
+    covered answer its text (``candidate``), ``candidate_value``, ``probability`` (renormalized over
+    the covered answers), ``mass`` (absolute), ``bounded`` (a partial number valued at its range's
+    midpoint: it holds the probability of every number it starts), its range ``value_low`` to
+    ``value_high`` (the value itself for a complete number) and ``beyond_scale``. ``batch_size``
+    counts prompts per forward pass (for a shared candidate set, fewer when its trie would make the
+    logits read too large; a row per candidate when the model cannot run a packed layout).
+    Deterministic, and the same on any subset of the prompts (up to float rounding: each prompt's
+    answers are its own). ``settings["trie_nodes"]``: the mean number of trie nodes per prompt
+    (numeric types) or the shared trie's.
     """
     frame = prompts.frame
     pad = pad_token_id(model.tokenizer)
     columns = {c: np.full(len(frame), np.nan) for c in ("value", "value_mean", "value_median", "value_log10",
-                                                           "grid_mass", "other_mass", "bounded_mass")}
+                                                           "grid_mass", "other_mass", "bounded_mass",
+                                                           "beyond_scale_mass")}
     dist_parts, summaries, nodes = [], {}, {}
     bar = tqdm(total=len(frame), desc="measuring", disable=not progress)
     for context in prompts.contexts:
@@ -436,6 +442,7 @@ def measure(
             p = mass / grid
             columns["grid_mass"][r], columns["other_mass"][r] = grid, other
             columns["bounded_mass"][r] = float(mass[bounded].sum())
+            columns["beyond_scale_mass"][r] = float(mass[answers.beyond].sum())
             columns["value_mean"][r] = float(p @ values)
             columns["value_median"][r] = _median(p, values)
             if answer_type != "yes_no":
@@ -446,6 +453,7 @@ def measure(
                 "candidate": list(answers.candidates.texts),
                 "candidate_value": values, "probability": p, "mass": mass, "bounded": bounded,
                 "value_low": answers.low, "value_high": np.where(bounded, 2 * values - answers.low, values),
+                "beyond_scale": answers.beyond,
             }))
     bar.close()
     keep = [c for c in frame.columns if c not in ("user_text", "prompt_text")]
@@ -482,7 +490,7 @@ def _score_shared(model, cands: CandidateAnswers, ids: list, batch_size: int, pa
             logp, other = (x.double().cpu() for x in cands.score(model, batch, other=True))
         for i in range(len(logp)):
             out.append(_Answers(cands, logp[i].exp().numpy(), float("nan") if other is None else float(other[i].exp()),
-                                unbounded, values))
+                                unbounded, values, unbounded))
     return out
 
 

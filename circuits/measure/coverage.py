@@ -4,7 +4,9 @@
 metric scores; ``other_mass`` the probability that the reply does not start an answer of the
 context's type at all (a word, a refusal); ``tail_mass`` numeric answers beyond the scored set;
 ``bounded_mass`` the part of ``grid_mass`` held by bounded answers (numbers whose leading digits fix
-their value to a stated precision, valued at their midpoint: ``circuits.measure.bias.Expansion``).
+their value to a stated precision, valued at their midpoint: ``circuits.measure.bias.Expansion``);
+``beyond_scale_mass`` the part held by numbers beyond the format's scale, read at its end (a rank of
+126 in a top 100 as 100: ``AnswerFormat.on_scale``).
 The audit warns (``warn_low_coverage``) about every context whose mean covered mass is below one
 half: its gap would describe a minority of the model's answers.
 """
@@ -25,11 +27,12 @@ def _values(values: Measurement | pd.DataFrame) -> pd.DataFrame:
 
 def coverage_table(values: Measurement | pd.DataFrame) -> pd.DataFrame:
     """Per context: ``covered`` (mean grid_mass), ``covered_min`` (its lowest prompt), ``other``
-    (mean other_mass), ``beyond`` (mean tail_mass) and ``bounded`` (mean bounded_mass, part of
-    ``covered``); NaN where the measurement lacks the column."""
+    (mean other_mass), ``beyond`` (mean tail_mass), ``bounded`` (mean bounded_mass, part of
+    ``covered``) and ``beyond_scale`` (mean beyond_scale_mass, part of ``covered``); NaN where the
+    measurement lacks the column."""
     frame = _values(values)
     parts = frame.assign(**{c: frame[c] if c in frame else float("nan")
-                            for c in ("other_mass", "tail_mass", "bounded_mass")})
+                            for c in ("other_mass", "tail_mass", "bounded_mass", "beyond_scale_mass")})
     grouped = parts.groupby("context", sort=False)
     return pd.DataFrame({
         "answer_type": grouped["answer_type"].first(),
@@ -39,6 +42,7 @@ def coverage_table(values: Measurement | pd.DataFrame) -> pd.DataFrame:
         "other": grouped["other_mass"].mean(),
         "beyond": grouped["tail_mass"].mean(),
         "bounded": grouped["bounded_mass"].mean(),
+        "beyond_scale": grouped["beyond_scale_mass"].mean(),
     }).reset_index()
 
 
@@ -50,6 +54,8 @@ def coverage_statement(row) -> str:
     """One sentence: what share of the model's answers the metric sees in this context, and the rest."""
     bounded = row.get("bounded", float("nan"))
     known = f"; {_percent(bounded)} as numbers known by their leading digits" if bounded > 0 else ""
+    beyond = row.get("beyond_scale", float("nan"))
+    known += f"; {_percent(beyond)} as numbers beyond the scale, read at its end" if beyond > 0 else ""
     text = (f"{row['context']}: the metric sees {_percent(row['covered'])} of the model's answers "
             f"(lowest prompt {_percent(row['covered_min'])}{known})")
     rest = []

@@ -191,18 +191,24 @@ def test_bounded_dollar_answers_are_valued_at_their_ranges_middle(tiny_model):
 def test_answers_beyond_a_scale_count_at_its_end(tiny_model):
     """A rank on a scale (1 to 5 here: the tiny model's numbers are short): every answer is valued on
     the scale, and a partial number already past 5 is one bounded answer valued 5, exactly (no range
-    to place replies in)."""
+    to place replies in); they and complete numbers below 1 are flagged beyond the scale."""
     prompts = select_prompts(build_prompts(tiny_model, ["sports"], details=["low"]), variations=1, names_per_cell=1)
     rank = prompts.answers["sports"]
     assert rank.scale == (1.0, 100.0)
     prompts = dataclasses.replace(prompts, answers={"sports": dataclasses.replace(rank, scale=(1.0, 5.0))})
-    dist = measure(tiny_model, prompts, progress=False, expansion=TINY).distribution
+    result = measure(tiny_model, prompts, progress=False, expansion=TINY)
+    dist, values = result.distribution, result.values.set_index("prompt_id")
     assert dist["candidate_value"].between(1, 5).all()
     digits = dist["candidate"].str.extract(r"(\d+)")[0].astype(float)
     past, within = dist[digits > 5], dist[digits <= 5]
     assert len(past) and past["bounded"].all() and (past["candidate_value"] == 5).all()
     assert (past["value_low"] == 5).all() and (past["value_high"] == 5).all()
     assert (within["candidate_value"] == within["candidate"].map(parse_number).clip(1, 5)).all()
+    raw = dist["candidate"].map(parse_number)
+    beyond = (raw > 5) | (raw < 1)
+    assert (dist["beyond_scale"] == beyond).all()
+    share = dist[beyond].groupby("prompt_id")["mass"].sum().reindex(values.index, fill_value=0.0)
+    assert np.allclose(values["beyond_scale_mass"], share) and (values["beyond_scale_mass"] > 0).all()
 
 
 def test_yes_no_forms_exclude_each_other(tiny_model):

@@ -28,6 +28,11 @@ def test_coverage_table_and_statements():
     assert coverage_lines(bounded)[0].startswith("loan: the metric sees 93% of the model's answers (lowest prompt "
                                                  "90%; 40% as numbers known by their leading digits); unseen:")
     assert coverage_lines(bounded)[1] == lines[1]  # none bounded: nothing said
+    ranked = bounded.assign(beyond_scale_mass=[0.0, 0.0, 0.01, 0.03, 0.0])
+    assert coverage_table(ranked).set_index("context").loc["office", "beyond_scale"] == pytest.approx(0.02)
+    assert coverage_lines(ranked)[1].startswith("office: the metric sees 3% of the model's answers (lowest prompt "
+                                                "2%; 2% as numbers beyond the scale, read at its end); unseen:")
+    assert coverage_lines(ranked)[0] == coverage_lines(bounded)[0]
     old = coverage_lines(VALUES.drop(columns=["other_mass", "tail_mass"]))  # a measurement without them
     assert old[1] == "office: the metric sees 3% of the model's answers (lowest prompt 2%)"
 
