@@ -55,7 +55,7 @@ def coverage_statement(row) -> str:
     bounded = row.get("bounded", float("nan"))
     known = f"; {_percent(bounded)} as numbers known by their leading digits" if bounded > 0 else ""
     beyond = row.get("beyond_scale", float("nan"))
-    known += f"; {_percent(beyond)} as numbers beyond the scale, read at its end" if beyond > 0 else ""
+    known += f"; {_percent(beyond)} outside the scale, counted at its end" if beyond > 0 else ""
     text = (f"{row['context']}: the metric sees {_percent(row['covered'])} of the model's answers "
             f"(lowest prompt {_percent(row['covered_min'])}{known})")
     rest = []

@@ -31,7 +31,7 @@ def test_coverage_table_and_statements():
     ranked = bounded.assign(beyond_scale_mass=[0.0, 0.0, 0.01, 0.03, 0.0])
     assert coverage_table(ranked).set_index("context").loc["office", "beyond_scale"] == pytest.approx(0.02)
     assert coverage_lines(ranked)[1].startswith("office: the metric sees 3% of the model's answers (lowest prompt "
-                                                "2%; 2% as numbers beyond the scale, read at its end); unseen:")
+                                                "2%; 2% outside the scale, counted at its end); unseen:")
     assert coverage_lines(ranked)[0] == coverage_lines(bounded)[0]
     old = coverage_lines(VALUES.drop(columns=["other_mass", "tail_mass"]))  # a measurement without them
     assert old[1] == "office: the metric sees 3% of the model's answers (lowest prompt 2%)"
