@@ -11,6 +11,7 @@ import csv
 import io
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -269,12 +270,41 @@ def scenario_signs(
     return signs
 
 
+def scenario_scales(
+    table: pd.DataFrame, scales: Mapping[str, tuple[float, float]] | None = None
+) -> dict[str, tuple[float, float] | None]:
+    """The scale of each scenario of a ``read_prompt_table`` table (``AnswerFormat.scale``: an answer
+    beyond it counts at its end), None where ``scales`` names none. A scenario named must be in the
+    table and have a numeric answer type."""
+    scenarios = list(dict.fromkeys(table["scenario"]))
+    given = dict(scales or {})
+    unknown = sorted(set(given) - set(scenarios))
+    if unknown:
+        raise ValueError(f"scales names scenarios {unknown} that the table does not have; its "
+                         f"scenarios are {scenarios}")
+    kinds = table.groupby("scenario", sort=False)["answer_type"].first()
+    out = {}
+    for scenario in scenarios:
+        scale = given.get(scenario)
+        if scale is not None:
+            if kinds[scenario] == "yes_no":
+                raise ValueError(f"scenario {scenario!r} has yes/no answers: a scale applies to numbers only")
+            scale = tuple(map(float, scale))
+            try:
+                replace(IMPORT_ANSWERS[kinds[scenario]], scale=scale)  # the format checks it
+            except ValueError as err:
+                raise ValueError(f"scenario {scenario!r}: {err}") from None
+        out[scenario] = scale
+    return out
+
+
 def load_prompt_table(
     path: str | Path,
     model_or_tokenizer,
     *,
     answer_type: str | Mapping[str, str] | None = None,
     higher_favours: bool | Mapping[str, bool] | None = None,
+    scales: Mapping[str, tuple[float, float]] | None = None,
     heldout_variations: float = 1 / 3,
     heldout_names: float = 0.25,
     seed: int = 0,
@@ -285,17 +315,19 @@ def load_prompt_table(
     Each ``prompt_text`` is the question; the answer prefix is generic to the scenario's answer
     type (``IMPORT_ANSWERS``: ``"Answer: $"`` before dollars, ``"Answer: "`` before the other
     numbers, ``"Answer:"`` before yes/no), never another context's wording. The sign convention
-    comes from ``scenario_signs`` (``higher_favours`` argument, then column, then type default).
+    comes from ``scenario_signs`` (``higher_favours`` argument, then column, then type default);
+    ``scales`` gives a scenario the range its prompts ask for (``{"chess": (1, 100)}`` for a rank
+    among 100 players: ``scenario_scales``).
     """
     table = read_prompt_table(path, answer_type=answer_type)
-    signs = scenario_signs(table, higher_favours)
+    signs, ranges = scenario_signs(table, higher_favours), scenario_scales(table, scales)
     chat = uses_chat(model_or_tokenizer) if chat is None else chat
     people = table.drop_duplicates("name")[["name", "group", "gender"]]
     name_split = split_names(people, heldout_fraction=heldout_names, seed=seed)
     frames, answers = [], {}
     for scenario, part in table.groupby("scenario", sort=False):
         kind = part["answer_type"].iloc[0]
-        answers[scenario] = IMPORT_ANSWERS[kind]
+        answers[scenario] = replace(IMPORT_ANSWERS[kind], scale=ranges[scenario])
         var_split = split_variations(part["variation"], heldout_fraction=heldout_variations, seed=seed)
         frames.append(
             pd.DataFrame(
@@ -338,5 +370,6 @@ __all__ = [
     "PromptTableError",
     "load_prompt_table",
     "read_prompt_table",
+    "scenario_scales",
     "scenario_signs",
 ]

@@ -75,6 +75,14 @@ def _add_audit(subparsers) -> None:
         help="whether a higher answer favours the named person in a --prompts scenario (repeatable; "
         "overrides the table's higher_favours column; default: yes, except for ranks: lower is better)",
     )
+    parser.add_argument(
+        "--scale",
+        action="append",
+        default=None,
+        metavar="SCENARIO=LOW:HIGH",
+        help="the range a --prompts scenario's prompts ask for, e.g. chess=1:100 (repeatable): an answer "
+        "beyond it counts at its end (default: none)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the results")
     parser.add_argument("--details", nargs="+", choices=DETAILS, default=list(DETAILS), help="detail levels")
     parser.add_argument(
@@ -115,9 +123,27 @@ def _higher_favours(given: Sequence[str] | None) -> dict[str, bool] | None:
     return parsed
 
 
+def _scales(given: Sequence[str] | None) -> dict[str, tuple[float, float]] | None:
+    """``["chess=1:100"]`` -> ``{"chess": (1.0, 100.0)}``."""
+    if not given:
+        return None
+    parsed = {}
+    for item in given:
+        scenario, _, span = item.rpartition("=")
+        low, _, high = span.partition(":")
+        try:
+            bounds = (float(low), float(high))
+        except ValueError:
+            bounds = None
+        if not scenario.strip() or bounds is None:
+            raise BadInput(f"--scale {item!r}: write SCENARIO=LOW:HIGH, e.g. chess=1:100")
+        parsed[scenario.strip()] = bounds
+    return parsed
+
+
 def _run_audit(args) -> int:
     from circuits.inputs.contexts import get_context
-    from circuits.inputs.tables import load_prompt_table, read_prompt_table, scenario_signs
+    from circuits.inputs.tables import load_prompt_table, read_prompt_table, scenario_scales, scenario_signs
     from circuits.measure.audit import run_audit
     from circuits.measure.coverage import coverage_lines
     from interp import DEFAULT_MODEL, load_model
@@ -127,19 +153,21 @@ def _run_audit(args) -> int:
             get_context(name)  # an unknown name fails before the model loads
     if args.prompts is None and args.answer_type is not None:
         raise BadInput("--answer-type only applies to a --prompts table")
-    if args.prompts is None and args.higher_favours:
-        raise BadInput("--higher-favours only applies to a --prompts table")
-    favours = _higher_favours(args.higher_favours)
+    for flag in ("higher_favours", "scale"):
+        if args.prompts is None and getattr(args, flag):
+            raise BadInput(f"--{flag.replace('_', '-')} only applies to a --prompts table")
+    favours, scales = _higher_favours(args.higher_favours), _scales(args.scale)
     for flag in ("variations", "names_per_cell", "batch_size", "chunk_size", "resamples"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be at least 1")
     if args.prompts is not None:  # a bad table (or a scenario it lacks) fails before the model loads
-        scenario_signs(read_prompt_table(args.prompts, answer_type=args.answer_type), favours)
+        table = read_prompt_table(args.prompts, answer_type=args.answer_type)
+        scenario_signs(table, favours), scenario_scales(table, scales)
     model = load_model(args.model or DEFAULT_MODEL, device=args.device)
     prompts = None
     if args.prompts is not None:
         prompts = load_prompt_table(args.prompts, model, answer_type=args.answer_type, higher_favours=favours,
-                                    seed=args.seed)
+                                    scales=scales, seed=args.seed)
     result = run_audit(
         model,
         args.contexts,

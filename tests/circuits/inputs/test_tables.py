@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pandas as pd
@@ -86,6 +87,21 @@ def test_imported_types_get_generic_prefixes_and_their_signs(tmp_path, tiny_mode
         load_prompt_table(path, tiny_model, higher_favours={"golf": True})
 
 
+def test_an_imported_scenario_takes_the_scale_it_is_given(tmp_path, tiny_model):
+    """``scales`` sets a scenario's answer scale (the rest have none); a scenario the table lacks, a
+    yes/no scenario and a scale with low >= high are refused, naming the scenario."""
+    path = write(tmp_path, MIXED_ROWS, MIXED_HEADER)
+    prompts = load_prompt_table(path, tiny_model, scales={"chess": (1, 100), "office": (0, 100)})
+    assert prompts.answers["chess"] == dataclasses.replace(IMPORT_ANSWERS["rank"], scale=(1.0, 100.0))
+    assert prompts.answers["office"].scale == (0.0, 100.0) and prompts.answers["purchase"].scale is None
+    assert prompts.answers["chess"].on_scale(126.0) == 100.0
+    for scales, message in [({"golf": (1, 10)}, r"scales names scenarios \['golf'\]"),
+                            ({"loan": (0, 1)}, "scenario 'loan' has yes/no answers"),
+                            ({"chess": (100, 1)}, "scenario 'chess': a rank scale must be")]:
+        with pytest.raises(ValueError, match=message):
+            load_prompt_table(path, tiny_model, scales=scales)
+
+
 def test_bad_higher_favours_values_name_their_line(tmp_path):
     rows = [MIXED_ROWS[0] + "maybe", MIXED_ROWS[1], MIXED_ROWS[6], MIXED_ROWS[7] + "yes"]
     with pytest.raises(PromptTableError) as err:
@@ -172,13 +188,20 @@ def test_cli_audits_an_imported_table_with_signs_and_coverage(tmp_path, capsys):
     assert code == 2 and "write SCENARIO=yes or SCENARIO=no" in capsys.readouterr().err
     code = main(["audit", "--contexts", "chess", "--higher-favours", "chess=yes", "--out", str(tmp_path / "x")])
     assert code == 2 and "only applies to a --prompts table" in capsys.readouterr().err
+    for scale, message in [("chess=1-100", "write SCENARIO=LOW:HIGH"), ("golf=1:10", "scenarios ['golf']"),
+                           ("chess=100:1", "scenario 'chess': a rank scale must be")]:
+        code = main([*base, "--scale", scale, "--out", str(tmp_path / "x")])
+        assert code == 2 and message in capsys.readouterr().err
+    code = main(["audit", "--contexts", "chess", "--scale", "chess=1:100", "--out", str(tmp_path / "x")])
+    assert code == 2 and "--scale only applies to a --prompts table" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="scenario 'office': the metric covers only"):  # a random model
-        code = main([*base, "--higher-favours", "chess=yes", "--out", str(tmp_path / "o")])
+        code = main([*base, "--higher-favours", "chess=yes", "--scale", "chess=1:100", "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert code == 0
     values = pd.read_parquet(tmp_path / "o" / "values.parquet")
     signs = values.groupby("context")["sign"].first().to_dict()
     assert signs == {"purchase": 1, "office": 1, "chess": 1, "rent": -1, "loan": 1}
+    assert values.loc[values["context"] == "chess", "value"].between(1, 100).all()  # on its scale
     assert "What the metric sees, per context:" in out
     assert all(f"  {c}: the metric sees " in out for c in signs)
 
