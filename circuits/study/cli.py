@@ -162,7 +162,8 @@ def _run_audit(args) -> int:
             raise BadInput(f"--{flag.replace('_', '-')} must be at least 1")
     if args.prompts is not None:  # a bad table (or a scenario it lacks) fails before the model loads
         table = read_prompt_table(args.prompts, answer_type=args.answer_type)
-        scenario_signs(table, favours), scenario_scales(table, scales)
+        scenario_signs(table, favours)
+        scenario_scales(table, scales)
     model = load_model(args.model or DEFAULT_MODEL, device=args.device)
     prompts = None
     if args.prompts is not None:
