@@ -245,6 +245,16 @@ def read_prompt_table(
     return table
 
 
+def _named(given: Mapping | None, scenarios: list[str], what: str) -> dict:
+    """``given`` as a dict, every scenario it names checked to be in the table."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(scenarios))
+    if unknown:
+        raise ValueError(f"{what} names scenarios {unknown} that the table does not have; its "
+                         f"scenarios are {scenarios}")
+    return given
+
+
 def scenario_signs(
     table: pd.DataFrame, higher_favours: bool | Mapping[str, bool] | None = None
 ) -> dict[str, bool]:
@@ -257,11 +267,7 @@ def scenario_signs(
     scenarios = list(dict.fromkeys(table["scenario"]))
     if isinstance(higher_favours, bool):
         higher_favours = dict.fromkeys(scenarios, higher_favours)
-    given = dict(higher_favours or {})
-    unknown = sorted(set(given) - set(scenarios))
-    if unknown:
-        raise ValueError(f"higher_favours names scenarios {unknown} that the table does not have; its "
-                         f"scenarios are {scenarios}")
+    given = _named(higher_favours, scenarios, "higher_favours")
     signs = {}
     for scenario, part in table.groupby("scenario", sort=False):
         column = part["higher_favours"].dropna()
@@ -277,11 +283,7 @@ def scenario_scales(
     beyond it counts at its end), None where ``scales`` names none. A scenario named must be in the
     table and have a numeric answer type."""
     scenarios = list(dict.fromkeys(table["scenario"]))
-    given = dict(scales or {})
-    unknown = sorted(set(given) - set(scenarios))
-    if unknown:
-        raise ValueError(f"scales names scenarios {unknown} that the table does not have; its "
-                         f"scenarios are {scenarios}")
+    given = _named(scales, scenarios, "scales")
     kinds = table.groupby("scenario", sort=False)["answer_type"].first()
     out = {}
     for scenario in scenarios:
