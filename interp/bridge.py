@@ -14,6 +14,10 @@ attributes removed afterwards (also on error), or a check of what the bridge sup
   ``L`` replaces whatever reaches it with the given residual, and the rotary position embeddings
   and causal masks are still built by the model from the sequence length, per layer type
   (sliding-window layers included), exactly as in a full forward.
+* :func:`native_attention`: the attention bridges reimplement attention eagerly (so that their
+  hook points see scores and patterns), which on answer trees hundreds of keys wide costs a tenth
+  of a forward. Each attention bridge runs the Hugging Face module it wraps instead, with its own
+  ``sdpa`` kernel; for a model with no hooks attached only (the attention hook points do not fire).
 * :func:`keeps_logits`: whether the underlying model's ``forward`` takes ``logits_to_keep`` (unembed
   only some positions).
 """
@@ -55,7 +59,7 @@ def blocks_skipped_below(model: HookedModel, layer: int) -> Iterator[None]:
 @contextmanager
 def attention_reads_cache(model: HookedModel) -> Iterator[None]:
     """Hand each attention bridge the key/value cache under the keyword it reads (``past_key_values``)."""
-    attentions = [block.attn for block in model.blocks]
+    attentions = [block.attn for block in model.blocks if "forward" not in vars(block.attn)]  # native ones read it
 
     def renaming(attention):
         original = type(attention).forward
@@ -78,4 +82,39 @@ def attention_reads_cache(model: HookedModel) -> Iterator[None]:
             vars(attention).pop("forward", None)
 
 
-__all__ = ["attention_reads_cache", "blocks_skipped_below", "keeps_logits"]
+@contextmanager
+def native_attention(model: HookedModel, implementation: str = "sdpa") -> Iterator[None]:
+    """Run every attention block as the Hugging Face module its bridge wraps, with the Hugging Face
+    attention ``implementation``; equal to the bridge's up to float rounding. Refused while hooks
+    are attached: the attention hook points (scores, pattern, rotary q/k) do not fire."""
+    from interp.hooks import attached_hook_count
+
+    if attached_hook_count(model):
+        raise RuntimeError("native_attention skips the attention hook points: run it with no hooks attached")
+    attentions = [block.attn for block in model.blocks]
+    modules = [attention.original_component for attention in attentions]
+    configs = list({id(c): c for c in [model.original_model.config, *(m.config for m in modules)]}.values())
+    previous = [c._attn_implementation for c in configs]
+
+    def native(module):
+        def forward(*args, **kwargs):
+            if "past_key_values" in kwargs:
+                kwargs.setdefault("cache", kwargs.pop("past_key_values"))
+            return type(module).forward(module, *args, **kwargs)
+
+        return forward
+
+    try:
+        for attention, module in zip(attentions, modules):
+            vars(attention)["forward"] = native(module)
+        for config in configs:
+            config._attn_implementation = implementation
+        yield
+    finally:
+        for config, old in zip(configs, previous):
+            config._attn_implementation = old
+        for attention in attentions:
+            vars(attention).pop("forward", None)
+
+
+__all__ = ["attention_reads_cache", "blocks_skipped_below", "keeps_logits", "native_attention"]

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.batching import TokenBatch
-from interp.bridge import attention_reads_cache
+from interp.bridge import attention_reads_cache, native_attention
 from interp.hooks import HookedModel
 from interp.metrics import CandidateAnswers
 from interp.prefix import prefill
@@ -362,13 +362,15 @@ class _GrowingCache:
     """The prompts' key/value cache (``interp.prefix.prefill``: each shared prefix computed once),
     grown by every evaluated node (never recomputed): a node is fed its last token at the position
     id it would have right after the prompt and its ancestors, and attends to its prompt, its
-    ancestors' cached keys and itself."""
+    ancestors' cached keys and itself. Runs on the Hugging Face attention kernels
+    (``interp.bridge.native_attention``): nothing here needs an attention hook."""
 
     def __init__(self, model: HookedModel, batch: TokenBatch):
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         batch = batch.to(self.device)
-        filled = prefill(model, batch)  # each shared prefix (system prompt, template) once
+        with native_attention(model):
+            filled = prefill(model, batch)  # each shared prefix (system prompt, template) once
         self.root = filled.logits.float().log_softmax(-1).cpu()
         self.cache = filled.cache
         self.keys = batch.attention_mask.bool()  # row key: which cached keys a row's nodes may read
@@ -383,10 +385,12 @@ class _GrowingCache:
         self.keys, self.lengths = self.keys[index], self.lengths[index]
         self.rows = torch.tensor(list(rows), dtype=torch.long)
 
-    def feed(self, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    def feed(self, tokens: torch.Tensor, depth: torch.Tensor,
+             ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed one token per (row, slot): ``tokens``/``depth`` ``[row, slot]`` (depth 0: a dummy
         slot), ``ancestors[row, slot, key]`` the cached keys (beyond the prompt) each slot reads.
-        Returns next-token log-probabilities ``[row, slot, vocab]`` (float32, on the CPU)."""
+        Returns the next-token logits ``[row, slot, vocab]`` and their log-normalizers ``[row, slot]``
+        (float32, on the CPU): a log-probability is their difference, read only where needed."""
         rows, slots = tokens.shape
         width = self.keys.shape[1]
         prompt = self.keys[:, None, :].expand(-1, slots, -1).clone()
@@ -396,13 +400,14 @@ class _GrowingCache:
         own = torch.eye(slots, dtype=torch.bool, device=self.device)[None].expand(rows, -1, -1)
         mask = torch.cat([prompt, own], -1)
         positions = torch.where(real, self.lengths[:, None] - 1 + depth.to(self.device), 0)
-        with attention_reads_cache(self.model):
+        with native_attention(self.model), attention_reads_cache(self.model):
             out = self.hf(input_ids=tokens.to(self.device), attention_mask=mask[:, None], position_ids=positions,
                           past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self.keys = torch.cat([self.keys, torch.zeros(rows, slots, dtype=torch.bool, device=self.device)], -1)
         del width
-        return out.logits.float().log_softmax(-1).cpu()
+        logits = out.logits.float()
+        return logits.cpu(), logits.logsumexp(-1).cpu()
 
 
 @torch.no_grad()
@@ -416,6 +421,7 @@ def expand_each(
     max_nodes: int = 160,
     per_round: int = 16,
     min_mass: float = 1e-4,
+    min_answer: float | None = None,
     significant: int | None = None,
     top: float | None = None,
     progress: bool = False,
@@ -425,8 +431,10 @@ def expand_each(
     Per prompt, each round evaluates its ``per_round`` frontier nodes of highest probability (one
     forward for every prompt still expanding, on the key/value cache of the prompts and of the
     nodes evaluated so far); a prompt stops when its covered mass reaches ``target`` of its numeric
-    mass, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it (final
-    answers under ``min_mass`` are dropped too). ``start``: the part of the number the prompt
+    mass, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it (partial
+    numbers under ``min_mass`` are dropped). An answer that needs no forward (a final or bounded one)
+    is kept down to ``min_answer`` of the numeric mass (None: ``min_mass``): the tail of a diffuse
+    answer distribution is mostly such answers, covered at no cost. ``start``: the part of the number the prompt
     already holds (``"0."``). With ``significant``, a partial number with that many significant
     digits whose magnitude is fixed (``NumberGrammar.fill``) is one *bounded* answer, its
     probability the prefix's (every number it starts), valued at its range's midpoint (a range at
@@ -444,10 +452,13 @@ def expand_each(
     text, start_sig, start = start, _significant(0, start), grammar.state_of(start)
     cache = _GrowingCache(model, batch)
 
+    answer_floor = min_mass if min_answer is None else min(min_answer, min_mass)
+
     def file(t, path, state, logp, sig):  # a child: bounded at ``significant`` digits where its range is fixed
         fill = grammar.fill(state) if significant is not None and sig >= significant else None
         past = top is not None and state != DONE and _least(text + "".join(grammar.token_texts[i] for i in path)) > top
-        _push(t, path, state, logp, min_mass * t["numeric"], sig, "" if past else fill, refine=not past)
+        _push(t, path, state, logp, min_mass * t["numeric"], answer_floor * t["numeric"], sig,
+              "" if past else fill, refine=not past)
 
     root_ids = grammar.continuation_ids(start)
     root_table = grammar.continuations(start)
@@ -498,7 +509,7 @@ def expand_each(
                 tokens[i, s], depth[i, s] = path[-1], len(path)
                 for d in range(1, len(path)):
                     ancestors[i, s, col[path[:d]]] = True
-        logps = cache.feed(tokens, depth, ancestors)
+        logits, norms = cache.feed(tokens, depth, ancestors)
         index = {}
         for picked in chosen:
             for _, state, *_ in picked:
@@ -506,12 +517,12 @@ def expand_each(
                     index[state] = torch.tensor(grammar.continuation_ids(state), dtype=torch.long)
         for i, (r, picked) in enumerate(zip(live, chosen)):
             t = trees[r]
-            floor = min_mass * t["numeric"]
+            floor = answer_floor * t["numeric"]
             for s, (path, state, logp, sig) in enumerate(picked):
                 t["col"][path] = width + s
                 table = grammar.continuations(state)
                 ids = grammar.continuation_ids(state)
-                child = logps[i, s, index[state]].double()
+                child = (logits[i, s, index[state]] - norms[i, s]).double()
                 mass = child.exp()
                 stop = math.log1p(-min(float(mass.sum()), 1 - 1e-12))
                 if state == LEAD:  # a space and then no number
@@ -556,25 +567,27 @@ def _least(text: str) -> int:
     return int(found.group()) if found else 0
 
 
-def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: float, sig: int,
-          fill: str | None, refine: bool = True) -> None:
-    """File a child: a final or bounded answer (``fill`` not None) is covered, a partial number
-    joins the frontier; either is dropped under ``floor`` (it could never be chosen). A bounded
-    answer joins the frontier too (with ``refine``), to be refined at ``REFINE`` times its mass per
-    decade of its range's width (``10 ** (1 - sig)`` of its value at most)."""
+def _push(tree: dict, path: tuple[int, ...], state: State, logp: float, floor: float, answer_floor: float,
+          sig: int, fill: str | None, refine: bool = True) -> None:
+    """File a child: a final or bounded answer (``fill`` not None) is covered unless it is under
+    ``answer_floor``; a partial number joins the frontier unless it is under ``floor`` (it could
+    never be chosen). A bounded answer joins the frontier too (with ``refine``), to be refined at
+    ``REFINE`` times its mass per decade of its range's width (``10 ** (1 - sig)`` of its value at
+    most)."""
     import heapq
 
     mass = math.exp(logp)
-    if mass < floor:
+    answer = state == DONE or fill is not None
+    if mass < (answer_floor if answer else floor):
         tree["dropped"] += mass
-    elif state == DONE or fill is not None:
+    elif answer:
         tree["paths"].append(path), tree["ends"].append(None), tree["mass"].append(mass)
         tree["fills"].append(None if state == DONE else fill)
         tree["covered"] += mass
         if state != DONE:
             tree["bounded"] += mass
-        if state != DONE and refine:
-            weight = REFINE * 10.0 ** (1 - sig)
+        weight = REFINE * 10.0 ** (1 - sig)
+        if state != DONE and refine and mass * weight >= floor:  # else it could never be chosen
             heapq.heappush(tree["frontier"], (-mass * weight, path, state, logp, sig, len(tree["paths"]) - 1))
     else:
         heapq.heappush(tree["frontier"], (-mass, path, state, logp, sig, -1))

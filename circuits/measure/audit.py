@@ -78,9 +78,10 @@ def _metric_version() -> dict:
     from dataclasses import asdict
 
     from circuits.inputs.contexts import DECIMALS
-    from circuits.measure.bias import Expansion
+    from circuits.measure.bias import EXPANSION_BUDGET, EXPANSION_DEFAULT, MIN_ANSWER, MIN_MASS, Expansion
 
-    return {"answers": "per prompt", "expansion": asdict(Expansion()), "decimals": DECIMALS}
+    defaults = {"per_type": EXPANSION_BUDGET, "other_types": EXPANSION_DEFAULT, "floors": [MIN_MASS, MIN_ANSWER]}
+    return {"answers": "per prompt", "expansion": asdict(Expansion()), "defaults": defaults, "decimals": DECIMALS}
 
 
 def _chunk_plan(model, prompts: PromptSet, chunk_size: int) -> dict:

@@ -57,8 +57,13 @@ CONTRASTS = {"race": ("group", "White", "Black"), "gender": ("gender", "woman", 
 SUMMARY = {"dollars": "log10", "percent": "mean", "score": "mean", "probability": "mean", "rank": "mean",
            "yes_no": "mean"}
 YES_NO = {"Yes": 1.0, "No": 0.0}
-# The least share of a prompt's numeric mass a covered answer holds (``Expansion``): without a scale, and on one.
-MIN_MASS = {False: 1e-4, True: 1e-5}
+# How far each prompt's number tree grows (``Expansion``), per answer type: the share of its numeric
+# mass at which it stops and its node budget (the rest: ``EXPANSION_DEFAULT``).
+EXPANSION_BUDGET = {"dollars": (0.92, 640)}
+EXPANSION_DEFAULT = (0.99, 192)
+# The least share of a prompt's numeric mass that a node worth evaluating holds, and that an answer
+# needing no forward (a final or bounded one) holds to be kept.
+MIN_MASS, MIN_ANSWER = 1e-5, 1e-6
 # The significant digits that make a partial number a bounded answer, per answer type (``Expansion``).
 SIGNIFICANT = {"dollars": 2, "percent": 3, "score": 3, "probability": 3, "rank": 3}
 # Every form counts: leading space or not, case, markdown bold; trailing punctuation follows it.
@@ -71,10 +76,13 @@ class Expansion:
     best-first (``per_round`` nodes a round, ``batch_size`` prompts at once on their key/value
     cache) until ``target`` of its numeric mass (the probability that the reply is a number) is
     covered, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it;
-    final answers under ``min_mass`` are dropped (see ``interp.numeric.expand_each``). None takes
-    ``MIN_MASS``: 1e-4, or 1e-5 for a format with a ``scale``, whose tail is mostly numbers past its
-    top, one answer each that needs no forward (SmolLM2's sports ranks: covered 0.888 at 1e-4, 0.917
-    at 1e-5, at the same cost and 2.7 times the answers).
+    an answer that needs no forward (final, or bounded) is kept down to ``min_answer`` of that mass
+    (see ``interp.numeric.expand_each``). None takes the answer type's ``EXPANSION_BUDGET`` (target,
+    max_nodes), ``MIN_MASS`` and ``MIN_ANSWER``. Dollar amounts stop at 92% with up to 640 nodes,
+    the rest at 99% with up to 192: SmolLM2 spreads a rent or a salary over hundreds of amounts, each
+    past the first few hundred nodes holding about 5e-4 of the mass and needing a node of its own
+    (benchmarks/RESULTS.md, "Covered mass per node"). Keeping every answer that needs no forward
+    down to 1e-6 (rather than at the node floor) covers 0.80 of a rent prompt at 192 nodes, not 0.78.
 
     With ``bounded``, a partial number with ``significant`` significant digits whose magnitude its
     digits fix (a digit into a thousands group, or in the decimals) is one *bounded* answer: its
@@ -88,10 +96,11 @@ class Expansion:
     percentage's last decimals are final before that). The ranges assume that no further thousands
     group or multiplier follows (``"52,500,000"``, ``"12.5k"``)."""
 
-    target: float = 0.99
-    max_nodes: int = 192
+    target: float | None = None
+    max_nodes: int | None = None
     per_round: int = 32
     min_mass: float | None = None
+    min_answer: float | None = None
     batch_size: int = 32
     bounded: bool = True
     significant: int | None = None
@@ -170,11 +179,11 @@ def answer_candidates(
     start = number_start(answer.prefix)
     grammar = _grammar(tokenizer, answer.type)
     batch = pad_ids([encode(model, t) for t in pilots], pad_token_id(tokenizer))
-    tree = expand(model, batch, grammar, start=grammar.state_of(start), target=expansion.target,
-                  max_nodes=expansion.max_nodes, per_round=expansion.per_round,
-                  min_mass=_min_mass(expansion, answer))
+    budget = _budget(expansion, answer)
+    tree = expand(model, batch, grammar, start=grammar.state_of(start), target=budget["target"],
+                  max_nodes=budget["max_nodes"], per_round=expansion.per_round, min_mass=budget["min_mass"])
     cands = tree.candidates(tokenizer, lambda text: answer.on_scale(parse_number(start + text)),
-                            min_mass=_min_mass(expansion, answer), packed=takes_layout(model))
+                            min_mass=budget["min_mass"], packed=takes_layout(model))
     if len(cands.texts) < 2:
         raise ValueError(
             f"the model gives almost no {answer.type} answers after the prompt (covered mass {tree.covered:.3g}, "
@@ -219,10 +228,9 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
     for part in microbatches(len(order), batch_size or expansion.batch_size):
         chunk = [keys[i] for i in order[part]]
         batch = pad_ids([list(k) for k in chunk], pad).to(model.cfg.device)
-        trees = expand_each(model, batch, grammar, start=start, target=expansion.target,
-                            max_nodes=expansion.max_nodes, per_round=expansion.per_round,
-                            min_mass=_min_mass(expansion, answer), significant=_significant(expansion, answer.type),
-                            top=answer.scale[1] if answer.scale else None)
+        trees = expand_each(model, batch, grammar, start=start, per_round=expansion.per_round,
+                            significant=_significant(expansion, answer.type),
+                            top=answer.scale[1] if answer.scale else None, **_budget(expansion, answer))
         for key, tree in zip(chunk, trees):
             keep = []
             for i, path in enumerate(tree.paths):
@@ -247,8 +255,13 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
     return out
 
 
-def _min_mass(expansion: Expansion, answer: AnswerFormat) -> float:
-    return MIN_MASS[answer.scale is not None] if expansion.min_mass is None else expansion.min_mass
+def _budget(expansion: Expansion, answer: AnswerFormat) -> dict:
+    """``expansion``'s stopping rule for ``answer``, its None fields taken from the defaults."""
+    target, max_nodes = EXPANSION_BUDGET.get(answer.type, EXPANSION_DEFAULT)
+    given = {"target": expansion.target, "max_nodes": expansion.max_nodes, "min_mass": expansion.min_mass,
+             "min_answer": expansion.min_answer}
+    defaults = {"target": target, "max_nodes": max_nodes, "min_mass": MIN_MASS, "min_answer": MIN_ANSWER}
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
 
 
 def _significant(expansion: Expansion, answer_type: str) -> int | None:
@@ -616,6 +629,9 @@ def group_gaps(
 __all__ = [
     "CONTRASTS",
     "Expansion",
+    "EXPANSION_BUDGET",
+    "EXPANSION_DEFAULT",
+    "MIN_ANSWER",
     "MIN_MASS",
     "GapTable",
     "SIGNIFICANT",

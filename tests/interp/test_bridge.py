@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from interp.batching import tokenize
-from interp.bridge import attention_reads_cache, blocks_skipped_below, keeps_logits
+from interp.bridge import attention_reads_cache, blocks_skipped_below, keeps_logits, native_attention
 
 
 def test_workarounds_leave_nothing_behind(tiny_model):
@@ -21,3 +22,39 @@ def test_skipped_blocks_resume_exactly(tiny_model):
     rows = torch.arange(len(batch))
     torch.testing.assert_close(resumed[rows, batch.answer_pos], plain[rows, batch.answer_pos], atol=1e-4, rtol=1e-4)
     assert keeps_logits(tiny_model)
+
+
+def test_native_attention_equals_the_bridges_onto_a_cache(tiny_model):
+    """The Hugging Face kernels give the bridge's logits, on a padded batch and on tokens fed onto
+    its key/value cache (the answer trees' use), and leave the bridge and config as they were."""
+    hf = tiny_model.original_model
+    batch = tokenize(tiny_model, ["a short prompt", "another, longer prompt here"])
+    nxt = torch.tensor([[5, 6], [7, 8]])
+    mask = torch.cat([batch.attention_mask, torch.ones(2, 2, dtype=batch.attention_mask.dtype)], -1)
+
+    def run():
+        with torch.no_grad(), attention_reads_cache(tiny_model):
+            out = hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, use_cache=True)
+            more = hf(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        return out.logits, more.logits
+
+    before = hf.config._attn_implementation
+    bridge = run()
+    with native_attention(tiny_model):
+        assert all("forward" in vars(b.attn) for b in tiny_model.blocks) and hf.config._attn_implementation == "sdpa"
+        native = run()
+    for a, b in zip(bridge, native):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert hf.config._attn_implementation == before
+    assert not any("forward" in vars(b.attn) for b in tiny_model.blocks)
+
+
+def test_native_attention_is_undone_on_error_and_refused_with_hooks(tiny_model):
+    before = tiny_model.original_model.config._attn_implementation
+    with pytest.raises(ValueError), native_attention(tiny_model):
+        raise ValueError("inside")
+    assert tiny_model.original_model.config._attn_implementation == before
+    assert not any("forward" in vars(b.attn) for b in tiny_model.blocks)
+    with tiny_model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x)]):
+        with pytest.raises(RuntimeError, match="no hooks attached"), native_attention(tiny_model):
+            pass

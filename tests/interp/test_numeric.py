@@ -342,6 +342,27 @@ def test_numbers_already_past_the_top_are_one_answer_each(tiny_model, grammar, m
         assert stops and all(int(m.group()) <= 5 for m in stops if m)
 
 
+def test_answers_that_need_no_forward_are_kept_down_to_min_answer(tiny_model, grammar):
+    """Under ``min_mass``, final and bounded answers are kept down to ``min_answer`` while partial
+    numbers are still dropped: the same nodes are evaluated, every answer of the default run is kept
+    with the same mass, and the extra answers (no stop term, each under ``min_mass``) are exact and
+    move mass from uncovered to covered."""
+    batch = tokenize(tiny_model, PROMPTS)
+    budget = {"max_nodes": 12, "per_round": 4, "target": 1.0, "min_mass": 2e-3, "significant": 1}
+    plain = expand_each(tiny_model, batch, grammar, **budget)
+    kept = expand_each(tiny_model, batch, grammar, min_answer=1e-12, **budget)
+    for prompt, a, b in zip(PROMPTS, plain, kept):
+        assert b.n_evaluated == a.n_evaluated
+        at = {p: m for p, m in zip(b.paths, b.mass)}
+        assert all(at[p] == pytest.approx(m, rel=1e-6) for p, m in zip(a.paths, a.mass))
+        extra = [i for i, p in enumerate(b.paths) if p not in set(a.paths)]
+        assert extra and all(b.ends[i] is None and b.mass[i] < 2e-3 * (1 - b.other) for i in extra)
+        assert b.covered > a.covered and b.uncovered < a.uncovered
+        assert b.covered + b.other + b.uncovered == pytest.approx(1.0, abs=1e-6)
+        for i in extra[:3]:
+            assert np.log(b.mass[i]) == pytest.approx(_brute_log_prob(tiny_model, prompt, b.paths[i], None), abs=2e-4)
+
+
 @pytest.mark.slow
 def test_smollm2_prompts_sharing_their_chat_header_expand_as_each_alone(smollm2):
     """On SmolLM2's chat prompts (system prompt and header shared, run once): each prompt's tree in a
