@@ -80,7 +80,8 @@ class StudyConfig:
     model: str = "smollm2-135m-instruct"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     # Two yes/no decisions: their answers are one token, so the default study fits about 15 minutes on
-    # 2 CPU cores; the dollar contexts' answer trees make every scored row 3-4x longer (study-numeric.toml).
+    # 2 CPU cores; the dollar contexts' answer trees make every scored row several times longer
+    # (examples/study-numeric.toml).
     contexts: tuple[str, ...] = ("lending_approval", "hiring_interview")
     details: tuple[str, ...] = ("low",)
     variations: int | None = 3  # per context, heldout_variations of them held out; None = all
