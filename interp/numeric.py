@@ -433,7 +433,7 @@ def expand_each(
     nodes evaluated so far); a prompt stops when its covered mass reaches ``target`` of its numeric
     mass, ``max_nodes`` nodes are evaluated or no frontier node holds ``min_mass`` of it (partial
     numbers under ``min_mass`` are dropped). An answer that needs no forward (a final or bounded one)
-    is kept down to ``min_answer`` of the numeric mass (None: ``min_mass``): the tail of a diffuse
+    is kept down to ``min_answer`` of the numeric mass (None, or above it: ``min_mass``): the tail of a diffuse
     answer distribution is mostly such answers, covered at no cost. ``start``: the part of the number the prompt
     already holds (``"0."``). With ``significant``, a partial number with that many significant
     digits whose magnitude is fixed (``NumberGrammar.fill``) is one *bounded* answer, its

@@ -418,14 +418,15 @@ def measure(
     logits read too large; a row per candidate when the model cannot run a packed layout).
     Deterministic, and the same on any subset of the prompts (up to float rounding: each prompt's
     answers are its own). ``settings["trie_nodes"]``: the mean number of trie nodes per prompt
-    (numeric types) or the shared trie's.
+    (numeric types) or the shared trie's; ``settings["budget"]``: each numeric context's stopping rule
+    (``Expansion`` with its answer type's defaults).
     """
     frame = prompts.frame
     pad = pad_token_id(model.tokenizer)
     columns = {c: np.full(len(frame), np.nan) for c in ("value", "value_mean", "value_median", "value_log10",
                                                            "grid_mass", "other_mass", "bounded_mass",
                                                            "beyond_scale_mass")}
-    dist_parts, summaries, nodes = [], {}, {}
+    dist_parts, summaries, nodes, budgets = [], {}, {}, {}
     bar = tqdm(total=len(frame), desc="measuring", disable=not progress)
     for context in prompts.contexts:
         name, answer, chat = _context_answer(model, context, prompts)
@@ -442,6 +443,7 @@ def measure(
             check_answer_alignment(model, texts[0], found[keys[0]].candidates)
             per_prompt = [found[k] for k in keys]
             nodes[context] = float(np.mean([found[k].candidates.n_nodes for k in keys]))
+            budgets[context] = _budget(expansion, answer)
             bar.update(len(rows))
         else:
             check_answer_alignment(model, texts[0], cands)
@@ -482,6 +484,7 @@ def measure(
         "renormalized": "summaries are over the covered answers (grid_mass), renormalized",
         "trie_nodes": nodes,
         "expansion": asdict(expansion),
+        "budget": budgets,  # per numeric context: the expansion's stopping rule, defaults filled in
     }
     return Measurement(table, pd.concat(dist_parts, ignore_index=True), settings)
 

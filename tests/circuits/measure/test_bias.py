@@ -10,6 +10,10 @@ from scipy import stats as sps
 from circuits.inputs.contexts import CONTEXTS, AnswerFormat, AnswerGrid
 from circuits.inputs.prompts import build_pairs, build_prompts, select_prompts, span_aligned
 from circuits.measure.bias import (
+    EXPANSION_BUDGET,
+    EXPANSION_DEFAULT,
+    MIN_ANSWER,
+    MIN_MASS,
     Expansion,
     Measurement,
     answer_candidates,
@@ -130,6 +134,22 @@ def test_measure_distributions_and_expected_values(tiny_model, small):
     assert np.allclose(part["value"], by_prompt.loc[part["prompt_id"], "value"], rtol=1e-4, atol=1e-6)
 
 
+def test_expansion_takes_its_answer_types_budget_unless_given_one():
+    """None fields take the answer type's defaults (dollars grow further and stop sooner); given
+    fields are kept."""
+    from circuits.inputs.contexts import get_context
+    from circuits.measure.bias import _budget
+
+    dollars, rank = get_context("housing_rent").answer, get_context("sports").answer
+    floors = {"min_mass": MIN_MASS, "min_answer": MIN_ANSWER}
+    target, nodes = EXPANSION_BUDGET["dollars"]
+    assert _budget(Expansion(), dollars) == {"target": target, "max_nodes": nodes, **floors}
+    assert _budget(Expansion(), rank) == {"target": EXPANSION_DEFAULT[0], "max_nodes": EXPANSION_DEFAULT[1], **floors}
+    assert nodes > EXPANSION_DEFAULT[1] and target < EXPANSION_DEFAULT[0]
+    assert _budget(Expansion(max_nodes=8, min_answer=1e-3), dollars) == {
+        "target": target, "max_nodes": 8, "min_mass": MIN_MASS, "min_answer": 1e-3}
+
+
 def test_a_measurement_round_trips_and_an_older_one_is_refused(tiny_model, small, tmp_path):
     result = measure(tiny_model, small, progress=False, expansion=TINY)
     loaded = Measurement.load(result.save(tmp_path / "m"))
@@ -150,6 +170,8 @@ def test_dollars_default_to_expected_log10_and_yes_no_to_p_yes(tiny_model):
     result = measure(tiny_model, prompts, progress=False, expansion=TINY)
     values = result.values.set_index("context")
     assert result.settings["summary"] == {"lending_amount": "log10", "lending_approval": "mean"}
+    assert result.settings["budget"] == {"lending_amount": {"target": 1.0, "max_nodes": 24, "min_mass": 1e-6,
+                                                            "min_answer": MIN_ANSWER}}
     assert np.allclose(values.loc["lending_amount", "value"], values.loc["lending_amount", "value_log10"])
     yes_no = values.loc["lending_approval"]
     assert yes_no["value_log10"].isna().all() and ((yes_no["value"] >= 0) & (yes_no["value"] <= 1)).all()
