@@ -6,7 +6,7 @@ Over the same prompt texts (the low-detail prompts of a few built-in contexts, a
   with its covered-mass report, then the gaps with their bootstrap intervals) over the time of one
   bare Hugging Face forward per prompt (``model.original_model`` on its own attention kernels, as the
   answer trees run: ``interp.bridge.native_attention``; batched and padded alike, no grad). Target: at
-  most 4.
+  most 2.5 (issue 15; the metric issue's bound was 4).
 - ``metric_vs_sampling``: the time of 100 KV-cached samples per prompt (``circuits.measure.sampling``,
   temperature 1, up to 12 new tokens) over the audit's time. Target: at least 10 (the metric is at
   least ten times cheaper than the papers' way of measuring). Sampling costs the same per prompt
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     print("mean covered mass: " + ", ".join(f"{c} {m:.3f}" for c, m in covered.items()))
     print(f"audit {t_audit:.2f}s, bare forward {t_forward:.2f}s, {N_SAMPLES} samples per prompt "
           f"{t_sampling:.2f}s ({t_subset:.2f}s for {len(subset)} prompts)")
-    print(result_line("audit_vs_forward", t_audit / t_forward, 4))
+    print(result_line("audit_vs_forward", t_audit / t_forward, 2.5))
     print(result_line("metric_vs_sampling", t_sampling / t_audit, 10))
 
 

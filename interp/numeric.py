@@ -29,6 +29,7 @@ prompt like any other candidate grid. Characters that are not part of a number, 
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -358,19 +359,30 @@ def expand(
                       other + float(lead_other.mean()), float(uncovered.mean()), evaluated, (None,) * len(paths), 0.0)
 
 
+def _natively(grow):
+    """Run ``grow(model, ...)`` with the Hugging Face attention kernels onto caches, entered once
+    (``native_attention`` checks every module for hooks)."""
+
+    @functools.wraps(grow)
+    def run(model, *args, **kwargs):
+        with native_attention(model), attention_reads_cache(model):
+            return grow(model, *args, **kwargs)
+
+    return run
+
+
 class _GrowingCache:
     """The prompts' key/value cache (``interp.prefix.prefill``: each shared prefix computed once),
     grown by every evaluated node (never recomputed): a node is fed its last token at the position
     id it would have right after the prompt and its ancestors, and attends to its prompt, its
-    ancestors' cached keys and itself. Runs on the Hugging Face attention kernels
-    (``interp.bridge.native_attention``): nothing here needs an attention hook."""
+    ancestors' cached keys and itself. Used inside ``_natively`` (the Hugging Face attention
+    kernels: nothing here needs an attention hook)."""
 
     def __init__(self, model: HookedModel, batch: TokenBatch):
         self.model, self.hf = model, model.original_model
         self.device = next(self.hf.parameters()).device
         batch = batch.to(self.device)
-        with native_attention(model):
-            filled = prefill(model, batch)  # each shared prefix (system prompt, template) once
+        filled = prefill(model, batch)  # each shared prefix (system prompt, template) once
         self.root = filled.logits.float().log_softmax(-1).cpu()
         self.cache = filled.cache
         self.keys = batch.attention_mask.bool()  # row key: which cached keys a row's nodes may read
@@ -385,14 +397,14 @@ class _GrowingCache:
         self.keys, self.lengths = self.keys[index], self.lengths[index]
         self.rows = torch.tensor(list(rows), dtype=torch.long)
 
-    def feed(self, tokens: torch.Tensor, depth: torch.Tensor,
-             ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def feed(self, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
+             read: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed one token per (row, slot): ``tokens``/``depth`` ``[row, slot]`` (depth 0: a dummy
         slot), ``ancestors[row, slot, key]`` the cached keys (beyond the prompt) each slot reads.
-        Returns the next-token logits ``[row, slot, vocab]`` and their log-normalizers ``[row, slot]``
-        (float32, on the CPU): a log-probability is their difference, read only where needed."""
+        Returns the next-token logits of the ``read`` token ids ``[row, slot, len(read)]`` and the
+        log-normalizers ``[row, slot]`` (float32, on the CPU: only these leave the device); a
+        log-probability is their difference."""
         rows, slots = tokens.shape
-        width = self.keys.shape[1]
         prompt = self.keys[:, None, :].expand(-1, slots, -1).clone()
         prompt[:, :, : ancestors.shape[-1]] |= ancestors.to(self.device)
         real = (depth > 0).to(self.device)
@@ -400,17 +412,16 @@ class _GrowingCache:
         own = torch.eye(slots, dtype=torch.bool, device=self.device)[None].expand(rows, -1, -1)
         mask = torch.cat([prompt, own], -1)
         positions = torch.where(real, self.lengths[:, None] - 1 + depth.to(self.device), 0)
-        with native_attention(self.model), attention_reads_cache(self.model):
-            out = self.hf(input_ids=tokens.to(self.device), attention_mask=mask[:, None], position_ids=positions,
-                          past_key_values=self.cache, use_cache=True)
+        out = self.hf(input_ids=tokens.to(self.device), attention_mask=mask[:, None], position_ids=positions,
+                      past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self.keys = torch.cat([self.keys, torch.zeros(rows, slots, dtype=torch.bool, device=self.device)], -1)
-        del width
         logits = out.logits.float()
-        return logits.cpu(), logits.logsumexp(-1).cpu()
+        return logits[..., torch.tensor(read, device=self.device)].cpu(), logits.logsumexp(-1).cpu()
 
 
 @torch.no_grad()
+@_natively
 def expand_each(
     model: HookedModel,
     batch: TokenBatch,
@@ -509,12 +520,11 @@ def expand_each(
                 tokens[i, s], depth[i, s] = path[-1], len(path)
                 for d in range(1, len(path)):
                     ancestors[i, s, col[path[:d]]] = True
-        logits, norms = cache.feed(tokens, depth, ancestors)
-        index = {}
-        for picked in chosen:
-            for _, state, *_ in picked:
-                if state not in index:
-                    index[state] = torch.tensor(grammar.continuation_ids(state), dtype=torch.long)
+        read = sorted({i for picked in chosen for _, state, *_ in picked for i in grammar.continuation_ids(state)})
+        at = {token: j for j, token in enumerate(read)}
+        index = {state: torch.tensor([at[i] for i in grammar.continuation_ids(state)], dtype=torch.long)
+                 for picked in chosen for _, state, *_ in picked}
+        logits, norms = cache.feed(tokens, depth, ancestors, read)
         for i, (r, picked) in enumerate(zip(live, chosen)):
             t = trees[r]
             floor = answer_floor * t["numeric"]

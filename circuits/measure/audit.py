@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from circuits.inputs.contexts import DETAILS
 from circuits.inputs.prompts import PromptSet, build_prompts, select_prompts
-from circuits.measure.bias import GapTable, Measurement, group_gaps, measure
+from circuits.measure.bias import Expansion, GapTable, Measurement, group_gaps, measure
 from circuits.measure.coverage import warn_low_coverage
 from circuits.study.stages import frame_digest, settings_key
 from interp.hooks import HookedModel
@@ -73,27 +73,28 @@ def run_settings(model: HookedModel, prompts: PromptSet, **extra) -> dict:
     }
 
 
-def _metric_version() -> dict:
+def _metric_version(expansion: Expansion) -> dict:
     """What the numeric metric's answers depend on (chunks of another metric are not resumed)."""
     from dataclasses import asdict
 
     from circuits.inputs.contexts import DECIMALS
-    from circuits.measure.bias import EXPANSION_BUDGET, EXPANSION_DEFAULT, MIN_ANSWER, MIN_MASS, Expansion
+    from circuits.measure.bias import EXPANSION_BUDGET, EXPANSION_DEFAULT, MIN_ANSWER, MIN_MASS
 
     defaults = {"per_type": EXPANSION_BUDGET, "other_types": EXPANSION_DEFAULT, "floors": [MIN_MASS, MIN_ANSWER]}
-    return {"answers": "per prompt", "expansion": asdict(Expansion()), "defaults": defaults, "decimals": DECIMALS}
+    return {"answers": "per prompt", "expansion": asdict(expansion), "defaults": defaults, "decimals": DECIMALS}
 
 
-def _chunk_plan(model, prompts: PromptSet, chunk_size: int) -> dict:
-    """What the chunks of an audit depend on: the model (weights, tokenizer, device, dtype), the prompts
-    and the chunk size. The batch size is left out, so a run that ran out of memory resumes with a smaller one."""
+def _chunk_plan(model, prompts: PromptSet, chunk_size: int, expansion: Expansion) -> dict:
+    """What the chunks of an audit depend on: the model (weights, tokenizer, device, dtype), the prompts,
+    the expansion and the chunk size. The batch size is left out, so a run that ran out of memory resumes
+    with a smaller one."""
     from interp.models import model_fingerprint
 
     name = getattr(model, "model_id", None)
     weights = model_fingerprint(name) if name else {"class": type(model).__name__}
     cfg = getattr(model, "cfg", None)
     described = {"model": name, **weights, "device": str(getattr(cfg, "device", "")),
-                 "dtype": str(getattr(cfg, "dtype", "")), "metric": _metric_version()}
+                 "dtype": str(getattr(cfg, "dtype", "")), "metric": _metric_version(expansion)}
     return {"key": settings_key(described, frame_digest(prompts.frame), chunk_size), "model": name,
             "n_prompts": len(prompts), "chunk_size": chunk_size}
 
@@ -110,8 +111,8 @@ def saved_progress(out_dir: str | Path) -> tuple[int, int]:
     return done, n
 
 
-def _measure_chunks(model, prompts: PromptSet, *, chunk_size: int, batch_size: int, folder: Path | None,
-                    plan: dict | None, progress: bool) -> Measurement:
+def _measure_chunks(model, prompts: PromptSet, *, chunk_size: int, batch_size: int, expansion: Expansion,
+                    folder: Path | None, plan: dict | None, progress: bool) -> Measurement:
     """``measure`` over consecutive chunks of ``prompts``, each kept in ``folder`` (when given) as it finishes."""
     ids = prompts.frame["prompt_id"].tolist()
     spans = [(i, min(i + chunk_size, len(ids))) for i in range(0, len(ids), chunk_size)]
@@ -134,7 +135,8 @@ def _measure_chunks(model, prompts: PromptSet, *, chunk_size: int, batch_size: i
     parts = []
     for index, (a, b) in enumerate(spans):
         if index not in done:
-            part = measure(model, prompts.filter(prompt_id=ids[a:b]), batch_size=batch_size, progress=False)
+            part = measure(model, prompts.filter(prompt_id=ids[a:b]), batch_size=batch_size, progress=False,
+                           expansion=expansion)
             if folder is None:
                 parts.append(part)
                 bar.update(b - a)
@@ -163,6 +165,7 @@ def run_audit(
     names_per_cell: int | None = None,
     batch_size: int = 32,
     chunk_size: int = 100,
+    expansion: Expansion = Expansion(),
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -175,6 +178,7 @@ def run_audit(
     cost. Prompts are measured ``chunk_size`` at a time with a progress bar (ETA, with ``progress``) over prompts. With
     ``out_dir`` each chunk is kept as it finishes, a re-run resumes after the last complete one, and
     the result is written there (see ``AuditResult.save``); one run at a time holds ``out_dir``.
+    ``expansion`` bounds each prompt's number tree (default: each answer type's budget).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -190,22 +194,21 @@ def run_audit(
         prompts = prompts.filter(detail=list(details))
     if variations is not None or names_per_cell is not None:
         prompts = select_prompts(prompts, variations=variations, names_per_cell=names_per_cell, seed=seed)
+    settings = dict(chunk_size=chunk_size, batch_size=batch_size, expansion=expansion, n_resamples=n_resamples,
+                    confidence=confidence, seed=seed, variations=variations, names_per_cell=names_per_cell,
+                    progress=progress)
     if out_dir is None:
-        return _audit(model, prompts, None, chunk_size=chunk_size, batch_size=batch_size, n_resamples=n_resamples,
-                      confidence=confidence, seed=seed, variations=variations, names_per_cell=names_per_cell,
-                      progress=progress)
+        return _audit(model, prompts, None, **settings)
     with directory_lock(out_dir, "running an audit"):
-        return _audit(model, prompts, Path(out_dir), chunk_size=chunk_size, batch_size=batch_size,
-                      n_resamples=n_resamples, confidence=confidence, seed=seed, variations=variations,
-                      names_per_cell=names_per_cell, progress=progress)
+        return _audit(model, prompts, Path(out_dir), **settings)
 
 
-def _audit(model, prompts, out: Path | None, *, chunk_size, batch_size, n_resamples, confidence, seed, variations,
-           names_per_cell, progress) -> AuditResult:
+def _audit(model, prompts, out: Path | None, *, chunk_size, batch_size, expansion, n_resamples, confidence, seed,
+           variations, names_per_cell, progress) -> AuditResult:
     folder = None if out is None else out / CHUNKS
-    plan = None if out is None else _chunk_plan(model, prompts, chunk_size)
-    measurement = _measure_chunks(model, prompts, chunk_size=chunk_size, batch_size=batch_size, folder=folder,
-                                  plan=plan, progress=progress)
+    plan = None if out is None else _chunk_plan(model, prompts, chunk_size, expansion)
+    measurement = _measure_chunks(model, prompts, chunk_size=chunk_size, batch_size=batch_size, expansion=expansion,
+                                  folder=folder, plan=plan, progress=progress)
     warn_low_coverage(measurement)
     gaps = group_gaps(measurement, n_resamples=n_resamples, confidence=confidence, seed=seed)
     settings = run_settings(model, prompts, variations=variations, names_per_cell=names_per_cell,

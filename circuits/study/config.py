@@ -92,6 +92,9 @@ class StudyConfig:
     heldout_names: bool = True  # held-out levels use held-out names (and a "names" level is added)
     utility_texts: int = 10  # neutral sentences (of the selection half) for FASP's per-head utility sweep
     metric: Literal["expected_value"] = "expected_value"
+    # nodes of each prompt's number tree at most (circuits.measure.bias.Expansion.max_nodes); none = the
+    # answer type's budget (640 for dollars, 192 for the rest). Smaller for quick checks, never for findings.
+    answer_nodes: int | None = None
     strategies: tuple[Strategy, ...] = ("top_k_neurons", "top_k_heads")  # the rest: examples/study-larger.toml
     neuron_ks: tuple[int, ...] = (25,)
     head_ks: tuple[int, ...] = (3,)
@@ -208,6 +211,8 @@ class StudyConfig:
         for name in ("names_per_cell", "max_pairs_per_cell", "batch_size", "overlap_k", "n_null", "utility_texts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.answer_nodes is not None and self.answer_nodes < 1:
+            raise ConfigError(f"answer_nodes: must be at least 1 (or left out), got {self.answer_nodes}")
         if self.variations is not None and self.variations < 2:
             raise ConfigError("variations: need at least 2 per context (train and held-out)")
         if not 0 <= self.fasp_gamma <= 1 or any(not 0 < a <= 1 - self.fasp_gamma for a in self.fasp_alphas):

@@ -66,12 +66,11 @@ class ContextPrompts:
     prompts: PromptSet
     max_pairs_per_cell: int | None = None  # pairs kept per template cell (None: all)
     seed: int = 0
-    expansion: Expansion | None = None  # how answers are found (default ``Expansion()``); smaller for quick checks
+    expansion: Expansion = Expansion()  # how answers are found; smaller for quick checks
     built: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        self.metric = context_metric(self.model, self.context, prompts=self.prompts,
-                                     **({"expansion": self.expansion} if self.expansion else {}))
+        self.metric = context_metric(self.model, self.context, prompts=self.prompts, expansion=self.expansion)
 
     def split(self, name: str, *, pairs: bool = False, **criteria) -> EvalSet:
         key = (name, pairs, tuple(criteria.items()))
@@ -93,8 +92,12 @@ class ContextPrompts:
                                                                              **held), names)
 
 
+def _expansion(c) -> Expansion:
+    return Expansion(max_nodes=c.answer_nodes)
+
+
 def _pairs(s: Study, c, out, prompts: PromptSet) -> ContextPrompts:
-    return ContextPrompts(s.model, prompts.contexts[0], prompts, c.max_pairs_per_cell, c.seed)
+    return ContextPrompts(s.model, prompts.contexts[0], prompts, c.max_pairs_per_cell, c.seed, _expansion(c))
 
 
 def _means(s: Study, c, out, pairs: dict[str, ContextPrompts]):
@@ -112,7 +115,8 @@ def _means(s: Study, c, out, pairs: dict[str, ContextPrompts]):
 
 
 def _audit(s: Study, c, out, prompts: PromptSet) -> None:
-    run_audit(s.model, prompts=prompts, out_dir=out, batch_size=c.batch_size * 8, seed=c.seed, progress=c.progress)
+    run_audit(s.model, prompts=prompts, out_dir=out, batch_size=c.batch_size * 8, seed=c.seed, progress=c.progress,
+              expansion=_expansion(c))
 
 
 def _scores(s: Study, c, out, pairs: ContextPrompts, means=None) -> None:
@@ -207,8 +211,9 @@ ALL_FIELDS = tuple(f.name for f in fields(StudyConfig))
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (  # in dependency order
     Stage("prompts", ("contexts", "details", "variations", "heldout_variations", "names_per_cell",
                       "heldout_name_fraction", "seed"), per_context=True),
-    Stage("audit", ("seed", "metric"), ("prompts",), run=_audit, load=AuditResult.load, resumable=True),
-    Stage("pairs", ("max_pairs_per_cell", "seed", "metric"), ("prompts",), per_context=True, run=_pairs),
+    Stage("audit", ("seed", "metric", "answer_nodes"), ("prompts",), run=_audit, load=AuditResult.load, resumable=True),
+    Stage("pairs", ("max_pairs_per_cell", "seed", "metric", "answer_nodes"), ("prompts",), per_context=True,
+          run=_pairs),
     Stage("means", ("ablation",), ("pairs",), run=_means, active=lambda config: config.ablation == "mean"),
     Stage("scores", ("scoring", "refine_top", "refine_random", "ablation", "seed"), ("pairs", "means"),
           per_context=True, run=_scores, load=ContextScores.load),

@@ -4,7 +4,7 @@ import pytest
 
 from circuits.inputs.prompts import build_prompts
 from circuits.measure.audit import AuditResult, run_audit
-from circuits.measure.bias import Measurement
+from circuits.measure.bias import Expansion, Measurement
 from circuits.study.cli import build_parser, main
 from interp.results import ResultFormatError
 from interp.testing import tiny_model_dir
@@ -209,6 +209,8 @@ def test_killed_audit_resumes_after_the_last_chunk_with_identical_results(tiny_m
     assert 12 <= done < total == 32 and not (out / "values.parquet").exists()
     with pytest.raises(ValueError, match="holds a partial audit of other settings.*chunks of 4"):
         _audit(tiny_model, out, chunk_size=5)
+    with pytest.raises(ValueError, match="holds a partial audit of other settings"):  # another answer budget
+        _audit(tiny_model, out, expansion=Expansion(max_nodes=7))
     calls = []
     real = audit.measure
     monkeypatch.setattr(audit, "measure", lambda m, p, **kw: calls.append(len(p)) or real(m, p, **kw))

@@ -20,6 +20,8 @@ from circuits.study.config import ConfigError, StudyConfig
         ({"strategies": ("fasp", "magic")}, r"strategies: item 2 is 'magic'.*one of \['top_k_neurons'"),
         ({"fasp_gamma": "0.5"}, r"fasp_gamma: expected a number"),
         ({"refine_top": -1}, r"refine_top: must be at least 0"),
+        ({"answer_nodes": 0}, r"answer_nodes: must be at least 1 \(or left out\), got 0"),
+        ({"answer_nodes": 2.5}, r"answer_nodes: expected a whole number or none"),
     ],
 )
 @pytest.mark.usefixtures("unchecked")

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from circuits.measure.audit import AuditResult
 from circuits.study.config import ConfigError, StudyConfig
 from circuits.study.runner import (
     ALL_FIELDS,
@@ -38,6 +39,7 @@ def tiny_config(out_dir, **overrides) -> StudyConfig:
         heldout_names=False, utility_texts=4,
         neuron_ks=(5,), head_ks=(2,), fasp_alphas=(0.1,), overlap_k=10, n_null=20, batch_size=4,
         refine_top=20, refine_random=5, null_draws=2, null_levels=("L0", "names", "L1", "L2"), n_bootstrap=100,
+        answer_nodes=32,  # a random model never reaches the dollars' coverage target: bound its trees
         out_dir=str(out_dir), progress=False,
     )
     return StudyConfig(**{**settings, **overrides})
@@ -61,6 +63,8 @@ def test_study_runs_every_stage_and_writes_the_report(finished_study):
     frame = pd.read_parquet(finished_study.out_dir / "stages/generalization/generalization.parquet")
     assert {"L0", "L1", "L2"} <= set(frame["level"])
     assert frame.loc[frame["strategy"] == "none", "reduction"].eq(0).all()
+    budget = AuditResult.load(finished_study.out_dir / "stages/audit").measurement.settings["budget"]
+    assert {ctx: b["max_nodes"] for ctx, b in budget.items()} == {"lending_amount": 32, "commerce_buy": 32}
 
 
 def test_rerun_reuses_every_stage(finished_study):
@@ -100,6 +104,7 @@ CHANGES = {
     "heldout_name_fraction": (0.5, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "seed": (1, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "metric": ("other", ["audit", *PER_CONTEXT, *DOWNSTREAM]),
+    "answer_nodes": (16, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "max_pairs_per_cell": (2, [*PER_CONTEXT, *DOWNSTREAM]),
     "scoring": ("pairs", [*SCORES, *DOWNSTREAM]),
     "refine_top": (3, [*SCORES, *DOWNSTREAM]),
