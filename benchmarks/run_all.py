@@ -33,6 +33,7 @@ BENCHMARKS = (
     ("bench_patching.py", True),
     ("bench_candidates.py", True),
     ("bench_audit.py", True),
+    ("bench_audit_rows.py", True),
     ("bench_evaluation.py", True),
     ("bench_refinement.py", False),
     ("bench_scale.py", True),
@@ -50,6 +51,7 @@ null_draws = 2
 n_null = 20
 n_bootstrap = 200
 utility_texts = 2
+answer_nodes = 64
 """
 
 

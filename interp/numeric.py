@@ -520,10 +520,11 @@ def expand_each(
                 tokens[i, s], depth[i, s] = path[-1], len(path)
                 for d in range(1, len(path)):
                     ancestors[i, s, col[path[:d]]] = True
-        read = sorted({i for picked in chosen for _, state, *_ in picked for i in grammar.continuation_ids(state)})
+        states = {state for picked in chosen for _, state, *_ in picked}
+        read = sorted({i for state in states for i in grammar.continuation_ids(state)})  # all that leave the device
         at = {token: j for j, token in enumerate(read)}
         index = {state: torch.tensor([at[i] for i in grammar.continuation_ids(state)], dtype=torch.long)
-                 for picked in chosen for _, state, *_ in picked}
+                 for state in states}
         logits, norms = cache.feed(tokens, depth, ancestors, read)
         for i, (r, picked) in enumerate(zip(live, chosen)):
             t = trees[r]
