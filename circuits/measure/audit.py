@@ -112,7 +112,7 @@ def saved_progress(out_dir: str | Path) -> tuple[int, int]:
 
 
 def _measure_chunks(model, prompts: PromptSet, *, chunk_size: int, batch_size: int, expansion: Expansion,
-                    folder: Path | None, plan: dict | None, progress: bool) -> Measurement:
+                    keep_answers: bool, folder: Path | None, plan: dict | None, progress: bool) -> Measurement:
     """``measure`` over consecutive chunks of ``prompts``, each kept in ``folder`` (when given) as it finishes."""
     ids = prompts.frame["prompt_id"].tolist()
     spans = [(i, min(i + chunk_size, len(ids))) for i in range(0, len(ids), chunk_size)]
@@ -134,20 +134,21 @@ def _measure_chunks(model, prompts: PromptSet, *, chunk_size: int, batch_size: i
                unit="prompt", desc="audit", disable=not progress)
     parts = []
     for index, (a, b) in enumerate(spans):
-        if index not in done:
-            part = measure(model, prompts.filter(prompt_id=ids[a:b]), batch_size=batch_size, progress=False,
-                           expansion=expansion)
-            if folder is None:
-                parts.append(part)
-                bar.update(b - a)
-                continue
+        if index in done:
+            continue
+        part = measure(model, prompts.filter(prompt_id=ids[a:b]), batch_size=batch_size, progress=False,
+                       expansion=expansion, keep_answers=keep_answers)
+        if folder is None:
+            parts.append(part)
+        else:
             tmp = folder / f".{index:05d}"
             shutil.rmtree(tmp, ignore_errors=True)
             part.save(tmp)
             os.replace(tmp, folder / f"{index:05d}")
-            bar.update(b - a)
-        parts.append(Measurement.load(folder / f"{index:05d}"))  # every chunk read back alike
+        bar.update(b - a)
     bar.close()
+    if folder is not None:  # every chunk read back alike, once measuring is over and its memory is free again
+        parts = [Measurement.load(folder / f"{index:05d}") for index in range(len(spans))]
     values = pd.concat([p.values for p in parts], ignore_index=True)
     distribution = pd.concat([p.distribution for p in parts], ignore_index=True)
     return Measurement(values, distribution, {**parts[0].settings, "n_prompts": len(values),
@@ -166,6 +167,7 @@ def run_audit(
     batch_size: int = 32,
     chunk_size: int = 100,
     expansion: Expansion = Expansion(),
+    keep_answers: bool = False,
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -178,7 +180,10 @@ def run_audit(
     cost. Prompts are measured ``chunk_size`` at a time with a progress bar (ETA, with ``progress``) over prompts. With
     ``out_dir`` each chunk is kept as it finishes, a re-run resumes after the last complete one, and
     the result is written there (see ``AuditResult.save``); one run at a time holds ``out_dir``.
-    ``expansion`` bounds each prompt's number tree (default: each answer type's budget).
+    ``expansion`` bounds each prompt's number tree (default: each answer type's budget). With
+    ``keep_answers`` the prompts' own answers stay in the model's answer cache for a later metric on
+    the same prompts (``measure``; about 200 KB per numeric prompt); by default an audit's memory does
+    not grow with its prompts beyond the result tables.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -194,7 +199,8 @@ def run_audit(
         prompts = prompts.filter(detail=list(details))
     if variations is not None or names_per_cell is not None:
         prompts = select_prompts(prompts, variations=variations, names_per_cell=names_per_cell, seed=seed)
-    settings = dict(chunk_size=chunk_size, batch_size=batch_size, expansion=expansion, n_resamples=n_resamples,
+    settings = dict(chunk_size=chunk_size, batch_size=batch_size, expansion=expansion, keep_answers=keep_answers,
+                    n_resamples=n_resamples,
                     confidence=confidence, seed=seed, variations=variations, names_per_cell=names_per_cell,
                     progress=progress)
     if out_dir is None:
@@ -203,12 +209,12 @@ def run_audit(
         return _audit(model, prompts, Path(out_dir), **settings)
 
 
-def _audit(model, prompts, out: Path | None, *, chunk_size, batch_size, expansion, n_resamples, confidence, seed,
-           variations, names_per_cell, progress) -> AuditResult:
+def _audit(model, prompts, out: Path | None, *, chunk_size, batch_size, expansion, keep_answers, n_resamples,
+           confidence, seed, variations, names_per_cell, progress) -> AuditResult:
     folder = None if out is None else out / CHUNKS
     plan = None if out is None else _chunk_plan(model, prompts, chunk_size, expansion)
     measurement = _measure_chunks(model, prompts, chunk_size=chunk_size, batch_size=batch_size, expansion=expansion,
-                                  folder=folder, plan=plan, progress=progress)
+                                  keep_answers=keep_answers, folder=folder, plan=plan, progress=progress)
     warn_low_coverage(measurement)
     gaps = group_gaps(measurement, n_resamples=n_resamples, confidence=confidence, seed=seed)
     settings = run_settings(model, prompts, variations=variations, names_per_cell=names_per_cell,

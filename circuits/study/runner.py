@@ -115,8 +115,9 @@ def _means(s: Study, c, out, pairs: dict[str, ContextPrompts]):
 
 
 def _audit(s: Study, c, out, prompts: PromptSet) -> None:
+    # the pairs stage scores the same prompts next: their answers are kept, not expanded twice
     run_audit(s.model, prompts=prompts, out_dir=out, batch_size=c.batch_size * 8, seed=c.seed, progress=c.progress,
-              expansion=_expansion(c))
+              expansion=_expansion(c), keep_answers=True)
 
 
 def _scores(s: Study, c, out, pairs: ContextPrompts, means=None) -> None:

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from circuits.inputs.prompts import build_prompts
+from circuits.inputs.prompts import build_prompts, select_prompts
 from circuits.measure.audit import AuditResult, run_audit
 from circuits.measure.bias import Expansion, Measurement
 from circuits.study.cli import build_parser, main
@@ -228,3 +228,25 @@ def test_chunked_audit_matches_one_chunk(tiny_model, tmp_path):
     whole = _audit(tiny_model, None, chunk_size=1000)
     chunked = _audit(tiny_model, tmp_path, chunk_size=3)
     pd.testing.assert_frame_equal(chunked.measurement.values, whole.measurement.values, atol=1e-6)
+
+
+def test_an_audit_keeps_its_answers_only_when_asked(tiny_model, monkeypatch):
+    """By default an audit's memory does not grow with its prompts (the answers are written, not
+    cached); with keep_answers a later metric on the same prompts reuses them, expanding nothing."""
+    import circuits.measure.bias as bias
+
+    expansion = Expansion(max_nodes=9, per_round=3)  # a cache of its own, untouched by other tests
+    chess = select_prompts(build_prompts(tiny_model, ["chess"], details=["low"]), variations=1, names_per_cell=1)
+
+    def kept() -> dict:
+        return bias._metric_candidates(tiny_model, *bias._context_answer(tiny_model, "chess", chess), expansion).own
+
+    run_audit(tiny_model, prompts=chess, n_resamples=20, expansion=expansion)
+    assert kept() == {}
+    run_audit(tiny_model, prompts=chess, n_resamples=20, expansion=expansion, keep_answers=True)
+    assert len(kept()) == len(chess)
+    expanded = []
+    real = bias._numeric_answers
+    monkeypatch.setattr(bias, "_numeric_answers", lambda *a, **k: expanded.append(a) or real(*a, **k))
+    metric = bias.context_metric(tiny_model, "chess", prompts=chess, expansion=expansion)
+    assert expanded == [] and len(metric.candidates.sets) == len(chess)
