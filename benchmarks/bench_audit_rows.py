@@ -102,7 +102,7 @@ def main() -> None:
     print(f"audit {t_audit:.1f} s for {n_rows} rows ({n_rows / t_audit:.2f} prompts/s; "
           f"{len(result.measurement.distribution):,} answer rows); bare forward {1 / per_forward:.2f} prompts/s")
     print(f"peak resident set {watch.peak / 2**30:.2f} GiB (first tenth of the rows "
-          f"{watch.peak_early / 2**30:.2f} GiB, measuring {watch.peak_measuring / 2**30:.2f} GiB; then the result tables)"
+          f"{watch.peak_early / 2**30:.2f} GiB, measuring {watch.peak_measuring / 2**30:.2f} GiB)"
           + (f"; peak CUDA memory {peak / 2**30:.2f} GiB" if torch.device(args.device).type == "cuda" else ""))
     print(result_line("audit_rows_vs_forward", t_audit / n_rows / per_forward, RATE_TARGET))
     print(result_line("audit_rows_memory", watch.peak / max(watch.peak_early, 1), MEMORY_TARGET))
