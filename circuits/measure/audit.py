@@ -200,9 +200,8 @@ def run_audit(
     if variations is not None or names_per_cell is not None:
         prompts = select_prompts(prompts, variations=variations, names_per_cell=names_per_cell, seed=seed)
     settings = dict(chunk_size=chunk_size, batch_size=batch_size, expansion=expansion, keep_answers=keep_answers,
-                    n_resamples=n_resamples,
-                    confidence=confidence, seed=seed, variations=variations, names_per_cell=names_per_cell,
-                    progress=progress)
+                    n_resamples=n_resamples, confidence=confidence, seed=seed, variations=variations,
+                    names_per_cell=names_per_cell, progress=progress)
     if out_dir is None:
         return _audit(model, prompts, None, **settings)
     with directory_lock(out_dir, "running an audit"):
