@@ -1,7 +1,9 @@
 """The expected-value metric over a multi-token answer grid: packed trie vs one row per candidate.
 
-The study's default metric reads the model's exact probability of every candidate answer (8-12
-amounts of up to 7 tokens after a ~70-token chat prompt). Laid out one row per candidate, every
+The numeric metric reads the model's exact probability of every candidate answer (here one fixed
+grid for every prompt: the first 12 (``N_CANDIDATES``) of the first prompt's own answers from
+a small tree, ``Expansion(max_nodes=16)``: amounts of up to 3 tokens after a ~70-token chat prompt;
+per-prompt answer sets are always packed). Laid out one row per candidate, every
 prompt runs once per candidate; packed (``CandidateAnswers(packed=True)``, the default on the
 bridge) each prompt runs once, followed by the trie of its candidates' leading tokens under a
 4-D attention mask. Both give the same values (checked here, to 1e-4 relative); the ratio is the
@@ -20,12 +22,13 @@ import torch
 from common import parse_args, result_line, timed
 
 from circuits.inputs.prompts import build_pairs, build_prompts
-from circuits.measure.bias import context_metric
+from circuits.measure.bias import Expansion, context_metric
 from interp import load_model
 from interp.attribution import attribute
 from interp.metrics import ExpectedValue, run_metric
 
 TARGET = 3.0
+N_CANDIDATES = 12
 
 
 def main(argv=None) -> None:
@@ -35,21 +38,23 @@ def main(argv=None) -> None:
     prompts = build_prompts(model, ["lending_amount"], details=["low"], seed=0)
     pairs = build_pairs(model, prompts, seed=0)
     clean, corrupt = pairs.clean.select(range(n_pairs)), pairs.corrupt.select(range(n_pairs))
-    packed = context_metric(model, "lending_amount")
-    rows = ExpectedValue(dataclasses.replace(packed.candidates, packed=False))
-    grid = packed.candidates
-    expanded = packed.expand(clean)
+    own = context_metric(model, "lending_amount", expansion=Expansion(max_nodes=16))
+    full = own.candidates.of(clean.select(range(1)))[0]
+    grid = dataclasses.replace(full, **{f: getattr(full, f)[:N_CANDIDATES] for f in ("texts", "values", "token_ids")},
+                               ends=full.ends and full.ends[:N_CANDIDATES])
+    packed = ExpectedValue(dataclasses.replace(grid, packed=True), own.summary)
+    rows = ExpectedValue(dataclasses.replace(grid, packed=False), own.summary)
     print(f"{platform.node()} {args.device} threads={torch.get_num_threads()} pairs={n_pairs} "
-          f"candidates={len(grid.texts)} longest={max(map(len, grid.token_ids))} tokens; "
-          f"tokens per prompt: packed {expanded.tokens.shape[1]}, "
-          f"row per candidate {rows.expand(clean).tokens.shape[1] * len(grid.texts)}")
+          f"candidates={len(grid.texts)} longest={max(map(len, grid.token_ids))} tokens; positions: "
+          f"packed {packed.expand(clean).tokens.numel()}, row per candidate {rows.expand(clean).tokens.numel()}")
 
     def metric_run(metric):
         with torch.no_grad():
             return run_metric(model, metric, clean)
 
     def atp_run(metric):
-        return attribute(model, clean, corrupt, metric, batch_size=n_pairs).scores["neuron"]
+        # one pair at a time: a row per candidate holds every candidate's copy of the prompt for the backward
+        return attribute(model, clean, corrupt, metric, batch_size=1).scores["neuron"]
 
     ratios = {}
     for what, run in (("metric", metric_run), ("atp", atp_run)):

@@ -7,8 +7,14 @@ and a dated section naming the machine, device and torch version is appended to
 ``benchmarks/RESULTS.md`` (``--no-record`` prints it only). A benchmark that fails is recorded as
 failed with its last error line; the others still run. Exit status 1 when any step failed.
 
+``--budget`` bounds the whole run: each step may use what is left of it, and a step that would
+start with under a minute left is recorded as skipped. ``--log`` appends each step's output and
+result line to a file as soon as the step ends (then the section), so a run killed from outside
+keeps every finished step: on a lent GPU machine, point it into ``$OUT``.
+
 Run: ``python benchmarks/run_all.py --device cuda`` (target: under 8 minutes on one H100-class GPU),
-``python benchmarks/run_all.py --quick`` on a CPU.
+``python benchmarks/run_all.py --quick`` on a CPU. On the ``device`` tool's machine, through
+``benchmarks/device_kit.py`` (it brings the packages and the model that machine lacks).
 """
 from __future__ import annotations
 
@@ -27,17 +33,20 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# (script, takes --device): the scripts in the order they run
-BENCHMARKS = (
-    ("bench_attribution.py", True),
-    ("bench_patching.py", True),
-    ("bench_candidates.py", True),
-    ("bench_audit.py", True),
-    ("bench_audit_rows.py", True),
-    ("bench_evaluation.py", True),
-    ("bench_refinement.py", False),
-    ("bench_scale.py", True),
+# (step, takes --device) in the order they run: the study is ``bias-circuits study``, the rest scripts
+# here; the 10,000-row audit, the longest, comes last
+STEPS = (
+    ("bench_scale", True),
+    ("bench_attribution", True),
+    ("bench_patching", True),
+    ("bench_candidates", True),
+    ("bench_audit", True),
+    ("bench_evaluation", True),
+    ("bench_refinement", False),
+    ("study", True),
+    ("bench_audit_rows", True),
 )
+MIN_STEP_SECONDS = 60
 QUICK_STUDY = """\
 contexts = ["lending_amount", "commerce_buy"]
 variations = 3
@@ -55,12 +64,14 @@ answer_nodes = 64
 """
 
 
-def run_step(name: str, command: list[str], timeout: float) -> dict:
-    """Run one step; its RESULT lines, wall seconds, status and last error line."""
+def run_step(name: str, command: list[str], timeout: float, log: Path | None = None) -> dict:
+    """Run one step; its RESULT lines, wall seconds, status and last error line (and, with ``log``,
+    its whole output appended there at once)."""
     start = time.perf_counter()
+    path = os.pathsep.join([str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
     try:
         proc = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env={**os.environ, "PYTHONPATH": path})
         out, err, status = proc.stdout, proc.stderr, "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
     except subprocess.TimeoutExpired as timeout_err:
         out, err, status = timeout_err.stdout or "", timeout_err.stderr or "", f"timed out after {timeout:.0f} s"
@@ -69,8 +80,12 @@ def run_step(name: str, command: list[str], timeout: float) -> dict:
     results = re.findall(r"^RESULT .*$", out, re.MULTILINE)
     lines = [line for line in err.strip().splitlines() if line.strip()]
     last_error = lines[-1] if status != "ok" and lines else ""
-    print(f"{name}: {status} in {seconds:.0f} s" + "".join(f"\n  {r}" for r in results)
-          + (f"\n  {last_error}" if last_error else ""), flush=True)
+    summary = (f"{name}: {status} in {seconds:.0f} s" + "".join(f"\n  {r}" for r in results)
+               + (f"\n  {last_error}" if last_error else ""))
+    print(summary, flush=True)
+    if log is not None:
+        with log.open("a") as f:
+            f.write(f"### {name}: {' '.join(command)}\n{out}\n--- stderr ---\n{err}\n{summary}\n\n")
     return {"name": name, "status": status, "seconds": seconds, "results": results, "error": last_error}
 
 
@@ -82,7 +97,7 @@ def section(steps: list[dict], args: argparse.Namespace, total: float) -> str:
         f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"device {device}, torch {torch.__version__}, load average at the end {os.getloadavg()[0]:.1f}. "
         f"Total wall time {total / 60:.1f} min. "
-        f"Command: `python benchmarks/run_all.py --device {args.device}{' --quick' if args.quick else ''}`.",
+        f"Command: `python benchmarks/run_all.py {' '.join(sys.argv[1:])}`.",
         "",
         "| step | status | wall s | results |",
         "|---|---|---|---|",
@@ -98,30 +113,42 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="each benchmark's small run and a small study")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per step (default 900)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds allowed for the whole run (default: none)")
+    parser.add_argument("--log", type=Path, default=None, help="append each step's output here as it ends")
     parser.add_argument("--no-record", action="store_true", help="print the section, do not append it")
-    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (bench_scale, study, ...)")
+    parser.add_argument("--only", nargs="+", metavar="STEP", choices=[name for name, _ in STEPS],
+                        help="run only these steps (bench_scale, study, ...)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA device is available")
     start = time.perf_counter()
-    chosen = lambda name: not args.only or name in args.only  # noqa: E731
     steps = []
-    for script, takes_device in BENCHMARKS:
-        name = script.removesuffix(".py")
-        if not chosen(name) or (not takes_device and args.device != "cpu"):
-            continue  # not asked for, or a CPU-only benchmark
-        command = [sys.executable, script] + (["--quick"] if args.quick else [])
-        steps.append(run_step(name, command + (["--device", args.device] if takes_device else []), args.timeout))
-    if chosen("study"):
-        with tempfile.TemporaryDirectory(prefix="run-all-study-") as tmp:
-            study = [sys.executable, "-m", "circuits.study.cli", "study", "--out", f"{tmp}/study", "--device",
-                     args.device, "--no-progress"]
-            if args.quick:
-                (Path(tmp) / "quick.toml").write_text(QUICK_STUDY)
-                study += ["--config", f"{tmp}/quick.toml"]
-            steps.append(run_step(f"study ({'quick' if args.quick else 'default'} config)", study, args.timeout))
+    with tempfile.TemporaryDirectory(prefix="run-all-study-") as tmp:
+        for name, takes_device in STEPS:
+            if (args.only and name not in args.only) or (not takes_device and args.device != "cpu"):
+                continue  # not asked for, or a CPU-only benchmark
+            left = args.timeout if args.budget is None else args.budget - (time.perf_counter() - start)
+            if left < MIN_STEP_SECONDS:
+                steps.append({"name": name, "status": "skipped (budget)", "seconds": 0.0, "results": [],
+                              "error": f"{left:.0f} s of --budget left"})
+                print(f"{name}: skipped, {left:.0f} s of the budget left", flush=True)
+                continue
+            if name == "study":
+                command = [sys.executable, "-m", "circuits.study.cli", "study", "--out", f"{tmp}/study",
+                           "--no-progress"]
+                if args.quick:
+                    (Path(tmp) / "quick.toml").write_text(QUICK_STUDY)
+                    command += ["--config", f"{tmp}/quick.toml"]
+                name = f"study ({'quick' if args.quick else 'default'} config)"
+            else:
+                command = [sys.executable, f"{name}.py"] + (["--quick"] if args.quick else [])
+            command += ["--device", args.device] if takes_device else []
+            steps.append(run_step(name, command, min(args.timeout, left), args.log))
     text = section(steps, args, time.perf_counter() - start)
     print("\n" + text)
+    if args.log is not None:
+        with args.log.open("a") as f:
+            f.write(text)
     if not args.no_record:
         with open(HERE / "RESULTS.md", "a") as f:
             f.write("\n" + text)

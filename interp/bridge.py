@@ -19,7 +19,8 @@ attributes removed afterwards (also on error), or a check of what the bridge sup
   of a forward. Each attention bridge runs the Hugging Face module it wraps instead, with its own
   ``sdpa`` kernel; for a model with no hooks attached only (the attention hook points do not fire).
 * :func:`keeps_logits`: whether the underlying model's ``forward`` takes ``logits_to_keep`` (unembed
-  only some positions).
+  only some positions); :func:`cache_keyword`: the keyword a Hugging Face module takes its cache by
+  (``cache`` from transformers 5.2x on, ``past_key_values`` before: the GPU machine has 5.17).
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ def keeps_logits(model: HookedModel) -> bool:
     """Whether the model's Hugging Face ``forward`` takes ``logits_to_keep``."""
     hf_forward = getattr(getattr(model, "original_model", None), "forward", None)
     return hf_forward is not None and "logits_to_keep" in inspect.signature(hf_forward).parameters
+
+
+def cache_keyword(module) -> str:
+    """The keyword ``module``'s ``forward`` takes the key/value cache by: ``cache`` or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
 
 
 def _pass_through(*args, **kwargs):
@@ -97,9 +103,12 @@ def native_attention(model: HookedModel, implementation: str = "sdpa") -> Iterat
     previous = [c._attn_implementation for c in configs]
 
     def native(module):
+        key = cache_keyword(module)
+        other = "past_key_values" if key == "cache" else "cache"
+
         def forward(*args, **kwargs):
-            if "past_key_values" in kwargs:
-                kwargs.setdefault("cache", kwargs.pop("past_key_values"))
+            if other in kwargs:
+                kwargs.setdefault(key, kwargs.pop(other))
             return type(module).forward(module, *args, **kwargs)
 
         return forward
@@ -117,4 +126,4 @@ def native_attention(model: HookedModel, implementation: str = "sdpa") -> Iterat
             vars(attention).pop("forward", None)
 
 
-__all__ = ["attention_reads_cache", "blocks_skipped_below", "keeps_logits", "native_attention"]
+__all__ = ["attention_reads_cache", "blocks_skipped_below", "cache_keyword", "keeps_logits", "native_attention"]

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from interp.batching import encode, pad_token_id
-from interp.bridge import attention_reads_cache
+from interp.bridge import attention_reads_cache, cache_keyword
 from interp.hooks import HookedModel
 
 
@@ -98,7 +98,7 @@ def _generate_batch(
         prefill = hf(input_ids=tokens[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                      use_cache=True)
         prefill.past_key_values.batch_repeat_interleave(n_samples)
-        kwargs["cache"] = prefill.past_key_values
+        kwargs[cache_keyword(hf)] = prefill.past_key_values
     out = hf.generate(input_ids=tokens.repeat_interleave(n_samples, 0),
                       attention_mask=mask.repeat_interleave(n_samples, 0), generation_config=config,
                       stopping_criteria=stopping, **kwargs)

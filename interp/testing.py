@@ -4,6 +4,8 @@
 model (grouped-query attention, gated MLP, rotary positions, chat template) for fast tests and
 smoke runs. ``random_model``: any shape in ``SHAPES`` (the papers' Llama-3-8B among them) built
 in memory from its config, for throughput and memory measurements only, never for findings.
+``$BIAS_CIRCUITS_TOKENIZER``, a saved Hugging Face tokenizer directory, stands in for the embedded
+model's tokenizer where that model is not installed (``benchmarks/device_kit.py`` on a GPU machine).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 import torch
 
 from interp.models import cache_root, embedded_model_dir
+
+TOKENIZER_ENV = "BIAS_CIRCUITS_TOKENIZER"
 
 TINY_SHAPE = dict(
     hidden_size=64,
@@ -39,14 +43,21 @@ SHAPES = {
 }
 
 
+def _tokenizer():
+    """The embedded model's tokenizer, or the one saved in ``$BIAS_CIRCUITS_TOKENIZER``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.environ.get(TOKENIZER_ENV) or embedded_model_dir())
+
+
 def tiny_model_dir(seed: int = 0) -> Path:
     """A cached Hugging Face directory holding a tiny random model, built on first use."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     target = cache_root() / "models" / f"tiny-llama-seed{seed}"
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    tokenizer = _tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -83,10 +94,10 @@ def random_model(shape: str | dict = "llama3-8b-mini", *, device: str = "cpu", d
     allocated directly on ``device`` in ``dtype`` (no weights written to disk), with the embedded
     model's tokenizer (its ids are a subset of any larger vocabulary)."""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     dims = SHAPES[shape] if isinstance(shape, str) else dict(shape)
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    tokenizer = _tokenizer()
     dims.setdefault("vocab_size", len(tokenizer))
     config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, max_position_embeddings=4096, **dims)

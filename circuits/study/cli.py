@@ -302,13 +302,16 @@ def _add_study(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", help="output directory (overrides the config's out_dir)")
     parser.add_argument("--model", help="model (overrides the config)")
     parser.add_argument("--device", help="torch device (overrides the config; default: auto)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="model dtype (overrides the config; default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _study_config(args):
     from circuits.study.config import StudyConfig
 
-    overrides = {k: v for k, v in (("out_dir", args.out), ("model", args.model), ("device", args.device)) if v}
+    pairs = (("out_dir", args.out), ("model", args.model), ("device", args.device), ("dtype", args.dtype))
+    overrides = {k: v for k, v in pairs if v}
     if getattr(args, "no_progress", False):
         overrides["progress"] = False
     if args.config:

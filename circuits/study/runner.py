@@ -234,7 +234,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (  # in dependency or
     Stage("report", ALL_FIELDS, ("audit", "scores", "generalization", "overlap"), run=_report,  # it prints the config
           load=lambda path: path / "report.html"),
 )}
-MODEL_FIELDS = ("model", "device")
+MODEL_FIELDS = ("model", "device", "dtype")
 UNKEYED = {
     "out_dir": "where the results go",
     "progress": "display only",
@@ -266,11 +266,18 @@ def code_version() -> dict:
 def model_key(config: StudyConfig) -> dict:
     """The model a config names, as it enters every stage key: name, content hashes of its weight,
     tokenizer and config files, and the device type and dtype it runs in."""
-    from interp.models import check_device, default_dtype, model_fingerprint
+    from interp.models import check_device, model_fingerprint
 
     device = check_device(config.device)
     return {"model": config.model, **model_fingerprint(config.model), "device": device.type,
-            "dtype": str(default_dtype(device))}
+            "dtype": str(model_dtype(config))}
+
+
+def model_dtype(config: StudyConfig) -> torch.dtype:
+    """The dtype a config's model runs in (``auto``: the device's default)."""
+    from interp.models import check_device, default_dtype
+
+    return default_dtype(check_device(config.device)) if config.dtype == "auto" else getattr(torch, config.dtype)
 
 
 def stage_keys(config: StudyConfig, model: dict, prompts: PromptSet) -> dict[str, str]:
@@ -353,7 +360,7 @@ class Study:
         from interp.models import load_model
 
         self.model_key = model_key(self.config)
-        self.model = load_model(self.config.model, device=self.config.device)
+        self.model = load_model(self.config.model, device=self.config.device, dtype=model_dtype(self.config))
         torch.manual_seed(self.config.seed)
 
     def _write_manifest(self) -> None:

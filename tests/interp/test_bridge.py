@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from interp.batching import tokenize
-from interp.bridge import attention_reads_cache, blocks_skipped_below, keeps_logits, native_attention
+from interp.bridge import attention_reads_cache, blocks_skipped_below, cache_keyword, keeps_logits, native_attention
 
 
 def test_workarounds_leave_nothing_behind(tiny_model):
@@ -47,6 +47,36 @@ def test_native_attention_equals_the_bridges_onto_a_cache(tiny_model):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert hf.config._attn_implementation == before
     assert not any("forward" in vars(b.attn) for b in tiny_model.blocks)
+
+
+def test_native_attention_hands_the_cache_over_by_the_modules_keyword(tiny_model, monkeypatch):
+    """transformers before 5.2x (the GPU machine's 5.17) named the attention's cache ``past_key_values``
+    and ignored a ``cache`` keyword: an attention class with that signature still gets the cache."""
+    hf = tiny_model.original_model
+    module = tiny_model.blocks[0].attn.original_component  # the Hugging Face attention the bridge wraps
+    attention = type(module)
+    batch = tokenize(tiny_model, ["a short prompt", "another, longer prompt here"])
+    nxt = torch.tensor([[5, 6], [7, 8]])
+    mask = torch.cat([batch.attention_mask, torch.ones(2, 2, dtype=batch.attention_mask.dtype)], -1)
+
+    def run():
+        with torch.no_grad(), attention_reads_cache(tiny_model), native_attention(tiny_model):
+            out = hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, use_cache=True)
+            return hf(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True).logits
+
+    expected = run()
+    current = cache_keyword(module)
+    assert current == cache_keyword(hf) and current in ("cache", "past_key_values")
+    original = attention.forward
+
+    def older(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        kwargs.pop("cache", None)  # not a keyword of this signature: ignored, as the older release did
+        return original(self, hidden_states, position_embeddings, attention_mask, **{current: past_key_values},
+                        **kwargs)
+
+    monkeypatch.setattr(attention, "forward", older)
+    assert cache_keyword(module) == "past_key_values"
+    torch.testing.assert_close(run(), expected)
 
 
 def test_native_attention_is_undone_on_error_and_refused_with_hooks(tiny_model):

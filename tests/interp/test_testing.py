@@ -35,3 +35,24 @@ def test_random_models_are_seeded():
     a, b = random_model(small, seed=3), random_model(small, seed=3)
     tokens = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(a(tokens), b(tokens))
+
+
+def test_a_saved_tokenizer_stands_in_for_the_embedded_model(tmp_path, monkeypatch):
+    """``$BIAS_CIRCUITS_TOKENIZER`` (a GPU machine without the embedded model): its tokenizer is used, and the
+    embedded model is never looked up."""
+    import interp.testing as testing
+
+    small = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "num_key_value_heads": 1, "head_dim": 16}
+    reference = random_model(small)
+    reference.tokenizer.add_tokens(["<only-in-the-saved-tokenizer>"])
+    reference.tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setenv(testing.TOKENIZER_ENV, str(tmp_path))
+
+    def missing():
+        raise AssertionError("the embedded model was looked up")
+
+    monkeypatch.setattr(testing, "embedded_model_dir", missing)
+    model = random_model(small)
+    assert model.tokenizer.convert_tokens_to_ids("<only-in-the-saved-tokenizer>") == len(model.tokenizer) - 1
+    assert model.cfg.d_vocab == len(model.tokenizer)

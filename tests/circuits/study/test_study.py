@@ -96,6 +96,7 @@ EVERYTHING = ["audit", *PER_CONTEXT, "head-utility", *DOWNSTREAM]
 CHANGES = {
     "model": (str(tiny_model_dir(seed=1)), EVERYTHING),
     "device": ("cuda", EVERYTHING),  # on a machine without CUDA the device check is faked below
+    "dtype": ("bfloat16", EVERYTHING),
     "contexts": (("lending_amount", "commerce_buy", "chess"), ["audit", *DOWNSTREAM]),
     "details": (("low", "high"), ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "variations": (4, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
