@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -65,6 +66,17 @@ def test_study_runs_every_stage_and_writes_the_report(finished_study):
     assert frame.loc[frame["strategy"] == "none", "reduction"].eq(0).all()
     budget = AuditResult.load(finished_study.out_dir / "stages/audit").measurement.settings["budget"]
     assert {ctx: b["max_nodes"] for ctx, b in budget.items()} == {"lending_amount": 32, "commerce_buy": 32}
+
+
+def test_a_bfloat16_study_runs_every_stage_like_the_float32_one(finished_study, tmp_path):
+    """CUDA's default dtype, run on CPU: every stage, the same rows and columns, finite endpoints."""
+    half = run_study(tiny_config(tmp_path, dtype="bfloat16"))
+    assert set(half.stages) == set(finished_study.stages) and all(rec.computed for rec in half.stages.values())
+    assert json.loads((half.out_dir / "manifest.json").read_text())["model"]["dtype"] == "torch.bfloat16"
+    table = "stages/generalization/generalization.parquet"
+    full, bf16 = (pd.read_parquet(study.out_dir / table) for study in (finished_study, half))
+    assert list(bf16.columns) == list(full.columns) and len(bf16) == len(full)
+    assert np.isfinite(bf16[["gap", "delta_gap"]].to_numpy(dtype=float)).all()
 
 
 def test_rerun_reuses_every_stage(finished_study):
