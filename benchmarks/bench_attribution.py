@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 
 import torch
-from common import parse_args, reset_peak_memory, result_line, synchronize
+from common import DTYPES, parse_args, reset_peak_memory, result_line, synchronize
 
 from interp import load_model
 from interp.attribution import attribute
@@ -149,7 +149,7 @@ def main() -> None:
 
     args = parse_args(__doc__.splitlines()[0], rest)
     n_pairs, repeats, memory_n = (4, 3, 2) if args.quick else (16, 5, 8)
-    model = load_model(device=args.device)
+    model = load_model(device=args.device, dtype=DTYPES[args.dtype])
     cfg = model.cfg
     clean, corrupt = prompt_pairs(model, n_pairs)
     metric = digit_metric(model)

@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 import torch
-from common import parse_args, result_line, timed
+from common import DTYPES, parse_args, result_line, timed
 
 from circuits.inputs.prompts import build_prompts, select_prompts
 from circuits.measure.audit import run_audit
@@ -52,7 +52,7 @@ def bare_forward(model, texts: list[str]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
-    model = load_model("smollm2-135m-instruct", device=args.device)
+    model = load_model("smollm2-135m-instruct", device=args.device, dtype=DTYPES[args.dtype])
     warnings.simplefilter("ignore")  # small name sets: gaps without a side, NaN bootstrap resamples
     contexts, per_context, sampled, repeats = (CONTEXTS[:2], 8, 2, 1) if args.quick else (CONTEXTS, 16, 8, 2)
     prompts = select_prompts(build_prompts(model, list(contexts), details=["low"], seed=0), per_context=per_context,

@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 import torch
 from bench_audit import BATCH, bare_forward
-from common import parse_args, peak_memory_bytes, reset_peak_memory, result_line, timed
+from common import DTYPES, parse_args, peak_memory_bytes, reset_peak_memory, result_line, timed
 
 from circuits.inputs.prompts import build_prompts
 from circuits.measure.audit import run_audit, saved_progress
@@ -71,7 +71,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], rest)
     n_rows = known.rows or (300 if args.quick else ROWS)
     chunk = min(CHUNK, max(1, n_rows // 10))
-    model = load_model("smollm2-135m-instruct", device=args.device)
+    model = load_model("smollm2-135m-instruct", device=args.device, dtype=DTYPES[args.dtype])
     warnings.simplefilter("ignore")  # coverage warnings of single contexts
     every = build_prompts(model, seed=0)
     if n_rows > len(every):

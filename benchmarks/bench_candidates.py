@@ -19,7 +19,7 @@ import platform
 import statistics
 
 import torch
-from common import parse_args, result_line, timed
+from common import DTYPES, check_same, parse_args, result_line, timed
 
 from circuits.inputs.prompts import build_pairs, build_prompts
 from circuits.measure.bias import Expansion, context_metric
@@ -33,7 +33,7 @@ N_CANDIDATES = 12
 
 def main(argv=None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
-    model = load_model("smollm2-135m-instruct", device=args.device)
+    model = load_model("smollm2-135m-instruct", device=args.device, dtype=DTYPES[args.dtype])
     n_pairs, repeats = (4, 2) if args.quick else (16, 3)
     prompts = build_prompts(model, ["lending_amount"], details=["low"], seed=0)
     pairs = build_pairs(model, prompts, seed=0)
@@ -56,10 +56,10 @@ def main(argv=None) -> None:
         # one pair at a time: a row per candidate holds every candidate's copy of the prompt for the backward
         return attribute(model, clean, corrupt, metric, batch_size=1).scores["neuron"]
 
-    ratios = {}
+    ratios, worst = {}, {}
     for what, run in (("metric", metric_run), ("atp", atp_run)):
         a, b = run(packed), run(rows)  # warm-up, and the equality check
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+        worst[what] = float((a - b).abs().max() / b.abs().max())
         t_packed, t_rows = [], []
         for _ in range(repeats):
             t_packed.append(timed(lambda run=run: run(packed), args.device)[1])
@@ -67,7 +67,9 @@ def main(argv=None) -> None:
         ratios[what] = statistics.median(t_rows) / statistics.median(t_packed)
         print(f"{what}: packed {statistics.median(t_packed):.2f}s, row per candidate "
               f"{statistics.median(t_rows):.2f}s, speed-up {ratios[what]:.2f}x")
-    print(result_line("candidate_packing_atp", ratios["atp"], TARGET))
+    print(result_line("candidate_packing_atp", ratios["atp"], TARGET), flush=True)
+    for what, difference in worst.items():  # relative to the largest value
+        check_same(f"packed and row-per-candidate {what}", difference, 1e-4, model.cfg.dtype)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ Run: ``python benchmarks/bench_coverage.py [--quick] [--device cuda] [--threads 
 """
 from __future__ import annotations
 
-import time
-
 import torch
-from common import parse_args, result_line
+from common import DTYPES, parse_args, result_line, timed
 
 from circuits.inputs.contexts import CONTEXTS
 from circuits.inputs.prompts import build_prompts
@@ -33,19 +31,15 @@ def bare_forward(model, texts: list[str]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
-    model = load_model("smollm2-135m-instruct", device=args.device)
+    model = load_model("smollm2-135m-instruct", device=args.device, dtype=DTYPES[args.dtype])
     numeric = [c for c, ctx in CONTEXTS.items() if ctx.answer.type != "yes_no" and ctx.answer.grid is None]
     contexts, n = (["lending_amount", "chess"], 8) if args.quick else (numeric, 48)
     lowest = 1.0
     for context in contexts:
         prompts = build_prompts(model, [context], seed=0)
         prompts = prompts.filter(prompt_id=list(prompts.frame.sample(n, random_state=1)["prompt_id"]))
-        start = time.perf_counter()
-        bare_forward(model, prompts.texts)
-        bare = time.perf_counter() - start
-        start = time.perf_counter()
-        result = measure(model, prompts, batch_size=32, progress=False)
-        took = time.perf_counter() - start
+        _, bare = timed(lambda texts=prompts.texts: bare_forward(model, texts), args.device)
+        result, took = timed(lambda rows=prompts: measure(model, rows, batch_size=32, progress=False), args.device)
         v = result.values
         lowest = min(lowest, float(v.grid_mass.mean()))
         print(f"{context:15s} {v.answer_type.iloc[0]:11s} n={len(v)} covered {v.grid_mass.mean():.3f} "

@@ -11,12 +11,12 @@ as ``generalize`` draws them). Both sides run in this one process on the same in
 - ``stacked=True``: ``interp.sweeps.metric_sweep`` / ``ablation_sweep`` (clean pass once, every set
   resumed from its lowest layer, stacked into shared forwards).
 
-The tables must agree (max relative differences printed; the run fails, after its RESULT line, above
-1e-3 in float32 or 5e-2 in bfloat16, which rounds differently in differently stacked batches). Also
+The tables must agree (max relative differences printed; in float32 the run fails, after its RESULT line,
+above 1e-3; ``common.check_same``). Also
 printed: the bound layer skipping alone can give for these sets, (sets + 1) x layers / (layers + sum
 of the layers each set runs). On CPU, times are this process's CPU time (``time.process_time``; torch
 on ``--threads`` 1), which other processes on shared cores disturb far less than wall time (also
-printed); on CUDA (``--device cuda``, bfloat16), wall time.
+printed); on CUDA (``--device cuda``), wall time.
 ``RESULT stacked_evaluation ratio=<plain seconds / stacked seconds> target=3``.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_evaluation.py [--quick]`` (the default: 48
@@ -32,7 +32,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from common import synchronize
+from common import DTYPES, add_dtype_argument, check_same, synchronize
 
 from circuits.evaluate.evaluation import EvalSet, UtilityProbe, evaluate
 from circuits.inputs.prompts import build_prompts, select_prompts
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the ratio is over wall time)")
+    add_dtype_argument(parser)
     parser.add_argument("--order", choices=["plain-first", "stacked-first"], default="plain-first")
     parser.add_argument("--single-heads", action="store_true",
                         help="instead: head 0 of every layer alone (a FASP-style single-head sweep), no scoring")
@@ -71,7 +72,7 @@ def main() -> None:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA device is available")
-    model = load_model("smollm2-135m-instruct", device=args.device)
+    model = load_model("smollm2-135m-instruct", device=args.device, dtype=DTYPES[args.dtype])
     shape = ComponentShape.of(model)
     prompts = select_prompts(build_prompts(model, [args.context], details=["low"]), variations=4, heldout_variations=1,
                              names_per_cell=8)
@@ -149,9 +150,7 @@ def _compare(model, sets, eval_set, shape, args, name, target):
         print(f"wall-clock ratio {wall[False] / wall[True]:.2f} (noisy where other processes share the cores)")
         ratio = seconds[False] / seconds[True]
     print(f"RESULT {name} ratio={ratio:.2f} target={target}", flush=True)
-    # bfloat16 (CUDA's default) rounds differently in differently stacked batches
-    if max(worst.values()) > (1e-3 if model.cfg.dtype == torch.float32 else 5e-2):
-        raise SystemExit("stacked and one-forward-per-set evaluations differ")
+    check_same("stacked and one-forward-per-set evaluations", max(worst.values()), 1e-3, model.cfg.dtype)
 
 
 if __name__ == "__main__":

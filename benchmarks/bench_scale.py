@@ -21,7 +21,7 @@ import time
 
 import torch
 from bench_attribution import digit_metric, memory_growth, prompt_pairs
-from common import parse_args, result_line, synchronize
+from common import DTYPES, parse_args, result_line, synchronize
 
 from interp.attribution import attribute
 from interp.memory import suggest_batch_size
@@ -37,7 +37,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], rest)
     cuda = torch.device(args.device).type == "cuda"
     shape = known.shape or ("llama3-8b" if cuda and not args.quick else "llama3-8b-mini")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = DTYPES[args.dtype] or (torch.bfloat16 if cuda else torch.float32)
     start = time.perf_counter()
     model = random_model(shape, device=args.device, dtype=dtype)
     cfg = model.cfg

@@ -13,12 +13,24 @@ import torch
 T = TypeVar("T")
 
 
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``, read back as ``DTYPES[args.dtype]`` (None: the benchmark's default, ``load_model``'s
+    float32 unless it says otherwise)."""
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                        help="model dtype (default auto: float32, or the benchmark's own choice)")
+
+
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--quick`` (a small run: under a minute on 2 CPU cores), ``--device`` (default: cpu) and
-    ``--threads`` (torch CPU threads; default: torch's own choice). ``--threads`` is applied here."""
+    """``--quick`` (a small run: under a minute on 2 CPU cores), ``--device`` (default: cpu),
+    ``--dtype`` (``add_dtype_argument``) and ``--threads`` (torch CPU threads; default: torch's own
+    choice). ``--threads`` is applied here."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small inputs, for a run under a minute")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_dtype_argument(parser)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -30,6 +42,16 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA device is available")
     return args
+
+
+def check_same(what: str, difference: float, tolerance: float, dtype: torch.dtype) -> None:
+    """Exit with an error when two exact paths differ by more than ``tolerance``, in float32. In bfloat16 or
+    float16 only say by how much: their rounding differs between batch layouts by percents of a metric
+    (``bench_precision.py``), so exactness is checked in float32 only. Call it after the RESULT line."""
+    if dtype != torch.float32:
+        print(f"{what}: difference {difference:.1e} in {dtype}; exactness is checked in float32 only")
+    elif difference > tolerance:
+        raise SystemExit(f"{what} differ by {difference:.1e} (tolerance {tolerance:g})")
 
 
 def synchronize(device: torch.device | str) -> None:

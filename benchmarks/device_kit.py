@@ -23,7 +23,7 @@ The two calls, for a 15-minute device budget (a machine's start takes one or two
         --device cuda --only bench_scale --no-record --budget 240 --log $OUT/run_all_a.md")
     run(carry=[".devkit/whl", ".devkit/part-b"], timeout_s=600, command="python3 benchmarks/device_kit.py run b --
         --device cuda --no-record --budget 540 --log $OUT/run_all_b.md --only bench_attribution bench_patching
-        bench_candidates bench_audit bench_evaluation study bench_audit_rows")
+        bench_candidates bench_audit bench_precision bench_evaluation study bench_audit_rows")
 
 then copy the sections from the returned logs into ``benchmarks/RESULTS.md``. ``run`` works here too:
 ``--kit``/``--source`` for a check of the same steps in a virtual environment with the device's package

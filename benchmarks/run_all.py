@@ -41,6 +41,7 @@ STEPS = (
     ("bench_patching", True),
     ("bench_candidates", True),
     ("bench_audit", True),
+    ("bench_precision", True),
     ("bench_evaluation", True),
     ("bench_refinement", False),
     ("study", True),
@@ -92,7 +93,7 @@ def run_step(name: str, command: list[str], timeout: float, log: Path | None = N
 def section(steps: list[dict], args: argparse.Namespace, total: float) -> str:
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     lines = [
-        f"## run_all.py --device {args.device}{' --quick' if args.quick else ''}",
+        f"## run_all.py --device {args.device} --dtype {args.dtype}{' --quick' if args.quick else ''}",
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"device {device}, torch {torch.__version__}, load average at the end {os.getloadavg()[0]:.1f}. "
@@ -112,6 +113,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="each benchmark's small run and a small study")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="passed to every step that takes --device (default auto: each step's own default, "
+                             "float32 but for bench_scale's bfloat16 on CUDA)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per step (default 900)")
     parser.add_argument("--budget", type=float, default=None, help="seconds allowed for the whole run (default: none)")
     parser.add_argument("--log", type=Path, default=None, help="append each step's output here as it ends")
@@ -142,7 +146,7 @@ def main() -> int:
                 name = f"study ({'quick' if args.quick else 'default'} config)"
             else:
                 command = [sys.executable, f"{name}.py"] + (["--quick"] if args.quick else [])
-            command += ["--device", args.device] if takes_device else []
+            command += ["--device", args.device, "--dtype", args.dtype] if takes_device else []
             steps.append(run_step(name, command, min(args.timeout, left), args.log))
     text = section(steps, args, time.perf_counter() - start)
     print("\n" + text)

@@ -299,7 +299,7 @@ def _ig_batch(model: HookedModel, prompts: TokenBatch, a: TokenBatch, b: TokenBa
                 value = _metric_values(metric, logits, stacked[k], k * n_prompts).sum()
                 (grad,) = torch.autograd.grad(value, interpolated)
             grad_sum += einops.reduce(grad.float(), "(step row) ... -> row ...", "sum", step=k)
-        masked = delta.float() * _pad_mask(a, clean)
+        masked = (clean.float() - corrupt.float()) * _pad_mask(a, clean)  # the difference in float32
         contributions[point] = _contribution(masked, grad_sum / steps, point.kind)
         bar.update(1)
     return contributions, metric_a, metric_b
@@ -369,13 +369,15 @@ def attribute(
             contributions, m_a, m_b = _ig_batch(
                 model, a, expanded_a, expanded_b, metric, points, ig_steps, max(1, batch_size // n_rows), bar
             )
+        by_prompt = {kind: einops.reduce(torch.stack([contributions[p] for p in points if p.kind == kind], dim=1),
+                                         "(prompt rep) layer index -> prompt layer index", "sum", rep=per_row)
+                     for kind in kinds}
+        # added only once the whole microbatch is done: one that runs out of memory is retried from scratch
         metric_a[rows], metric_b[rows] = m_a.float().cpu(), m_b.float().cpu()
         for kind in kinds:
-            stacked = torch.stack([contributions[p] for p in points if p.kind == kind], dim=1)
-            by_prompt = einops.reduce(stacked, "(prompt rep) layer index -> prompt layer index", "sum", rep=per_row)
-            totals[kind] += by_prompt.sum(0)
+            totals[kind] += by_prompt[kind].sum(0)
             if kept is not None:
-                kept[kind][rows] = by_prompt.cpu()
+                kept[kind][rows] = by_prompt[kind].cpu()
 
     with tqdm(total=bar_total, disable=not progress, desc=f"{method} attribution") as bar:
         # out-of-memory halves the microbatch and retries it (reported once)
@@ -633,17 +635,20 @@ def ablation_attribution(
             metric_values = _metric_values(metric, logits, expanded, n_rows)
             grads = torch.autograd.grad(metric_values.sum(), [acts[p.name] for p in points], allow_unused=True)
         del logits
-        w = weights[rows]
+        by_prompt = {}
         for point, grad in zip(points, grads):
             act = acts[point.name].detach()
             with torch.no_grad():
                 delta = (replace[point.name](act, None).float() - act.float()) * _pad_mask(expanded, act)
             grad = torch.zeros_like(delta) if grad is None else grad
             row = _contribution(delta, grad, point.kind)
-            by_prompt = einops.reduce(row, "(prompt rep) index -> prompt index", "sum", rep=per_row).cpu()
-            totals[point.kind][point.layer] += w @ by_prompt
+            by_prompt[point] = einops.reduce(row, "(prompt rep) index -> prompt index", "sum", rep=per_row).cpu()
+        # added only once every hook point is done: a microbatch that runs out of memory is retried from scratch
+        w = weights[rows]
+        for point, values_of in by_prompt.items():
+            totals[point.kind][point.layer] += w @ values_of
             if kept is not None:
-                kept[point.kind][rows, point.layer] = by_prompt
+                kept[point.kind][rows, point.layer] = values_of
         values[rows] = metric_values.detach().float().cpu()
         bar.update(n_rows)
 

@@ -34,9 +34,10 @@ def current_shard() -> Shard:
 def init_from_env(backend: str | None = None) -> Shard:
     """Initialize the process group from torchrun's environment, if launched by torchrun."""
     if "RANK" in os.environ and not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        # both where there are GPUs: NCCL for CUDA tensors, gloo for a model (or sums) kept on the CPU
+        backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend)
-        if backend == "nccl":
+        if "nccl" in backend:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return current_shard()
 

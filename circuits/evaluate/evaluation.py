@@ -418,7 +418,7 @@ def head_utility(
                             desc="head utility")
     if measure == "kl":
         return values.mean(-1).reshape(shape.n_layers, shape.n_heads)
-    n_tokens = mask[:, 1:].sum()
+    n_tokens = mask[:, 1:].sum().cpu()  # the sweep's values are on the CPU, the probe's mask on the model's device
     perplexity = torch.exp(values.sum(-1) / n_tokens)
     unablated = torch.tensor(probe.measure(model)["perplexity"])
     return (perplexity - unablated).reshape(shape.n_layers, shape.n_heads)

@@ -302,8 +302,8 @@ def _add_study(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", help="output directory (overrides the config's out_dir)")
     parser.add_argument("--model", help="model (overrides the config)")
     parser.add_argument("--device", help="torch device (overrides the config; default: auto)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="model dtype (overrides the config; default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="model dtype (overrides the config; auto, the default: float32)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

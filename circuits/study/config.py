@@ -79,7 +79,8 @@ def _type_problem(name: str, value, hint) -> str | None:
 class StudyConfig:
     model: str = "smollm2-135m-instruct"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    # the weights' and activations' dtype; auto: bfloat16 on CUDA (float32 accumulation where it matters), else float32
+    # the weights' and activations' dtype; auto: float32 on every device (bfloat16's rounding is the size of
+    # the gaps measured; it is for throughput, with float32 accumulation where it matters)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Two yes/no decisions: their answers are one token, so the default study fits about 15 minutes on
     # 2 CPU cores; the dollar contexts' answer trees make every scored row several times longer

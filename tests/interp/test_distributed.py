@@ -195,3 +195,29 @@ def test_attribution_survives_simulated_out_of_memory(tiny_model, monkeypatch):
     assert sum("out of memory" in str(w.message) for w in caught) == 1
     for kind in ("neuron", "head"):
         torch.testing.assert_close(shrunk.scores[kind], reference.scores[kind], rtol=1e-4, atol=1e-5)
+
+
+
+def test_a_microbatch_that_runs_out_of_memory_part_way_is_counted_once(tiny_model, monkeypatch):
+    """Out of memory at the head points, after the neuron points' sums: the retried microbatch adds nothing twice."""
+    import warnings
+
+    from interp import attribution
+
+    batch, _, metric = pairs_and_metric(tiny_model)
+    reference = attribution.ablation_attribution(tiny_model, batch, metric, batch_size=8, per_prompt=True)
+    real_contribution = attribution._contribution
+
+    def small_memory(delta, grad, kind):
+        if kind == "head" and delta.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_contribution(delta, grad, kind)
+
+    monkeypatch.setattr(attribution, "_contribution", small_memory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shrunk = attribution.ablation_attribution(tiny_model, batch, metric, batch_size=8, per_prompt=True)
+    assert sum("out of memory" in str(w.message) for w in caught) == 1
+    for kind in ("neuron", "head"):
+        torch.testing.assert_close(shrunk.scores[kind], reference.scores[kind], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(shrunk.per_prompt[kind], reference.per_prompt[kind], rtol=1e-4, atol=1e-6)

@@ -98,7 +98,7 @@ def test_patch_sweep_survives_simulated_out_of_memory(tiny_model, monkeypatch):
 
 
 def test_bfloat16_model_gives_float32_scores_close_to_float32(tiny_model):
-    """The GPU default dtype (bfloat16), exercised on CPU: attribution and patching still return float32."""
+    """bfloat16 (for throughput), exercised on CPU: attribution and patching still return float32."""
     from interp.attribution import attribute
     from interp.models import load_model
     from interp.patching import patch_sweep

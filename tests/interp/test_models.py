@@ -16,8 +16,7 @@ def test_tiny_model_is_a_bridge_in_eval_mode(tiny_model):
 def test_default_device_and_dtype():
     dev = models.default_device()
     assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert models.default_dtype(torch.device("cpu")) == torch.float32
-    assert models.default_dtype(torch.device("cuda")) == torch.bfloat16
+    assert models.DEFAULT_DTYPE == torch.float32  # on every device: bfloat16 rounding is the size of name effects
 
 
 def test_directory_without_config(tmp_path):
