@@ -2,8 +2,8 @@
 
 Not a speed benchmark: it measures what rounding does to the quantities a study reports. For each of
 the default study's contexts (yes/no decisions), the per-prompt metric of ``--prompts`` prompts of
-SmolLM2-135M-Instruct is computed in float32 (batches of 16) and in bfloat16 (batches of 16, and one
-prompt at a time: bfloat16 rounds differently in differently padded batches), then the gender and
+SmolLM2-135M-Instruct is computed in float32 and in bfloat16, each in batches of 16 and one prompt at a
+time (bfloat16 rounds differently in differently padded batches; float32's two layouts are the control), then the gender and
 race gaps (difference of group means) and each prompt's name effect (its deviation from its
 template's mean). ``RESULT bfloat16_gap_shift ratio=<largest |gap in bfloat16 - gap in float32| /
 |gap in float32|> target=0.1``: above the target, bfloat16 moves a gap by more than a tenth of itself,
@@ -26,7 +26,8 @@ from interp.metrics import run_metric
 
 CONTEXTS = ("lending_approval", "hiring_interview")
 TARGET = 0.1
-LAYOUTS = (("float32", 16), ("bfloat16", 16), ("bfloat16", 1))  # (dtype, batch size); float32 first
+# (dtype, batch size): the reference first, then float32 one prompt at a time (the control: padding alone)
+LAYOUTS = (("float32", 16), ("float32", 1), ("bfloat16", 16), ("bfloat16", 1))
 
 
 def metric_values(model, context: str, texts: list[str], batch_size: int) -> np.ndarray:
@@ -56,11 +57,12 @@ def main(argv=None) -> None:
         names = [f"{dtype} batch {size}" for dtype, size in LAYOUTS]
         for name, layout in zip(names, LAYOUTS):
             frame[name] = values[context, layout]
-        ref, rounded = names[0], names[1:]
+        ref, others = names[0], names[1:]
+        rounded = [name for name in others if name.startswith("bfloat16")]
         print(f"{context}: metric mean {frame[ref].mean():.3f}, SD over prompts {frame[ref].std():.4f}")
-        for name in rounded:
+        for name in others:
             diff = (frame[name] - frame[ref]).abs()
-            print(f"  {name}: |difference from float32| mean {diff.mean():.4f}, max {diff.max():.4f}")
+            print(f"  {name}: |difference from float32| mean {diff.mean():.1e}, max {diff.max():.1e}")
         for column in ("gender", "group"):
             means = frame.groupby(column)[names].mean()
             gaps = means.iloc[0] - means.iloc[-1]
