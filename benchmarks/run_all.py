@@ -91,7 +91,7 @@ def run_step(name: str, command: list[str], timeout: float, log: Path | None = N
 
 
 def section(steps: list[dict], args: argparse.Namespace, total: float) -> str:
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+    device = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     lines = [
         f"## run_all.py --device {args.device} --dtype {args.dtype}{' --quick' if args.quick else ''}",
         "",
