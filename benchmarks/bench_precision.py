@@ -5,9 +5,10 @@ the default study's contexts (yes/no decisions), the per-prompt metric of 96 pro
 ``--quick``) of SmolLM2-135M-Instruct is computed in float32 and in bfloat16, each in batches of 16 and
 one prompt at a time (bfloat16 rounds differently in differently padded batches; float32's two layouts
 are the control), then the gender and race gaps (difference of group means) and each prompt's name
-effect (its deviation from its template's mean). ``RESULT bfloat16_gap_shift ratio=<largest |gap in bfloat16 - gap in float32| /
-|gap in float32|> target=0.1``: above the target, bfloat16 moves a gap by more than a tenth of itself,
-and findings should be computed in float32 (``load_model``'s default on every device).
+effect (its deviation from its template's mean).
+``RESULT bfloat16_gap_shift ratio=<largest |gap in bfloat16 - gap in float32| / |gap in float32|> target=0.1``:
+above the target, bfloat16 moves a gap by more than a tenth of itself, and findings should be computed
+in float32 (``load_model``'s default on every device).
 
 Run: ``python benchmarks/bench_precision.py [--quick] [--device cuda]`` (--quick: 48 prompts per context;
 ``--dtype`` is accepted and ignored: both dtypes are measured).
