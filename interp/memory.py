@@ -19,6 +19,14 @@ def free_memory_bytes(device: torch.device | str) -> int | None:
     return None
 
 
+def row_bytes(cfg, width: int, logit_positions: int) -> int:
+    """A forward's peak bytes per row of ``width`` positions reading ``logit_positions`` logits (``cfg``:
+    the model's): the logits and a float32 copy, a few residual- and MLP-wide activations, the attention
+    scores, in float32."""
+    floats = 2 * logit_positions * cfg.d_vocab + width * (8 * cfg.d_model + 4 * cfg.d_mlp + 2 * cfg.n_heads * width)
+    return 4 * floats
+
+
 def suggest_batch_size(bytes_per_row: int, device: torch.device | str, *, default: int = 16,
                        fraction: float = 0.6, ceiling: int = 1024) -> int:
     """Rows that fit in ``fraction`` of free accelerator memory; ``default`` on CPU."""

@@ -31,7 +31,7 @@ from interp.batching import TokenBatch, microbatches
 from interp.bridge import attention_reads_cache, blocks_skipped_below, keeps_logits
 from interp.components import ComponentSet
 from interp.hooks import HookedModel, HookSpec, capturing, hooked
-from interp.memory import Backoff, free_memory_bytes
+from interp.memory import Backoff, free_memory_bytes, row_bytes
 from interp.metrics import CandidateBatch, Metric, PackedCandidateBatch
 
 _CPU_BUDGET_BYTES = 1 << 30  # default microbatch memory budget where free memory cannot be queried
@@ -96,12 +96,7 @@ def rows_per_batch(
         if max_batch_rows is not None and free is None:
             return max_batch_rows
         memory_budget_bytes = _CPU_BUDGET_BYTES if free is None else int(free * _GPU_BUDGET_FRACTION)
-    cfg = model.cfg
-    # the logits and a float32 copy, a few residual- and MLP-wide activations, the attention scores
-    floats = 2 * logit_positions * cfg.d_vocab + width * (
-        8 * cfg.d_model + 4 * cfg.d_mlp + 2 * cfg.n_heads * width
-    )
-    rows = max(1, memory_budget_bytes // (4 * floats))
+    rows = max(1, memory_budget_bytes // row_bytes(model.cfg, width, logit_positions))
     return min(rows, max_batch_rows) if max_batch_rows is not None else rows
 
 

@@ -114,7 +114,8 @@ class StudyConfig:
     null_levels: tuple[Level, ...] = ("L1",)  # where the random sets are evaluated (the levels judged against them)
     n_bootstrap: int = 1000  # two-way cluster bootstrap resamples of every endpoint
     seed: int = 0
-    batch_size: int = 8
+    # prompts per forward (the audit: 8x); none: 8 on a CPU, on CUDA what free memory holds (at most 32)
+    batch_size: int | None = None
     out_dir: str = "runs/default"
     progress: bool = True
 
@@ -211,9 +212,11 @@ class StudyConfig:
             raise ConfigError(f"metric: {self.metric!r} is not supported; use 'expected_value'")
         if self.ablation not in ("zero", "mean"):
             raise ConfigError(f"ablation: {self.ablation!r} must be 'zero' or 'mean'")
-        for name in ("names_per_cell", "max_pairs_per_cell", "batch_size", "overlap_k", "n_null", "utility_texts"):
+        for name in ("names_per_cell", "max_pairs_per_cell", "overlap_k", "n_null", "utility_texts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be at least 1 (or left out), got {self.batch_size}")
         if self.answer_nodes is not None and self.answer_nodes < 1:
             raise ConfigError(f"answer_nodes: must be at least 1 (or left out), got {self.answer_nodes}")
         if self.variations is not None and self.variations < 2:

@@ -112,32 +112,32 @@ def _means(s: Study, c, out, pairs: dict[str, ContextPrompts]):
     batches = [p.train().rows()[0] for p in pairs.values()]
     rows = [b.tokens[i, : int(b.lengths[i])].tolist() for b in batches for i in range(len(b))]
     reference = pad_ids(rows, pad_token_id(s.model.tokenizer)).to(s.model.cfg.device)
-    return mean_activations(s.model, reference, names, batch_size=c.batch_size)
+    return mean_activations(s.model, reference, names, batch_size=s.batch_size)
 
 
 def _audit(s: Study, c, out, prompts: PromptSet) -> None:
     # the pairs stage scores the same prompts next: their answers are kept, not expanded twice
-    run_audit(s.model, prompts=prompts, out_dir=out, batch_size=c.batch_size * 8, seed=c.seed, progress=c.progress,
+    run_audit(s.model, prompts=prompts, out_dir=out, batch_size=s.batch_size * 8, seed=c.seed, progress=c.progress,
               expansion=_expansion(c), keep_answers=True)
 
 
 def _scores(s: Study, c, out, pairs: ContextPrompts, means=None) -> None:
     if c.scoring == "pairs":
         scores = score_context(s.model, pairs.train(pairs=True), refine_top=c.refine_top, per_prompt=True,
-                               batch_size=c.batch_size, progress=c.progress)
+                               batch_size=s.batch_size, progress=c.progress)
     else:
         scores = score_prompts(s.model, pairs.train(), how=c.ablation, means=means, refine_top=c.refine_top,
-                               n_random=c.refine_random, seed=c.seed, batch_size=c.batch_size, progress=c.progress)
+                               n_random=c.refine_random, seed=c.seed, batch_size=s.batch_size, progress=c.progress)
     scores.save(out)
 
 
 def _head_bias(s: Study, c, out, pairs: ContextPrompts, means=None) -> None:
-    HeadScores(fasp_head_bias(s.model, pairs.train(), means=means, batch_size=c.batch_size,
+    HeadScores(fasp_head_bias(s.model, pairs.train(), means=means, batch_size=s.batch_size,
                               progress=c.progress)).save(out)
 
 
 def _baselines(s: Study, c, out, pairs: ContextPrompts) -> None:
-    baseline_sets(s.model, pairs.train(), top_fraction=c.wanda_fraction, batch_size=c.batch_size).save(out)
+    baseline_sets(s.model, pairs.train(), top_fraction=c.wanda_fraction, batch_size=s.batch_size).save(out)
 
 
 def _head_utility(s: Study, c, out) -> None:
@@ -158,7 +158,7 @@ def _selection(s: Study, c, out, scores, **inputs) -> None:
 def _generalization(s: Study, c, out, selection, pairs, means=None) -> None:
     splits = {ctx: p.splits(heldout_names=c.heldout_names) for ctx, p in pairs.items()}
     generalize(s.model, selection, splits, probe=UtilityProbe.build(s.model), how=c.ablation, means=means,
-               batch_size=c.batch_size, null_draws=c.null_draws, null_levels=c.null_levels,
+               batch_size=s.batch_size, null_draws=c.null_draws, null_levels=c.null_levels,
                n_resamples=c.n_bootstrap, seed=c.seed,
                progress=c.progress).save(out)
 
@@ -274,6 +274,17 @@ def model_key(config: StudyConfig) -> dict:
             "dtype": str(model_dtype(config))}
 
 
+def study_batch_size(config: StudyConfig, model) -> int:
+    """``config.batch_size``; left out, 8 on a CPU and, on CUDA, the rows of 256 positions reading 16
+    logits that free memory holds (``interp.memory.suggest_batch_size``), at most 32. Out-of-memory
+    still halves a sweep's or attribution's batch (``interp.memory.Backoff``)."""
+    from interp.memory import row_bytes, suggest_batch_size
+
+    if config.batch_size is not None:
+        return config.batch_size
+    return suggest_batch_size(row_bytes(model.cfg, 256, 16), model.cfg.device, default=8, ceiling=32)
+
+
 def model_dtype(config: StudyConfig) -> torch.dtype:
     """The dtype a config's model runs in (``auto``: ``interp.models.DEFAULT_DTYPE``, float32)."""
     from interp.models import DEFAULT_DTYPE
@@ -348,6 +359,7 @@ class Study:
         self.out = Path(out_dir or config.out_dir).expanduser()
         self.store: StageStore | None = None  # opened under the output directory's lock
         self.model = None  # None: load finished stages only
+        self.batch_size: int | None = None  # the config's, or the one free memory gives (study_batch_size)
         self.model_key = None
         self.prompts: PromptSet | None = None
         self.keys: dict[str, str] = {}
@@ -367,6 +379,7 @@ class Study:
                           "SmolLM2 bfloat16 moves them by up to 57% of themselves: benchmarks/bench_precision.py); "
                           "use float32 for findings", RuntimeWarning, stacklevel=2)
         self.model = load_model(self.config.model, device=self.config.device, dtype=dtype)
+        self.batch_size = study_batch_size(self.config, self.model)
         torch.manual_seed(self.config.seed)
 
     def _write_manifest(self) -> None:
@@ -374,6 +387,7 @@ class Study:
             "config": self.config.to_dict(),
             "model": self.model_key,
             "device": str(self.model.cfg.device),
+            "batch_size": self.batch_size,
             "seed": self.config.seed,
             "packages": _versions(),
             "git_commit": _git_commit(),

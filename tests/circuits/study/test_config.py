@@ -13,7 +13,7 @@ from circuits.study.config import ConfigError, StudyConfig
         ({"neuron_ks": 25}, r"neuron_ks: expected a list of whole numbers, got 25; write neuron_ks = \[25\]"),
         ({"contexts": "chess"}, r"contexts: expected a list of strings, got the string 'chess'; write contexts"),
         ({"overlap_k": 10.0}, r"overlap_k: expected a whole number, got 10.0 \(float\)"),
-        ({"batch_size": True}, r"batch_size: expected a whole number, got True \(bool\)"),
+        ({"batch_size": True}, r"batch_size: expected a whole number or none \(leave .*, got True \(bool\)"),
         ({"heldout_names": "yes"}, r"heldout_names: expected true or false, got 'yes'"),
         ({"variations": "all"}, r"variations: expected a whole number or none"),
         ({"ablation": "erase"}, r"ablation: expected one of \['zero', 'mean'\], got 'erase'"),
@@ -21,6 +21,7 @@ from circuits.study.config import ConfigError, StudyConfig
         ({"fasp_gamma": "0.5"}, r"fasp_gamma: expected a number"),
         ({"refine_top": -1}, r"refine_top: must be at least 0"),
         ({"answer_nodes": 0}, r"answer_nodes: must be at least 1 \(or left out\), got 0"),
+        ({"batch_size": 0}, r"batch_size: must be at least 1 \(or left out\), got 0"),
         ({"answer_nodes": 2.5}, r"answer_nodes: expected a whole number or none"),
     ],
 )

@@ -289,3 +289,16 @@ def test_results_match_the_reference_tables(finished_study):
     for name, table in reference.items():
         pd.testing.assert_frame_equal(ours[name].reset_index(drop=True), table, check_exact=False, rtol=1e-4,
                                       atol=1e-6, obj=name)
+
+
+def test_a_batch_size_left_out_is_8_on_a_cpu_and_what_free_memory_holds_on_cuda(tiny_model, monkeypatch):
+    from circuits.study.runner import study_batch_size
+    from interp import memory
+
+    assert study_batch_size(StudyConfig(), tiny_model) == 8
+    assert study_batch_size(StudyConfig(batch_size=3), tiny_model) == 3
+    per_row = memory.row_bytes(tiny_model.cfg, 256, 16)
+    for free, rows in ((20 * per_row + 1, 12), (10**6 * per_row, 32)):  # 60% of free memory, at most 32
+        monkeypatch.setattr(memory, "free_memory_bytes", lambda device, free=free: free)
+        assert study_batch_size(StudyConfig(), tiny_model) == rows
+        assert study_batch_size(StudyConfig(batch_size=3), tiny_model) == 3
