@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_dtype_argument
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -113,9 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="each benchmark's small run and a small study")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="passed to every step that takes --device (default auto: each step's own default, "
-                             "float32 but for bench_scale's bfloat16 on CUDA)")
+    add_dtype_argument(parser)  # passed to every step that takes --device (bench_scale: bfloat16 on CUDA by default)
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per step (default 900)")
     parser.add_argument("--budget", type=float, default=None, help="seconds allowed for the whole run (default: none)")
     parser.add_argument("--log", type=Path, default=None, help="append each step's output here as it ends")

@@ -197,7 +197,6 @@ def test_attribution_survives_simulated_out_of_memory(tiny_model, monkeypatch):
         torch.testing.assert_close(shrunk.scores[kind], reference.scores[kind], rtol=1e-4, atol=1e-5)
 
 
-
 def test_a_microbatch_that_runs_out_of_memory_part_way_is_counted_once(tiny_model, monkeypatch):
     """Out of memory at the head points, after the neuron points' sums: the retried microbatch adds nothing twice."""
     import warnings
