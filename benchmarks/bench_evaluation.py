@@ -32,7 +32,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from common import DTYPES, add_dtype_argument, check_same, synchronize
+from common import DTYPES, add_precision_arguments, apply_matmul_precision, check_same, synchronize
 
 from circuits.evaluate.evaluation import EvalSet, UtilityProbe, evaluate
 from circuits.inputs.prompts import build_prompts, select_prompts
@@ -60,12 +60,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the ratio is over wall time)")
-    add_dtype_argument(parser)
+    add_precision_arguments(parser)
     parser.add_argument("--order", choices=["plain-first", "stacked-first"], default="plain-first")
     parser.add_argument("--single-heads", action="store_true",
                         help="instead: head 0 of every layer alone (a FASP-style single-head sweep), no scoring")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    apply_matmul_precision(args)
     n_prompts = args.prompts or (8 if args.quick else 48)
     null_draws = args.null_draws if args.null_draws is not None else (2 if args.quick else 5)
     neuron_ks, head_ks = ((25,), (3,)) if args.quick else ((25, 100), (3, 9))

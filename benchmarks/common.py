@@ -10,27 +10,37 @@ from typing import TypeVar
 
 import torch
 
+from interp.models import MATMUL_PRECISIONS
+
 T = TypeVar("T")
 
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     """``--dtype``, read back as ``DTYPES[args.dtype]`` (None: the benchmark's default, ``load_model``'s
-    float32 unless it says otherwise)."""
+    float32 unless it says otherwise), and ``--matmul-precision`` (``apply_matmul_precision``)."""
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
                         help="model dtype (default auto: float32, or the benchmark's own choice)")
+    parser.add_argument("--matmul-precision", choices=list(MATMUL_PRECISIONS), default="highest",
+                        help="float32 matmuls on CUDA: highest (float32, the default), high (TensorFloat32), "
+                             "medium (bfloat16 inputs)")
+
+
+def apply_matmul_precision(args: argparse.Namespace) -> None:
+    """Run this process's float32 matmuls at ``args.matmul_precision`` (a CPU computes every one in float32)."""
+    torch.set_float32_matmul_precision(args.matmul_precision)
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """``--quick`` (a small run: under a minute on 2 CPU cores), ``--device`` (default: cpu),
-    ``--dtype`` (``add_dtype_argument``) and ``--threads`` (torch CPU threads; default: torch's own
-    choice). ``--threads`` is applied here."""
+    ``--dtype`` and ``--matmul-precision`` (``add_precision_arguments``) and ``--threads`` (torch CPU
+    threads; default: torch's own choice). The threads and the matmul precision are applied here."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small inputs, for a run under a minute")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    add_dtype_argument(parser)
+    add_precision_arguments(parser)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -41,15 +51,19 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA device is available")
+    apply_matmul_precision(args)
     return args
 
 
 def check_same(what: str, difference: float, tolerance: float, dtype: torch.dtype) -> None:
-    """Exit with an error when two exact paths differ by more than ``tolerance``, in float32. In bfloat16 or
-    float16 only say by how much: their rounding differs between batch layouts by percents of a metric
-    (``bench_precision.py``), so exactness is checked in float32 only. Call it after the RESULT line."""
-    if dtype != torch.float32:
-        print(f"{what}: difference {difference:.1e} in {dtype}; exactness is checked in float32 only")
+    """Exit with an error when two exact paths differ by more than ``tolerance``, in float32 with float32
+    matmuls. In bfloat16 or float16, or with reduced-precision matmuls, only say by how much: their rounding
+    differs between batch layouts (``bench_precision.py``), so exactness is checked in float32 only. Call it
+    after the RESULT line."""
+    matmuls = torch.get_float32_matmul_precision()
+    if dtype != torch.float32 or matmuls != "highest":
+        print(f"{what}: difference {difference:.1e} in {dtype}, {matmuls} matmuls; exactness is checked in "
+              "float32 only")
     elif difference > tolerance:
         raise SystemExit(f"{what} differ by {difference:.1e} (tolerance {tolerance:g})")
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_dtype_argument
+from common import add_precision_arguments
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -94,7 +94,8 @@ def run_step(name: str, command: list[str], timeout: float, log: Path | None = N
 def section(steps: list[dict], args: argparse.Namespace, total: float) -> str:
     device = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     lines = [
-        f"## run_all.py --device {args.device} --dtype {args.dtype}{' --quick' if args.quick else ''}",
+        f"## run_all.py --device {args.device} --dtype {args.dtype} --matmul-precision {args.matmul_precision}"
+        f"{' --quick' if args.quick else ''}",
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"device {device}, torch {torch.__version__}, load average at the end {os.getloadavg()[0]:.1f}. "
@@ -114,7 +115,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="each benchmark's small run and a small study")
-    add_dtype_argument(parser)  # passed to every step that takes --device (bench_scale: bfloat16 on CUDA by default)
+    add_precision_arguments(parser)  # to every step taking --device (bench_scale: bfloat16 on CUDA by default)
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per step (default 900)")
     parser.add_argument("--budget", type=float, default=None, help="seconds allowed for the whole run (default: none)")
     parser.add_argument("--log", type=Path, default=None, help="append each step's output here as it ends")
@@ -145,7 +146,8 @@ def main() -> int:
                 name = f"study ({'quick' if args.quick else 'default'} config)"
             else:
                 command = [sys.executable, f"{name}.py"] + (["--quick"] if args.quick else [])
-            command += ["--device", args.device, "--dtype", args.dtype] if takes_device else []
+            precision = ["--dtype", args.dtype, "--matmul-precision", args.matmul_precision]
+            command += ["--device", args.device, *precision] if takes_device else []
             steps.append(run_step(name, command, min(args.timeout, left), args.log))
     text = section(steps, args, time.perf_counter() - start)
     print("\n" + text)

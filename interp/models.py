@@ -14,7 +14,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,9 +106,28 @@ def default_device() -> torch.device:
 
 
 # float32 on every device: bfloat16 rounding moves SmolLM2's yes/no answer probabilities by about 0.014 on
-# average, differently in differently padded batches, and its gender and race gaps by up to 57% of
-# themselves (benchmarks/bench_precision.py); bfloat16 is for throughput, or where float32 does not fit
+# average and its gender and race gaps by 57-79% of themselves, depending on the CPU and the batch layout
+# (benchmarks/bench_precision.py); bfloat16 is for throughput, or where float32 does not fit
 DEFAULT_DTYPE = torch.float32
+# How CUDA runs float32 matmuls (torch.set_float32_matmul_precision): "highest" in float32; "high" in
+# TensorFloat32 (inputs rounded to 10 mantissa bits, float32 accumulation: emulated on a CPU, it moves
+# SmolLM2's gaps by about 1% of themselves); "medium" in bfloat16 inputs with float32 accumulation (up to 17%:
+# not for findings). benchmarks/bench_precision.py measures them; a CPU computes all three as "highest".
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+@contextmanager
+def matmul_precision(precision: str = "highest") -> Iterator[None]:
+    """Run float32 matmuls at ``precision`` (one of ``MATMUL_PRECISIONS``) inside the block; the
+    process's own setting is restored after it, also on error."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul precision {precision!r}: use one of {', '.join(MATMUL_PRECISIONS)}")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _gguf_file(entry: EmbeddedModel) -> Path:

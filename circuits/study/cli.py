@@ -304,13 +304,17 @@ def _add_study(subparsers) -> None:
     parser.add_argument("--device", help="torch device (overrides the config; default: auto)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         help="model dtype (overrides the config; auto, the default: float32)")
+    parser.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
+                        help="float32 matmuls on CUDA (overrides the config): highest (the default), high "
+                             "(TensorFloat32; gaps within about 1%%), medium (bfloat16 inputs; not for findings)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _study_config(args):
     from circuits.study.config import StudyConfig
 
-    pairs = (("out_dir", args.out), ("model", args.model), ("device", args.device), ("dtype", args.dtype))
+    pairs = (("out_dir", args.out), ("model", args.model), ("device", args.device), ("dtype", args.dtype),
+             ("matmul_precision", args.matmul_precision))
     overrides = {k: v for k, v in pairs if v}
     if getattr(args, "no_progress", False):
         overrides["progress"] = False

@@ -43,6 +43,7 @@ from circuits.study.config import StudyConfig
 from circuits.study.stages import ConfigView, StageStore, frame_digest, settings_key
 from interp.components import ComponentShape
 from interp.locking import directory_lock
+from interp.models import matmul_precision
 
 PACKAGES = ("bias-circuits", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy")
 
@@ -235,7 +236,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (  # in dependency or
     Stage("report", ALL_FIELDS, ("audit", "scores", "generalization", "overlap"), run=_report,  # it prints the config
           load=lambda path: path / "report.html"),
 )}
-MODEL_FIELDS = ("model", "device", "dtype")
+MODEL_FIELDS = ("model", "device", "dtype", "matmul_precision")
 UNKEYED = {
     "out_dir": "where the results go",
     "progress": "display only",
@@ -266,12 +267,12 @@ def code_version() -> dict:
 
 def model_key(config: StudyConfig) -> dict:
     """The model a config names, as it enters every stage key: name, content hashes of its weight,
-    tokenizer and config files, and the device type and dtype it runs in."""
+    tokenizer and config files, and the device type, dtype and float32 matmul precision it runs in."""
     from interp.models import check_device, model_fingerprint
 
     device = check_device(config.device)
     return {"model": config.model, **model_fingerprint(config.model), "device": device.type,
-            "dtype": str(model_dtype(config))}
+            "dtype": str(model_dtype(config)), "matmul_precision": config.matmul_precision}
 
 
 def study_batch_size(config: StudyConfig, model) -> int:
@@ -376,8 +377,12 @@ class Study:
         dtype = model_dtype(self.config)
         if dtype != torch.float32:
             warnings.warn(f"dtype {self.config.dtype}: its rounding is the size of the gaps a study measures (on "
-                          "SmolLM2 bfloat16 moves them by up to 57% of themselves: benchmarks/bench_precision.py); "
+                          "SmolLM2 bfloat16 moves them by 57-79% of themselves: benchmarks/bench_precision.py); "
                           "use float32 for findings", RuntimeWarning, stacklevel=2)
+        if self.config.matmul_precision == "medium":
+            warnings.warn("matmul_precision medium: bfloat16 matmul inputs move the gaps a study measures by up to "
+                          "17% of themselves (benchmarks/bench_precision.py); use highest or high for findings",
+                          RuntimeWarning, stacklevel=2)
         self.model = load_model(self.config.model, device=self.config.device, dtype=dtype)
         self.batch_size = study_batch_size(self.config, self.model)
         torch.manual_seed(self.config.seed)
@@ -433,7 +438,8 @@ class Study:
             if self.model is None and not rerun:
                 raise FileNotFoundError(f"{self.out} has no finished stage {label!r}; run 'bias-circuits study' first")
             inputs = {r.replace("-", "_"): self.result(r, ctx) for r in stage.reads if r in active}
-            return stage.run(self, self.view(stage.name), out, **inputs)
+            with matmul_precision(self.config.matmul_precision):
+                return stage.run(self, self.view(stage.name), out, **inputs)
 
         if stage.load is None:
             return run(None)

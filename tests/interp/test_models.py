@@ -19,6 +19,18 @@ def test_default_device_and_dtype():
     assert models.DEFAULT_DTYPE == torch.float32  # on every device: bfloat16 rounding is the size of name effects
 
 
+def test_matmul_precision_holds_inside_the_block_and_is_restored_also_on_error():
+    before = torch.get_float32_matmul_precision()
+    with models.matmul_precision("high"):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(KeyError), models.matmul_precision("medium"):
+        raise KeyError("a failing stage")
+    assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(ValueError, match="use one of highest, high, medium"), models.matmul_precision("tf32"):
+        pass
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(tmp_path)

@@ -111,6 +111,7 @@ CHANGES = {
     "model": (str(tiny_model_dir(seed=1)), EVERYTHING),
     "device": ("cuda", EVERYTHING),  # on a machine without CUDA the device check is faked below
     "dtype": ("bfloat16", EVERYTHING),
+    "matmul_precision": ("high", EVERYTHING),
     "contexts": (("lending_amount", "commerce_buy", "chess"), ["audit", *DOWNSTREAM]),
     "details": (("low", "high"), ["audit", *PER_CONTEXT, *DOWNSTREAM]),
     "variations": (4, ["audit", *PER_CONTEXT, *DOWNSTREAM]),
@@ -287,8 +288,16 @@ def test_results_match_the_reference_tables(finished_study):
     reference = {p.stem: pd.read_parquet(p) for p in sorted(REFERENCE.glob("*.parquet"))}
     assert reference and set(ours) == set(reference)
     for name, table in reference.items():
-        pd.testing.assert_frame_equal(ours[name].reset_index(drop=True), table, check_exact=False, rtol=1e-4,
-                                      atol=1e-6, obj=name)
+        mine = ours[name].reset_index(drop=True)
+        # ratios over the random model's small gaps (up to 70x the gap): another CPU's float rounding moves
+        # them by up to 7e-4 of themselves (an AMD EPYC host against the reference's Intel one)
+        ratios = [c for c in RATIO_COLUMNS if c in table]
+        pd.testing.assert_frame_equal(mine.drop(columns=ratios), table.drop(columns=ratios), check_exact=False,
+                                      rtol=1e-4, atol=1e-6, obj=name)
+        pd.testing.assert_frame_equal(mine[ratios], table[ratios], check_exact=False, rtol=2e-3, atol=1e-6, obj=name)
+
+
+RATIO_COLUMNS = ("reduction", "share_removed", "share_high")
 
 
 def test_a_batch_size_left_out_is_8_on_a_cpu_and_what_free_memory_holds_on_cuda(tiny_model, monkeypatch):
@@ -302,3 +311,21 @@ def test_a_batch_size_left_out_is_8_on_a_cpu_and_what_free_memory_holds_on_cuda(
         monkeypatch.setattr(memory, "free_memory_bytes", lambda device, free=free: free)
         assert study_batch_size(StudyConfig(), tiny_model) == rows
         assert study_batch_size(StudyConfig(batch_size=3), tiny_model) == 3
+
+
+def test_every_stage_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch):
+    """The audit stage (the first computed) sees the config's precision; the process's own comes back
+    after the run, also when a stage fails; medium warns that it is not for findings."""
+    import dataclasses
+
+    seen = []
+
+    def audit(study, c, out, **inputs):
+        seen.append(torch.get_float32_matmul_precision())
+        raise KeyboardInterrupt  # stop the run here: the precision must still be restored
+
+    monkeypatch.setitem(STAGE_SPECS, "audit", dataclasses.replace(STAGE_SPECS["audit"], run=audit))
+    before = torch.get_float32_matmul_precision()
+    with pytest.warns(RuntimeWarning, match="use highest or high for findings"), pytest.raises(KeyboardInterrupt):
+        run_study(tiny_config(tmp_path, matmul_precision="medium"))
+    assert seen == ["medium"] and torch.get_float32_matmul_precision() == before
