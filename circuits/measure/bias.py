@@ -46,8 +46,9 @@ from circuits.inputs.contexts import DECIMALS, AnswerFormat, Context, get_contex
 from circuits.inputs.prompts import PromptSet, uses_chat
 from circuits.measure.parsing import parse_number
 from circuits.measure.stats import gap_interval, mann_whitney, permutation_p_value, smd
-from interp.batching import encode, microbatches, pad_ids, pad_token_id
+from interp.batching import encode, pad_ids, pad_token_id
 from interp.hooks import HookedModel
+from interp.memory import backoff_batches
 from interp.metrics import SUMMARIES, CandidateAnswers, ExpectedValue, PromptCandidates, takes_layout
 from interp.numeric import NumberGrammar, expand, expand_each
 from interp.results import SavedResult
@@ -224,14 +225,18 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
     values = _VALUES.setdefault((tokenizer, start, answer.scale), {})
     pad, packed = pad_token_id(tokenizer), takes_layout(model)
     order = sorted(range(len(keys)), key=lambda i: len(keys[i]))  # similar lengths batch together
-    out = {}
-    for part in microbatches(len(order), batch_size or expansion.batch_size):
+
+    def grow(part: slice) -> list:
         chunk = [keys[i] for i in order[part]]
         batch = pad_ids([list(k) for k in chunk], pad).to(model.cfg.device)
-        trees = expand_each(model, batch, grammar, start=start, per_round=expansion.per_round,
-                            significant=_significant(expansion, answer.type),
-                            top=answer.scale[1] if answer.scale else None, **_budget(expansion, answer))
-        for key, tree in zip(chunk, trees):
+        return list(zip(chunk, expand_each(model, batch, grammar, start=start, per_round=expansion.per_round,
+                                           significant=_significant(expansion, answer.type),
+                                           top=answer.scale[1] if answer.scale else None,
+                                           **_budget(expansion, answer))))
+
+    out = {}
+    for grown in backoff_batches(len(order), batch_size or expansion.batch_size, grow, what="answer batch"):
+        for key, tree in grown:
             keep = []
             for i, path in enumerate(tree.paths):
                 at = (path, tree.fills[i])
@@ -415,11 +420,12 @@ def measure(
     midpoint: it holds the probability of every number it starts), its range ``value_low`` to
     ``value_high`` (the value itself for a complete number) and ``beyond_scale``. ``batch_size``
     counts prompts per forward pass (for a shared candidate set, fewer when its trie would make the
-    logits read too large; a row per candidate when the model cannot run a packed layout).
-    Deterministic, and the same on any subset of the prompts (up to float rounding: each prompt's
-    answers are its own). ``settings["trie_nodes"]``: the mean number of trie nodes per prompt
-    (numeric types) or the shared trie's; ``settings["budget"]``: each numeric context's stopping rule
-    (``Expansion`` with its answer type's defaults). With ``keep_answers`` each numeric prompt's own
+    logits read too large; a row per candidate when the model cannot run a packed layout), halved
+    and retried on out-of-memory (said once; ``interp.memory.backoff_batches``). Deterministic, and
+    the same on any subset of the prompts (up to float rounding: each prompt's answers are its own).
+    ``settings["trie_nodes"]``: the mean number of trie nodes per prompt (numeric types) or the shared
+    trie's; ``settings["budget"]``: each numeric context's stopping rule (``Expansion`` with its answer
+    type's defaults). With ``keep_answers`` each numeric prompt's own
     answers stay in the model's answer cache, so a later ``context_metric`` or reply reading on these
     prompts does not expand them again; that costs about 0.2 KB per ``distribution`` row (about
     200 KB per prompt at the dollars' budget) for the model's lifetime, so a long audit whose answers
@@ -502,13 +508,15 @@ def _score_shared(model, cands: CandidateAnswers, ids: list, batch_size: int, pa
     else:
         per_forward = max(1, min(batch_size, _READ_BUDGET // (cands.n_nodes + 1)))
     values = np.array(cands.values, dtype=np.float64)
-    out = []
-    for part in microbatches(len(ids), per_forward):
+
+    def score(part: slice) -> tuple:
         batch = pad_ids(ids[part], pad).to(model.cfg.device)
         if cands.answer_tokens is None:
-            logp, other = cands.score(model, batch).double().cpu(), None
-        else:
-            logp, other = (x.double().cpu() for x in cands.score(model, batch, other=True))
+            return cands.score(model, batch).double().cpu(), None
+        return tuple(x.double().cpu() for x in cands.score(model, batch, other=True))
+
+    out = []
+    for logp, other in backoff_batches(len(ids), per_forward, score, what="answer batch"):
         for i in range(len(logp)):
             out.append(_Answers(cands, logp[i].exp().numpy(), float("nan") if other is None else float(other[i].exp()),
                                 unbounded, values, unbounded))

@@ -278,7 +278,7 @@ def model_key(config: StudyConfig) -> dict:
 def study_batch_size(config: StudyConfig, model) -> int:
     """``config.batch_size``; left out, 8 on a CPU and, on CUDA, the rows of 256 positions reading 16
     logits that free memory holds (``interp.memory.suggest_batch_size``), at most 32. Out-of-memory
-    still halves a sweep's or attribution's batch (``interp.memory.Backoff``)."""
+    still halves an audit's, a sweep's or an attribution's batch (``interp.memory.Backoff``)."""
     from interp.memory import row_bytes, suggest_batch_size
 
     if config.batch_size is not None:

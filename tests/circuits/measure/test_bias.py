@@ -134,6 +134,39 @@ def test_measure_distributions_and_expected_values(tiny_model, small):
     assert np.allclose(part["value"], by_prompt.loc[part["prompt_id"], "value"], rtol=1e-4, atol=1e-6)
 
 
+def test_answer_batches_that_run_out_of_memory_are_halved_with_the_same_values(tiny_model, monkeypatch):
+    """Out of memory (simulated) in the number trees' and the shared candidates' forwards: each halves its
+    batch, warns, and every prompt's values come out as with enough memory."""
+    import warnings
+
+    import circuits.measure.bias as bias
+
+    prompts = select_prompts(build_prompts(tiny_model, ["chess", "lending_approval"], details=["low"]), variations=1,
+                             names_per_cell=1)
+    expansion = Expansion(max_nodes=12, per_round=4, target=1.0, min_mass=1e-6, batch_size=8)  # a cache of its own
+    reference = measure(tiny_model, prompts, batch_size=8, expansion=expansion, keep_answers=False).values
+    real_expand, real_score = bias.expand_each, CandidateAnswers.score
+    sizes = []
+
+    def small_memory(real):
+        def run(model, batch, *args, **kwargs):
+            sizes.append(len(batch))
+            if len(batch) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return real(model, batch, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(bias, "expand_each", small_memory(real_expand))
+    monkeypatch.setattr(CandidateAnswers, "score", lambda self, model, batch, **kw:
+                        small_memory(lambda m, b, **k: real_score(self, m, b, **k))(model, batch, **kw))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shrunk = measure(tiny_model, prompts, batch_size=8, expansion=expansion, keep_answers=False).values
+    assert sum("out of memory at answer batch size" in str(w.message) for w in caught) == 2  # one per context
+    assert max(sizes) > 2 and sizes[-1] <= 2
+    pd.testing.assert_frame_equal(shrunk, reference, check_exact=False, rtol=1e-4, atol=1e-6)
+
+
 def test_expansion_takes_its_answer_types_budget_unless_given_one():
     """None fields take the answer type's defaults (dollars grow further and stop sooner); given
     fields are kept."""
