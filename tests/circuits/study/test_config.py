@@ -94,3 +94,15 @@ def test_model_folder_without_tokenizer_fails_in_validation(tmp_path):
             shutil.copy(f, folder / f.name)
     with pytest.raises(ConfigError, match=r"model: .* has no tokenizer files.*tokenizer.save_pretrained"):
         StudyConfig(out_dir=str(tmp_path / "out"), model=str(folder)).validate()
+
+
+def test_the_matmul_precisions_are_torchs_in_the_config_and_the_cli():
+    import argparse
+    import typing
+
+    from circuits.study.cli import build_parser
+    from interp.models import MATMUL_PRECISIONS
+
+    assert typing.get_args(typing.get_type_hints(StudyConfig)["matmul_precision"]) == MATMUL_PRECISIONS
+    study = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["study"]
+    assert tuple(next(a for a in study._actions if a.dest == "matmul_precision").choices) == MATMUL_PRECISIONS
