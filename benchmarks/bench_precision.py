@@ -145,8 +145,8 @@ def main(argv=None) -> None:
               "correlation with it: " + ", ".join(
                   f"{layout.name} {np.corrcoef(effects[ref.name], effects[layout.name])[0, 1]:.3f}"
                   for layout in others if layout.family))
-    for family, values_ in shifts.items():
-        print(result_line(f"{family}_gap_shift", max(values_), TARGET))
+    for family, family_shifts in shifts.items():
+        print(result_line(f"{family}_gap_shift", max(family_shifts), TARGET))
 
 
 if __name__ == "__main__":
