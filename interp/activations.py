@@ -3,12 +3,12 @@ attention paid to marked tokens.
 
 Every statistic is a running float32 sum, taken by hooks that reduce each activation as it
 passes through a microbatch and keep nothing else: no activation cache is ever built. Only real
-(unpadded) positions of the right-padded batch count.
+(unpadded) positions of the right-padded batch count. A microbatch's reductions are added once its
+forward is done: one that runs out of memory adds nothing and is retried at half the size.
 """
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
@@ -18,8 +18,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.batching import TokenBatch, microbatches
+from interp.batching import TokenBatch
 from interp.hooks import HookedModel, capturing
+from interp.memory import Backoff
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 _NOT_POSITIONAL = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
@@ -62,7 +63,7 @@ def _stream(
     model: HookedModel,
     batch: TokenBatch,
     hook_names: Sequence[str],
-    reduce: Callable[[str, Tensor, TokenBatch, slice], None],
+    reduce: Callable[[str, Tensor, TokenBatch, slice], Callable[[], None]],
     *,
     batch_size: int,
     progress: bool,
@@ -71,23 +72,30 @@ def _stream(
     """Run ``batch`` in microbatches; hand each activation at ``hook_names`` to ``reduce``.
 
     ``reduce(name, activation, microbatch, rows)`` sees the microbatch (trimmed to its own
-    longest prompt) and the rows of ``batch`` it holds.
+    longest prompt) and the rows of ``batch`` it holds, and returns what adds its reduction to the
+    running statistic; those are called once the microbatch's forward is done, so a microbatch
+    that runs out of memory part-way adds nothing and is retried at half the size
+    (``interp.memory.Backoff``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    fired: set[str] = set()
     stop = stop_layer(hook_names)
     device = model.cfg.device
-    chunks = microbatches(len(batch), batch_size)
-    for rows in tqdm(chunks, total=math.ceil(len(batch) / batch_size), disable=not progress, desc=desc):
+
+    def run(rows: slice) -> tuple[slice, dict[str, list]]:
         mb = batch.select(rows).to(device)
-
-        def handed(name: str, act: Tensor, mb=mb, rows=rows) -> None:
-            reduce(name, act, mb, rows)
-
-        with torch.no_grad(), capturing(model, hook_names, handed) as seen:
+        with torch.no_grad(), capturing(model, hook_names, lambda name, act: reduce(name, act, mb, rows)) as seen:
             model(mb.tokens, stop_at_layer=stop)
-        fired |= {name for name, calls in seen.items() if calls}
+        return rows, seen
+
+    fired: set[str] = set()
+    with tqdm(total=len(batch), disable=not progress, desc=desc, unit="prompt") as bar:
+        for rows, seen in Backoff(batch_size, what="activation batch").batches(len(batch), run):
+            for name, commits in seen.items():
+                for commit in commits:
+                    commit()
+                fired |= {name} if commits else set()
+            bar.update(rows.stop - rows.start)
     silent = [name for name in hook_names if name not in fired]
     if silent:
         raise ValueError(f"hook points {silent} never fired in a forward pass of this model")
@@ -120,20 +128,24 @@ def mean_activations(
     counts: dict[str, Tensor] = {}
     width = batch.tokens.shape[1]
 
-    def reduce(name: str, act: Tensor, mb: TokenBatch, rows: slice) -> None:
+    def reduce(name: str, act: Tensor, mb: TokenBatch, rows: slice) -> Callable[[], None]:
         _check_rows(name, act, mb)
         mask = mb.attention_mask.to(act.device, torch.float32)
         if per_position:
             part, count = torch.einsum("bp,bp...->p...", mask, act.float()), mask.sum(0)
         else:
             part, count = torch.einsum("bp,bp...->...", mask, act.float()), mask.sum()
-        if name not in sums:
-            lead = (width,) if per_position else ()
-            sums[name] = act.new_zeros(lead + tuple(act.shape[2:]), dtype=torch.float32)
-            counts[name] = act.new_zeros(lead, dtype=torch.float32)
-        span = slice(0, act.shape[1]) if per_position else ...
-        sums[name][span] += part
-        counts[name][span] += count
+
+        def commit() -> None:
+            if name not in sums:
+                lead = (width,) if per_position else ()
+                sums[name] = part.new_zeros(lead + tuple(act.shape[2:]))
+                counts[name] = part.new_zeros(lead)
+            span = slice(0, act.shape[1]) if per_position else ...
+            sums[name][span] += part
+            counts[name][span] += count
+
+        return commit
 
     _stream(model, batch, names, reduce, batch_size=batch_size, progress=progress, desc="mean activations")
     out = {}
@@ -159,11 +171,15 @@ def activation_norms(
     names = [_positional(n) for n in check_hook_names(model, hook_names)]
     squares: dict[str, Tensor] = {}
 
-    def reduce(name: str, act: Tensor, mb: TokenBatch, rows: slice) -> None:
+    def reduce(name: str, act: Tensor, mb: TokenBatch, rows: slice) -> Callable[[], None]:
         _check_rows(name, act, mb)
         mask = mb.attention_mask.to(act.device, torch.float32)
         part = torch.einsum("bp,bp...->...", mask, act.float().square())
-        squares[name] = squares[name] + part if name in squares else part
+
+        def commit() -> None:
+            squares[name] = squares[name] + part if name in squares else part
+
+        return commit
 
     _stream(model, batch, names, reduce, batch_size=batch_size, progress=progress, desc="activation norms")
     return {name: squares[name].sqrt() for name in names}
@@ -197,16 +213,22 @@ def masked_means(
         checked[label] = mask.bool().cpu()
     out: dict[str, dict[str, Tensor]] = {name: {} for name in names}
 
-    def reduce(name: str, act: Tensor, mb: TokenBatch, rows: slice) -> None:
+    def reduce(name: str, act: Tensor, mb: TokenBatch, rows: slice) -> Callable[[], None]:
         _check_rows(name, act, mb)
         values = select[name](act) if name in select else act
+        parts = {}
         for label, mask in checked.items():
             weights = mask[rows, : mb.tokens.shape[1]].to(values.device, torch.float32)
             part = torch.einsum("bp,bp...->b...", weights, values.float())
-            part = part / weights.sum(1).reshape((-1,) + (1,) * (part.ndim - 1))  # 0/0: NaN, no marked position
-            if label not in out[name]:
-                out[name][label] = part.new_zeros((len(batch),) + tuple(part.shape[1:]))
-            out[name][label][rows] = part
+            parts[label] = part / weights.sum(1).reshape((-1,) + (1,) * (part.ndim - 1))  # 0/0: NaN, none marked
+
+        def commit() -> None:
+            for label, part in parts.items():
+                if label not in out[name]:
+                    out[name][label] = part.new_zeros((len(batch),) + tuple(part.shape[1:]))
+                out[name][label][rows] = part
+
+        return commit
 
     _stream(model, batch, names, reduce, batch_size=batch_size, progress=progress, desc="masked means")
     return {name: {label: values.cpu() for label, values in by_mask.items()} for name, by_mask in out.items()}
@@ -242,7 +264,7 @@ def attention_to_positions(
     names = check_hook_names(model, [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)])
     total = torch.zeros(n_layers, int(model.cfg.n_heads), dtype=torch.float32, device=model.cfg.device)
 
-    def reduce(name: str, pattern: Tensor, mb: TokenBatch, rows: slice) -> None:
+    def reduce(name: str, pattern: Tensor, mb: TokenBatch, rows: slice) -> Callable[[], None]:
         keys = key_mask[rows, : mb.tokens.shape[1]].to(pattern.device, torch.float32)
         mass = torch.einsum("bhqk,bk->bhq", pattern.float(), keys)
         if query == "answer":
@@ -251,7 +273,8 @@ def attention_to_positions(
         else:
             queries = mb.attention_mask.to(mass.device, torch.float32)
             per_prompt = torch.einsum("bhq,bq->bh", mass, queries) / queries.sum(-1, keepdim=True)
-        total[int(_LAYER.match(name).group(1))] += per_prompt.sum(0).to(total.device)
+        part = per_prompt.sum(0).to(total.device)
+        return lambda: total[int(_LAYER.match(name).group(1))].add_(part)
 
     _stream(model, batch, names, reduce, batch_size=batch_size, progress=progress, desc="attention to keys")
     return total / len(batch)

@@ -122,3 +122,37 @@ def test_bad_inputs_get_clear_errors(tiny_model, batch):
         attention_to_positions(tiny_model, batch, torch.ones_like(batch.tokens, dtype=torch.bool))
     with pytest.raises(ValueError, match="query must be"):
         attention_to_positions(tiny_model, batch, _marked_keys(batch), query="last")
+
+
+def test_a_microbatch_that_runs_out_of_memory_part_way_adds_nothing_and_is_retried_smaller(tiny_model, batch,
+                                                                                           monkeypatch):
+    """Out of memory in block 2, after blocks 0 and 1 reduced their activations: same statistics, said once."""
+    import warnings
+
+    keys = _marked_keys(batch)
+    runs = {
+        "mean": lambda: mean_activations(tiny_model, batch, HOOKS, batch_size=3),
+        "per position": lambda: mean_activations(tiny_model, batch, HOOKS, per_position=True, batch_size=3),
+        "norms": lambda: activation_norms(tiny_model, batch, HOOKS, batch_size=3),
+        "masked": lambda: masked_means(tiny_model, batch, HOOKS, {"keys": keys}, batch_size=3),
+        "attention": lambda: attention_to_positions(tiny_model, batch, keys, query="all", batch_size=3),
+    }
+    reference = {label: run() for label, run in runs.items()}
+    block = tiny_model.blocks[2]
+    real_forward = block.forward
+
+    def small_memory(*args, **kwargs):
+        rows = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)).shape[0]
+        if rows > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_forward(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(vars(block), "forward", small_memory)
+        for label, run in runs.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                shrunk = run()
+            assert sum("out of memory at activation batch size" in str(w.message) for w in caught) == 1, label
+            torch.testing.assert_close(shrunk, reference[label], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, label=label: f"{label}: {m}")
