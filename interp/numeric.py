@@ -29,6 +29,7 @@ prompt like any other candidate grid. Characters that are not part of a number, 
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import re
@@ -198,27 +199,50 @@ class NumberGrammar:
         return state
 
     def continuations(self, state: State) -> dict[int, State]:
-        """Every token that continues a number at ``state``, with the state it leads to."""
+        """Every token that continues a number at ``state``, with the state it leads to (in token
+        order): ``step`` of every token, read as a walk down the sorted vocabulary (the tokens that
+        share a prefix share its states, so a prefix that ends the number settles them all at once)."""
         if state not in self._tables:
-            table = {}
-            # a partial multiplier word reads any letter; otherwise only tokens whose first character
-            # can continue some number are read (the rest end it at once)
-            scan = range(len(self.token_texts)) if state[4] else self._openers()
-            for i in scan:
-                text = self.token_texts[i]
-                nxt = self.step(state, text)
-                if nxt is not None:
-                    table[i] = nxt
-            self._tables[state] = table
+            texts, ids = self._sorted()
+            table: dict[int, State] = {}
+            start = self._scaled(state)
+
+            def settle(lo: int, hi: int, at: State, digits: bool) -> None:  # every token in [lo, hi) ends here
+                if digits or self._scaled(at) != start:
+                    table.update(dict.fromkeys(ids[lo:hi], DONE))
+
+            def walk(lo: int, hi: int, depth: int, at: State, digits: bool) -> None:
+                read = lo
+                while read < hi and len(texts[read]) == depth:  # tokens read whole: first among those they prefix
+                    read += 1
+                if self._final(at):
+                    settle(lo, read, at, digits)
+                else:
+                    table.update(dict.fromkeys(ids[lo:read], at))
+                lo = read
+                while lo < hi:
+                    c = texts[lo][depth]
+                    end = bisect.bisect_left(texts, texts[lo][:depth] + chr(ord(c) + 1), lo, hi)
+                    nxt, digit = self.char(at, c)
+                    if nxt is None:
+                        settle(lo, end, at, digits)
+                    elif nxt == DONE:
+                        settle(lo, end, DONE, digits or digit)
+                    else:
+                        walk(lo, end, depth + 1, nxt, digits or digit)
+                    lo = end
+
+            if texts:
+                walk(0, len(texts), 0, state, False)
+            self._tables[state] = dict(sorted(table.items()))
         return self._tables[state]
 
-    def _openers(self) -> list[int]:
-        """Tokens whose first character continues some state without a partial word."""
-        if "openers" not in self._tables:
-            first = set(DIGITS + ",. ") | {w[0] for w in self.words} | {w[0].upper() for w in self.words}
-            first |= {w[0] for w in self.short}
-            self._tables["openers"] = [i for i, t in enumerate(self.token_texts) if t and t[0] in first]
-        return self._tables["openers"]
+    def _sorted(self) -> tuple[list[str], list[int]]:
+        """The vocabulary's non-empty token texts in sorted order, and their token ids."""
+        if "sorted" not in self._tables:
+            order = sorted((i for i, t in enumerate(self.token_texts) if t), key=self.token_texts.__getitem__)
+            self._tables["sorted"] = ([self.token_texts[i] for i in order], order)
+        return self._tables["sorted"]
 
     def continuation_ids(self, state: State) -> tuple[int, ...]:
         return tuple(self.continuations(state))

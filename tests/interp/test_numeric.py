@@ -84,6 +84,32 @@ def test_other_types_read_numbers_without_multipliers(tiny_model, text, start, a
         assert grammar.step(grammar.state_of(full[:-1]), "5") == DONE
 
 
+def _states(grammar, start=ROOT, limit=80):
+    """States reached from ``start``, breadth first."""
+    seen, todo = {}, [start]
+    while todo and len(seen) < limit:
+        state = todo.pop(0)
+        if state not in seen:
+            seen[state] = None
+            todo += [s for s in grammar.continuations(state).values() if s != DONE]
+    return list(seen)
+
+
+@pytest.mark.parametrize("vocabulary", ["tiny", "made up"])
+def test_continuations_are_every_token_that_step_continues_in_token_order(tiny_model, vocabulary):
+    if vocabulary == "tiny":
+        grammar = NumberGrammar.of(tiny_model.tokenizer, max_decimals=2, multiplier_decimals=1)
+    else:  # duplicates, an empty text, words, separators, tokens read whole and tokens that end a number
+        texts = ("", "1", "1", "12", ",", ",000", ".", ".5", "k", "k.", "K", " ", " m", " million", " millions",
+                 " milk", "M", "Ma", "5 km", "5k", " 5", "x", "0", "00", ".", "1,2")
+        grammar = NumberGrammar(texts, max_decimals=2, multiplier_decimals=1)
+    states = _states(grammar)
+    assert len(states) > 10
+    for state in states:
+        brute = {i: grammar.step(state, t) for i, t in enumerate(grammar.token_texts) if t}
+        assert list(grammar.continuations(state).items()) == [(i, s) for i, s in brute.items() if s is not None]
+
+
 def test_tokens_that_end_a_number_leave_its_value_unchanged(tiny_model, grammar):
     tok = tiny_model.tokenizer
     rng = random.Random(0)
