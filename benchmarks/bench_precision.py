@@ -8,13 +8,15 @@ the default study's contexts (yes/no decisions), the per-prompt metric of 96 pro
 - bfloat16 weights and activations, in both layouts (bfloat16 rounds differently in differently
   padded batches);
 - float32 with TensorFloat32 matmuls (``interp.models.matmul_precision("high")``: inputs rounded to 10
-  mantissa bits, float32 accumulation) and with bfloat16 matmuls (``"medium"``: 7 bits, float32
+  mantissa bits, float32 accumulation) and with bfloat16 matmuls (inputs rounded to 7 bits, float32
   accumulation: the issue's "bfloat16 with float32 accumulation").
 
-On CUDA the matmul precisions are torch's own. A CPU computes every float32 matmul in float32, so there
-they are emulated: every ``torch.nn.functional.linear`` (every projection, MLP and the unembedding; not
-the attention scores) rounds its input and weight to that many mantissa bits first, truncating for
-TensorFloat32 (the tensor cores' conversion, the larger error) and to nearest for bfloat16.
+On CUDA, TensorFloat32 is torch's own. The rest is emulated (at ``"highest"``, so nothing rounds twice):
+every ``torch.nn.functional.linear`` (every projection, MLP and the unembedding; not the attention scores)
+rounds its input and weight to that many mantissa bits first, truncating for TensorFloat32 (the tensor
+cores' conversion, the larger error) and to nearest for bfloat16. A CPU computes float32 matmuls at
+``"high"`` in float32; torch's ``"medium"`` is TensorFloat32 on CUDA and bfloat16 through oneDNN on a
+CPU with bfloat16 units, so no setting of torch's gives bfloat16 matmuls on both.
 Then the gender and race gaps (difference of group means) and each prompt's name effect (its deviation
 from its template's mean).
 ``RESULT <precision>_gap_shift ratio=<largest |gap - gap in float32| / |gap in float32|> target=0.1``:
@@ -58,10 +60,10 @@ class Layout:
 LAYOUTS = (Layout("float32 batch 16", "float32", 16), Layout("float32 batch 1", "float32", 1),
            Layout("bfloat16 batch 16", "bfloat16", 16, family="bfloat16"),
            Layout("bfloat16 batch 1", "bfloat16", 1, family="bfloat16"),
-           Layout("tf32 matmuls", "float32", 16, "high", family="tf32"),
-           Layout("bf16 matmuls", "float32", 16, "medium", family="bf16_matmul"))
-# mantissa bits kept and whether the conversion truncates, per matmul precision, for the CPU's emulation
-EMULATED = {"high": (10, True), "medium": (7, False)}
+           Layout("tf32 matmuls", "float32", 16, "tf32", family="tf32"),
+           Layout("bf16 matmuls", "float32", 16, "bf16", family="bf16_matmul"))
+# mantissa bits kept and whether the conversion truncates, per emulated matmul precision
+EMULATED = {"tf32": (10, True), "bf16": (7, False)}
 
 
 def _rounded(x: torch.Tensor, bits: int, truncate: bool) -> torch.Tensor:
@@ -75,7 +77,8 @@ def _rounded(x: torch.Tensor, bits: int, truncate: bool) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _emulated(precision: str):
-    """Every ``F.linear`` with its float32 input and weight rounded as ``precision`` rounds them."""
+    """Every ``F.linear`` with its float32 input and weight rounded as ``precision`` rounds them, then
+    multiplied at ``"highest"``."""
     bits, truncate = EMULATED[precision]
     linear = F.linear
 
@@ -84,15 +87,19 @@ def _emulated(precision: str):
 
     F.linear = rounded_linear
     try:
-        yield
+        with matmul_precision("highest"):
+            yield
     finally:
         F.linear = linear
 
 
 def precision(device: str, name: str):
-    """Float32 matmuls at ``name``: torch's own on CUDA, emulated on a CPU (see the module docstring)."""
-    if name == "highest" or device.startswith("cuda"):
-        return matmul_precision(name)
+    """Float32 matmuls at ``name`` (a ``Layout.matmul``): TensorFloat32 is torch's own on CUDA; the
+    rest is emulated (see the module docstring)."""
+    if name == "highest":
+        return matmul_precision("highest")
+    if name == "tf32" and device.startswith("cuda"):
+        return matmul_precision("high")
     return _emulated(name)
 
 
@@ -118,7 +125,7 @@ def main(argv=None) -> None:
                     values[context, layout] = metric_values(model, context, list(frame["prompt_text"]),
                                                             layout.batch_size)
         del model
-    emulated = "" if args.device.startswith("cuda") else " (matmul precisions emulated)"
+    emulated = " (bf16 matmuls emulated)" if args.device.startswith("cuda") else " (matmul precisions emulated)"
     print(f"SmolLM2-135M-Instruct on {args.device}{emulated}, {n_prompts} prompts per context")
     shifts: dict[str, list[float]] = {}
     ref, others = LAYOUTS[0], LAYOUTS[1:]

@@ -24,8 +24,7 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
                         help="model dtype (default auto: float32, or the benchmark's own choice)")
     parser.add_argument("--matmul-precision", choices=list(MATMUL_PRECISIONS), default="highest",
-                        help="float32 matmuls on CUDA: highest (float32, the default), high (TensorFloat32), "
-                             "medium (bfloat16 inputs)")
+                        help="float32 matmuls on CUDA: highest (float32, the default), high (TensorFloat32)")
 
 
 def apply_matmul_precision(args: argparse.Namespace) -> None:

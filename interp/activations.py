@@ -135,13 +135,14 @@ def mean_activations(
             part, count = torch.einsum("bp,bp...->p...", mask, act.float()), mask.sum(0)
         else:
             part, count = torch.einsum("bp,bp...->...", mask, act.float()), mask.sum()
+        # shapes taken here: the closure keeps no activation alive until the forward ends
+        span, trailing = (slice(0, act.shape[1]) if per_position else ...), tuple(act.shape[2:])
 
         def commit() -> None:
             if name not in sums:
                 lead = (width,) if per_position else ()
-                sums[name] = part.new_zeros(lead + tuple(act.shape[2:]))
+                sums[name] = part.new_zeros(lead + trailing)
                 counts[name] = part.new_zeros(lead)
-            span = slice(0, act.shape[1]) if per_position else ...
             sums[name][span] += part
             counts[name][span] += count
 

@@ -1,6 +1,7 @@
 """Memory-aware microbatching: batch sizes from free memory, halving and retrying on out-of-memory."""
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -67,16 +68,19 @@ class Backoff:
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if not _is_oom(err) or stop - start == 1:
                     raise
-                self.size = max(1, (stop - start) // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if not self.warned:
-                    warnings.warn(f"out of memory at {self.what} size {stop - start}; retrying with smaller "
-                                  f"{self.what}es (now {self.size})", RuntimeWarning, stacklevel=2)
-                    self.warned = True
+            else:
+                yield result
+                start = stop
                 continue
-            yield result
-            start = stop
+            # out of the handler: its traceback no longer holds the failed batch's tensors
+            self.size = max(1, (stop - start) // 2)
+            if torch.cuda.is_available():
+                gc.collect()
+                torch.cuda.empty_cache()
+            if not self.warned:
+                warnings.warn(f"out of memory at {self.what} size {stop - start}; retrying with smaller "
+                              f"{self.what}es (now {self.size})", RuntimeWarning, stacklevel=2)
+                self.warned = True
 
 
 def backoff_batches(n: int, batch_size: int, run: Callable[[slice], T], *, what: str = "batch") -> Iterator[T]:

@@ -304,9 +304,9 @@ def _add_study(subparsers) -> None:
     parser.add_argument("--device", help="torch device (overrides the config; default: auto)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         help="model dtype (overrides the config; auto, the default: float32)")
-    parser.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
+    parser.add_argument("--matmul-precision", choices=["highest", "high"],
                         help="float32 matmuls on CUDA (overrides the config): highest (the default), high "
-                             "(TensorFloat32; gaps within about 1%%), medium (bfloat16 inputs; not for findings)")
+                             "(TensorFloat32; gaps within about 1%%)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

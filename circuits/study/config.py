@@ -83,9 +83,8 @@ class StudyConfig:
     # the gaps measured; it is for throughput, with float32 accumulation where it matters)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # how CUDA runs float32 matmuls (interp.models.matmul_precision): highest, in float32; high, in TensorFloat32
-    # (emulated on a CPU, it moves SmolLM2's gaps by about 1% of themselves); medium, bfloat16 inputs (up to 17%:
-    # not for findings). A CPU computes all three in float32.
-    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    # (emulated on a CPU, it moves SmolLM2's gaps by about 1% of themselves). A CPU computes both in float32.
+    matmul_precision: Literal["highest", "high"] = "highest"
     # Two yes/no decisions: their answers are one token, so the default study fits about 15 minutes on
     # 2 CPU cores; the dollar contexts' answer trees make every scored row several times longer
     # (examples/study-numeric.toml).

@@ -379,10 +379,6 @@ class Study:
             warnings.warn(f"dtype {self.config.dtype}: its rounding is the size of the gaps a study measures (on "
                           "SmolLM2 bfloat16 moves them by 57-79% of themselves: benchmarks/bench_precision.py); "
                           "use float32 for findings", RuntimeWarning, stacklevel=2)
-        if self.config.matmul_precision == "medium":
-            warnings.warn("matmul_precision medium: bfloat16 matmul inputs move the gaps a study measures by up to "
-                          "17% of themselves (benchmarks/bench_precision.py); use highest or high for findings",
-                          RuntimeWarning, stacklevel=2)
         self.model = load_model(self.config.model, device=self.config.device, dtype=dtype)
         self.batch_size = study_batch_size(self.config, self.model)
         torch.manual_seed(self.config.seed)

@@ -318,7 +318,7 @@ def test_a_batch_size_left_out_is_8_on_a_cpu_and_what_free_memory_holds_on_cuda(
 
 def test_every_stage_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch):
     """The audit stage (the first computed) sees the config's precision; the process's own comes back
-    after the run, also when a stage fails; medium warns that it is not for findings."""
+    after the run, also when a stage fails."""
     import dataclasses
 
     seen = []
@@ -329,6 +329,6 @@ def test_every_stage_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch)
 
     monkeypatch.setitem(STAGE_SPECS, "audit", dataclasses.replace(STAGE_SPECS["audit"], run=audit))
     before = torch.get_float32_matmul_precision()
-    with pytest.warns(RuntimeWarning, match="use highest or high for findings"), pytest.raises(KeyboardInterrupt):
-        run_study(tiny_config(tmp_path, matmul_precision="medium"))
-    assert seen == ["medium"] and torch.get_float32_matmul_precision() == before
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_config(tmp_path, matmul_precision="high"))
+    assert seen == ["high"] and torch.get_float32_matmul_precision() == before
