@@ -409,9 +409,9 @@ def head_utility(
         return kl_from_log_probs(logits.float().log_softmax(-1), probe.reference[prompts], mask[prompts])
 
     def nll(logits, prompts):  # summed next-token negative log-likelihood of each text
-        logp = logits[:, :-1].float().log_softmax(-1)
-        token_nll = -logp.gather(-1, tokens[prompts, 1:, None].to(logp.device)).squeeze(-1)
-        return (token_nll * mask[prompts, 1:].to(logp.device)).sum(-1)
+        logits = logits[:, :-1].float()  # log-normalizer minus the next token's logit: no [row, pos, vocab] copy
+        token_nll = logits.logsumexp(-1) - logits.gather(-1, tokens[prompts, 1:, None].to(logits.device)).squeeze(-1)
+        return (token_nll * mask[prompts, 1:].to(logits.device)).sum(-1)
 
     heads = [Head(layer, head) for layer in range(shape.n_layers) for head in range(shape.n_heads)]
     values = ablation_sweep(model, probe.batch, heads, kl if measure == "kl" else nll, progress=progress,
