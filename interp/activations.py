@@ -94,7 +94,8 @@ def _stream(
             for name, commits in seen.items():
                 for commit in commits:
                     commit()
-                fired |= {name} if commits else set()
+                if commits:
+                    fired.add(name)
             bar.update(rows.stop - rows.start)
     silent = [name for name in hook_names if name not in fired]
     if silent:
