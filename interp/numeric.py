@@ -222,7 +222,7 @@ class NumberGrammar:
                 lo = read
                 while lo < hi:
                     c = texts[lo][depth]
-                    end = bisect.bisect_left(texts, texts[lo][:depth] + chr(ord(c) + 1), lo, hi)
+                    end = bisect.bisect_right(texts, c, lo, hi, key=lambda t: t[depth])  # the tokens with c here
                     nxt, digit = self.char(at, c)
                     if nxt is None:
                         settle(lo, end, at, digits)
