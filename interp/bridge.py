@@ -18,6 +18,10 @@ attributes removed afterwards (also on error), or a check of what the bridge sup
   hook points see scores and patterns), which on answer trees hundreds of keys wide costs a tenth
   of a forward. Each attention bridge runs the Hugging Face module it wraps instead, with its own
   ``sdpa`` kernel; for a model with no hooks attached only (the attention hook points do not fire).
+  By default that kernel is :data:`GROUPED_SDPA`: Hugging Face's ``sdpa``, except that on a CPU a
+  masked grouped-query attention reads each key/value head once for all its query heads
+  (``enable_gqa``) instead of first copying it to every one of them, which on a wide cache costs
+  twice the attention itself. The same values (the kernel shares the heads, it does not reorder sums).
 * :func:`keeps_logits`: whether the underlying model's ``forward`` takes ``logits_to_keep`` (unembed
   only some positions); :func:`cache_keyword`: the keyword a Hugging Face module takes its cache by
   (``cache`` from transformers 5.2x on, ``past_key_values`` before: the GPU machine has 5.17).
@@ -29,7 +33,11 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+
 from interp.hooks import HookedModel
+
+GROUPED_SDPA = "sdpa_grouped"  # the attention implementation ``native_attention`` runs by default
 
 
 def keeps_logits(model: HookedModel) -> bool:
@@ -88,13 +96,40 @@ def attention_reads_cache(model: HookedModel) -> Iterator[None]:
             vars(attention).pop("forward", None)
 
 
+def _grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Hugging Face's ``sdpa`` attention function, with masked grouped-query attention on a CPU
+    left to the kernel (``enable_gqa``) rather than run on key/value heads repeated per query head."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    stock = (attention_mask is None or query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) == 1
+             or any(kwargs.get(k) is not None for k in ("softcap", "position_bias")) or kwargs.get("output_attentions"))
+    if stock:  # the cases Hugging Face already runs best (no mask: its own enable_gqa), or that need its handling
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_grouped() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if GROUPED_SDPA not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+        AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # masks as for sdpa
+
+
 @contextmanager
-def native_attention(model: HookedModel, implementation: str = "sdpa") -> Iterator[None]:
+def native_attention(model: HookedModel, implementation: str = GROUPED_SDPA) -> Iterator[None]:
     """Run every attention block as the Hugging Face module its bridge wraps, with the Hugging Face
-    attention ``implementation``; equal to the bridge's up to float rounding. Refused while hooks
-    are attached: the attention hook points (scores, pattern, rotary q/k) do not fire."""
+    attention ``implementation`` (``"sdpa"``: Hugging Face's own; :data:`GROUPED_SDPA` by default);
+    equal to the bridge's up to float rounding. Refused while hooks are attached: the attention
+    hook points (scores, pattern, rotary q/k) do not fire."""
     from interp.hooks import attached_hook_count
 
+    if implementation == GROUPED_SDPA:
+        _register_grouped()
     if attached_hook_count(model):
         raise RuntimeError("native_attention skips the attention hook points: run it with no hooks attached")
     attentions = [block.attn for block in model.blocks]
@@ -126,4 +161,5 @@ def native_attention(model: HookedModel, implementation: str = "sdpa") -> Iterat
             vars(attention).pop("forward", None)
 
 
-__all__ = ["attention_reads_cache", "blocks_skipped_below", "cache_keyword", "keeps_logits", "native_attention"]
+__all__ = ["GROUPED_SDPA", "attention_reads_cache", "blocks_skipped_below", "cache_keyword", "keeps_logits",
+           "native_attention"]

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from interp.batching import TokenBatch
 from interp.bridge import attention_reads_cache, native_attention
 from interp.hooks import HookedModel
-from interp.metrics import CandidateAnswers
+from interp.metrics import CandidateAnswers, log_normalizer
 from interp.prefix import prefill
 
 DIGITS = "0123456789"
@@ -441,7 +441,7 @@ class _GrowingCache:
         self.cache = out.past_key_values
         self.keys = torch.cat([self.keys, torch.zeros(rows, slots, dtype=torch.bool, device=self.device)], -1)
         logits = out.logits.float()
-        return logits[..., torch.tensor(read, device=self.device)].cpu(), logits.logsumexp(-1).cpu()
+        return logits[..., torch.tensor(read, device=self.device)].cpu(), log_normalizer(logits).cpu()
 
 
 @torch.no_grad()

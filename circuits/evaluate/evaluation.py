@@ -33,7 +33,7 @@ from interp.components import ComponentSet
 from interp.distributed import all_gather_rows, current_shard
 from interp.hooks import HookedModel
 from interp.memory import Backoff
-from interp.metrics import Metric, kl_from_log_probs, run_metric
+from interp.metrics import Metric, kl_from_log_probs, log_normalizer, run_metric
 from interp.results import SavedResult
 
 
@@ -410,7 +410,7 @@ def head_utility(
 
     def nll(logits, prompts):  # summed next-token negative log-likelihood of each text
         logits = logits[:, :-1].float()  # log-normalizer minus the next token's logit: no [row, pos, vocab] copy
-        token_nll = logits.logsumexp(-1) - logits.gather(-1, tokens[prompts, 1:, None].to(logits.device)).squeeze(-1)
+        token_nll = log_normalizer(logits) - logits.gather(-1, tokens[prompts, 1:, None].to(logits.device)).squeeze(-1)
         return (token_nll * mask[prompts, 1:].to(logits.device)).sum(-1)
 
     heads = [Head(layer, head) for layer in range(shape.n_layers) for head in range(shape.n_heads)]

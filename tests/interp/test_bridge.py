@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from interp.batching import tokenize
-from interp.bridge import attention_reads_cache, blocks_skipped_below, cache_keyword, keeps_logits, native_attention
+from interp.bridge import (
+    GROUPED_SDPA,
+    attention_reads_cache,
+    blocks_skipped_below,
+    cache_keyword,
+    keeps_logits,
+    native_attention,
+)
 
 
 def test_workarounds_leave_nothing_behind(tiny_model):
@@ -24,9 +31,11 @@ def test_skipped_blocks_resume_exactly(tiny_model):
     assert keeps_logits(tiny_model)
 
 
-def test_native_attention_equals_the_bridges_onto_a_cache(tiny_model):
-    """The Hugging Face kernels give the bridge's logits, on a padded batch and on tokens fed onto
-    its key/value cache (the answer trees' use), and leave the bridge and config as they were."""
+@pytest.mark.parametrize("implementation", [GROUPED_SDPA, "sdpa"])
+def test_native_attention_equals_the_bridges_onto_a_cache(tiny_model, implementation):
+    """The Hugging Face kernels (and the grouped one) give the bridge's logits, on a padded batch and
+    on tokens fed onto its key/value cache (the answer trees' use), and leave the bridge and config
+    as they were."""
     hf = tiny_model.original_model
     batch = tokenize(tiny_model, ["a short prompt", "another, longer prompt here"])
     nxt = torch.tensor([[5, 6], [7, 8]])
@@ -40,13 +49,42 @@ def test_native_attention_equals_the_bridges_onto_a_cache(tiny_model):
 
     before = hf.config._attn_implementation
     bridge = run()
-    with native_attention(tiny_model):
-        assert all("forward" in vars(b.attn) for b in tiny_model.blocks) and hf.config._attn_implementation == "sdpa"
+    with native_attention(tiny_model, implementation):
+        assert all("forward" in vars(b.attn) for b in tiny_model.blocks)
+        assert hf.config._attn_implementation == implementation
         native = run()
     for a, b in zip(bridge, native):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert hf.config._attn_implementation == before
     assert not any("forward" in vars(b.attn) for b in tiny_model.blocks)
+
+
+def test_the_grouped_kernel_reads_each_key_value_head_once_under_a_mask(tiny_model, monkeypatch):
+    """On a CPU, a masked forward of a grouped-query model (the tiny model: 4 query heads on 2
+    key/value heads) runs ``enable_gqa`` on the unrepeated heads and equals Hugging Face's sdpa."""
+    hf = tiny_model.original_model
+    assert hf.config.num_attention_heads > hf.config.num_key_value_heads
+    batch = tokenize(tiny_model, ["a short prompt", "another, longer prompt here"])
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording(query, key, value, **kwargs):
+        masked = kwargs.get("attn_mask") is not None
+        calls.append((query.shape[1], key.shape[1], kwargs.get("enable_gqa", False), masked))
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+
+    def run(implementation):
+        calls.clear()
+        with torch.no_grad(), native_attention(tiny_model, implementation):
+            return hf(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits, list(calls)
+
+    stock, stock_calls = run("sdpa")
+    grouped, grouped_calls = run(GROUPED_SDPA)
+    heads, kv = hf.config.num_attention_heads, hf.config.num_key_value_heads
+    assert stock_calls and all(c == (heads, heads, False, True) for c in stock_calls)  # repeated heads
+    assert len(grouped_calls) == len(stock_calls) and all(c == (heads, kv, True, True) for c in grouped_calls)
+    torch.testing.assert_close(grouped, stock, atol=1e-6, rtol=1e-6)
 
 
 def test_native_attention_hands_the_cache_over_by_the_modules_keyword(tiny_model, monkeypatch):

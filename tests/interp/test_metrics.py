@@ -12,6 +12,7 @@ from interp.metrics import (
     TokenSetProb,
     answer_logits,
     kl_divergence,
+    log_normalizer,
     run_metric,
 )
 
@@ -220,3 +221,13 @@ def test_packed_layout_is_the_candidate_trie(tiny_model, candidates):
         prefixes.add(tuple(nodes[j] for j in seen))
     assert prefixes == fed
 
+
+
+def test_the_log_normalizer_is_logsumexp_on_any_batch_shape_and_in_its_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(40, 7, 50, dtype=torch.float64, requires_grad=True)
+    for view in (logits, logits[:, :-1], logits[:, 0], logits[:3, :2], logits[:0]):
+        assert torch.equal(log_normalizer(view, rows=16), view.logsumexp(-1))
+    (grad,) = torch.autograd.grad(log_normalizer(logits[:, 1:], rows=4).sum(), logits)
+    (expected,) = torch.autograd.grad(logits[:, 1:].logsumexp(-1).sum(), logits)
+    torch.testing.assert_close(grad, expected)
