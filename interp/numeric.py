@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import no_type_check
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -538,18 +539,24 @@ def expand_each(
         tokens = torch.zeros(len(live), slots, dtype=torch.long)
         depth = torch.zeros(len(live), slots, dtype=torch.long)
         ancestors = torch.zeros(len(live), slots, width, dtype=torch.bool)
+        where = [], [], [], [], []  # (row, slot, token, depth) per node; (row, slot, key) per ancestor
         for i, (r, picked) in enumerate(zip(live, chosen)):
             col = trees[r]["col"]
             for s, (path, *_) in enumerate(picked):
-                tokens[i, s], depth[i, s] = path[-1], len(path)
-                for d in range(1, len(path)):
-                    ancestors[i, s, col[path[:d]]] = True
+                where[0].append((i, s, path[-1], len(path)))
+                where[1].extend((i, s, col[path[:d]]) for d in range(1, len(path)))
+        node_at = torch.tensor(where[0], dtype=torch.long)
+        tokens[node_at[:, 0], node_at[:, 1]], depth[node_at[:, 0], node_at[:, 1]] = node_at[:, 2], node_at[:, 3]
+        if where[1]:
+            ancestors[tuple(torch.tensor(where[1], dtype=torch.long).T)] = True
         states = {state for picked in chosen for _, state, *_ in picked}
         read = sorted({i for state in states for i in grammar.continuation_ids(state)})  # all that leave the device
         at = {token: j for j, token in enumerate(read)}
-        index = {state: torch.tensor([at[i] for i in grammar.continuation_ids(state)], dtype=torch.long)
-                 for state in states}
+        index = {state: np.array([at[i] for i in grammar.continuation_ids(state)], dtype=np.int64) for state in states}
         logits, norms = cache.feed(tokens, depth, ancestors, read)
+        logps = (logits - norms[..., None]).double()  # [row, slot, read]: each node's continuations
+        masses = logps.exp().numpy()
+        logps = logps.numpy()
         for i, (r, picked) in enumerate(zip(live, chosen)):
             t = trees[r]
             floor = answer_floor * t["numeric"]
@@ -557,19 +564,18 @@ def expand_each(
                 t["col"][path] = width + s
                 table = grammar.continuations(state)
                 ids = grammar.continuation_ids(state)
-                child = (logits[i, s, index[state]] - norms[i, s]).double()
-                mass = child.exp()
-                stop = math.log1p(-min(float(mass.sum()), 1 - 1e-12))
+                child, mass = logps[i, s, index[state]], masses[i, s, index[state]]
+                total = float(mass.sum())
+                stop = math.log1p(-min(total, 1 - 1e-12))
                 if state == LEAD:  # a space and then no number
                     t["other"] += math.exp(logp + stop)
                 else:
                     t["paths"].append(path), t["ends"].append(ids), t["mass"].append(math.exp(logp + stop))
                     t["fills"].append(None)
                     t["covered"] += math.exp(logp + stop)
-                kept = (mass * math.exp(logp) >= floor).nonzero().flatten().tolist()
-                t["dropped"] += math.exp(logp) * (float(mass.sum()) - float(mass[kept].sum()))
-                lps = (logp + child[kept]).tolist()
-                for j, lp in zip(kept, lps):
+                kept = np.flatnonzero(mass * math.exp(logp) >= floor)
+                t["dropped"] += math.exp(logp) * (total - float(mass[kept].sum()))
+                for j, lp in zip(kept.tolist(), (logp + child[kept]).tolist()):
                     token = ids[j]
                     file(t, path + (token,), table[token], lp, _significant(sig, grammar.token_texts[token]))
             t["evaluated"] += len(picked)

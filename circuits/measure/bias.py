@@ -241,18 +241,19 @@ def _numeric_answers(model, answer: AnswerFormat, keys: Sequence[tuple[int, ...]
             for i, path in enumerate(tree.paths):
                 at = (path, tree.fills[i])
                 if at not in values:
-                    text, fill = start + tokenizer.decode(list(path)), tree.fills[i] or ""
+                    decoded, fill = tokenizer.decode(list(path)), tree.fills[i] or ""
+                    text = start + decoded
                     raw = parse_number(text + fill)
                     values[at] = (answer.on_scale(raw), answer.on_scale(parse_number(text + re.sub(r"\d", "0", fill))),
-                                  answer.on_scale(raw) != raw)
+                                  answer.on_scale(raw) != raw, decoded)
                 if values[at][0] is not None:
                     keep.append(i)
             if not keep:
                 raise ValueError(f"the model gives no {answer.type} answer after a prompt (non-numeric mass "
                                  f"{tree.other:.3g}); check the answer prefix {answer.prefix!r}")
             paths = tuple(tree.paths[i] for i in keep)
-            value, low, beyond = zip(*(values[tree.paths[i], tree.fills[i]] for i in keep))
-            cands = CandidateAnswers(tuple(tokenizer.decode(list(p)) for p in paths), tuple(map(float, value)),
+            value, low, beyond, texts = zip(*(values[tree.paths[i], tree.fills[i]] for i in keep))
+            cands = CandidateAnswers(texts, tuple(map(float, value)),
                                      paths, packed, tuple(tree.ends[i] for i in keep), tree.root_continuations)
             bounded = np.array([tree.fills[i] is not None for i in keep])
             out[key] = _Answers(cands, np.array([tree.mass[i] for i in keep]), tree.other, bounded,
@@ -275,7 +276,7 @@ def _significant(expansion: Expansion, answer_type: str) -> int | None:
     return SIGNIFICANT[answer_type] if expansion.significant is None else expansion.significant
 
 
-_VALUES: dict = {}  # (tokenizer, number start, scale) -> {(token path, fill): (value, range's low end, beyond)}
+_VALUES: dict = {}  # (tokenizer, number start, scale) -> {(token path, fill): (value, range's low end, beyond, text)}
 
 
 def _context_answer(model, context: str | Context, prompts: PromptSet | None) -> tuple[str, AnswerFormat, bool]:
