@@ -503,18 +503,23 @@ def measure(
 
 def _score_shared(model, cands: CandidateAnswers, ids: list, batch_size: int, pad: int) -> list:
     """Per prompt its ``_Answers`` under a candidate set shared by every prompt (none bounded)."""
+    from interp.hooks import attached_hook_count
+
     unbounded = np.zeros(len(cands.texts), dtype=bool)
     if not cands.packed and not cands.single_token:
         per_forward = max(1, batch_size // len(cands.texts))
     else:
         per_forward = max(1, min(batch_size, _READ_BUDGET // (cands.n_nodes + 1)))
     values = np.array(cands.values, dtype=np.float64)
+    # on the unmodified model: prompts prefilled (shared prefixes once), the trie run onto their cache
+    prefilled = takes_layout(model) and (cands.packed or cands.single_token) and not attached_hook_count(model)
+    run = cands.score_prefilled if prefilled else cands.score
 
     def score(part: slice) -> tuple:
         batch = pad_ids(ids[part], pad).to(model.cfg.device)
         if cands.answer_tokens is None:
-            return cands.score(model, batch).double().cpu(), None
-        return tuple(x.double().cpu() for x in cands.score(model, batch, other=True))
+            return run(model, batch).double().cpu(), None
+        return tuple(x.double().cpu() for x in run(model, batch, other=True))
 
     out = []
     for logp, other in backoff_batches(len(ids), per_forward, score, what="answer batch"):

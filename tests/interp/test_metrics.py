@@ -231,3 +231,24 @@ def test_the_log_normalizer_is_logsumexp_on_any_batch_shape_and_in_its_gradient(
     (grad,) = torch.autograd.grad(log_normalizer(logits[:, 1:], rows=4).sum(), logits)
     (expected,) = torch.autograd.grad(logits[:, 1:].logsumexp(-1).sum(), logits)
     torch.testing.assert_close(grad, expected)
+
+
+def test_scoring_onto_prefilled_prompts_equals_scoring_the_packed_batch(tiny_model):
+    """The prompts prefilled (two of them sharing a long prefix, run once) and the trie run onto
+    their cache give ``score``'s log-probabilities, stop terms and other-mass."""
+    prompts = ["The seller of the old red bicycle asked the buyer for", "Hi",
+               "The seller of the old red bicycle asked his friend for"]
+    batch = tokenize(tiny_model, prompts)
+    grid = CandidateAnswers.from_texts(tiny_model.tokenizer, TEXTS, VALUES)
+    ids = grid.token_ids
+    ends = tuple(tuple(range(3 + i)) for i in range(len(ids)))  # a stop term after every candidate
+    firsts = tuple(sorted({t[0] for t in ids}))
+    stopping = CandidateAnswers(grid.texts, grid.values, ids, True, ends, firsts)
+    for cands in (grid, stopping):
+        want = cands.score(tiny_model, batch, other=cands.answer_tokens is not None)
+        got = cands.score_prefilled(tiny_model, batch, other=cands.answer_tokens is not None)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    unpacked = CandidateAnswers.from_texts(tiny_model.tokenizer, TEXTS, VALUES, packed=False)
+    with pytest.raises(ValueError, match="packed=True"):
+        unpacked.score_prefilled(tiny_model, batch)

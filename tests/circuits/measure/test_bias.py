@@ -145,7 +145,7 @@ def test_answer_batches_that_run_out_of_memory_are_halved_with_the_same_values(t
                              names_per_cell=1)
     expansion = Expansion(max_nodes=12, per_round=4, target=1.0, min_mass=1e-6, batch_size=8)  # a cache of its own
     reference = measure(tiny_model, prompts, batch_size=8, expansion=expansion, keep_answers=False).values
-    real_expand, real_score = bias.expand_each, CandidateAnswers.score
+    real_expand, real_score = bias.expand_each, CandidateAnswers.score_prefilled  # the unmodified model's
     sizes = []
 
     def small_memory(real):
@@ -157,7 +157,7 @@ def test_answer_batches_that_run_out_of_memory_are_halved_with_the_same_values(t
         return run
 
     monkeypatch.setattr(bias, "expand_each", small_memory(real_expand))
-    monkeypatch.setattr(CandidateAnswers, "score", lambda self, model, batch, **kw:
+    monkeypatch.setattr(CandidateAnswers, "score_prefilled", lambda self, model, batch, **kw:
                         small_memory(lambda m, b, **k: real_score(self, m, b, **k))(model, batch, **kw))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -273,6 +273,24 @@ def test_yes_no_forms_exclude_each_other(tiny_model):
     assert set(cands.values) == {0.0, 1.0} and cands.answer_tokens == tuple(sorted({t[0] for t in ids}))
 
 
+def test_yes_no_prompts_score_alike_prefilled_and_through_the_bridge(tiny_model, monkeypatch):
+    """On the unmodified model a yes/no context is scored onto prefilled prompts; with a hook attached
+    (here one that changes nothing) through the bridge's forward: the same values either way."""
+    prompts = select_prompts(build_prompts(tiny_model, ["lending_approval"], details=["low"]), variations=2,
+                             names_per_cell=2)
+    calls = []
+    real = CandidateAnswers.score_prefilled
+    monkeypatch.setattr(CandidateAnswers, "score_prefilled", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = measure(tiny_model, prompts, batch_size=4, progress=False).values
+    assert calls
+    calls.clear()
+    with hooked(tiny_model, [("blocks.0.hook_resid_pre", lambda x, hook: x)]):
+        bridge = measure(tiny_model, prompts, batch_size=4, progress=False).values
+    assert not calls
+    for column in ("value", "grid_mass", "other_mass"):
+        np.testing.assert_allclose(plain[column], bridge[column], rtol=1e-4, atol=1e-6)
+
+
 def test_context_metric_is_differentiable_and_matches_measure(tiny_model, small):
     subset = small.filter(context="lending_rate", gender="woman")
     metric = context_metric(tiny_model, "lending_rate", expansion=TINY)
@@ -344,3 +362,19 @@ def test_a_templates_prompts_share_their_answers_so_pairs_expand_alike(tiny_mode
     assert a.tokens.shape == b.tokens.shape and torch.equal(a.cand_ids, b.cand_ids)
     result = attribute(tiny_model, pairs.clean, pairs.corrupt, metric, kinds=("neuron",), batch_size=4)
     assert torch.isfinite(result.metric_clean).all()
+
+
+def test_smollm2_yes_no_answers_score_alike_prefilled_and_through_the_bridge(smollm2):
+    """SmolLM2's chat prompts (system prompt and header shared, prefilled once): the yes/no forms'
+    log-probabilities and the other-mass equal the bridge's packed forward."""
+    from interp.batching import encode, pad_ids, pad_token_id
+
+    prompts = build_prompts(smollm2, ["lending_approval"], details=["low"], seed=0)
+    cands = answer_candidates(smollm2, CONTEXTS["lending_approval"].answer)
+    batch = pad_ids([encode(smollm2, t) for t in prompts.texts[:4]], pad_token_id(smollm2.tokenizer))
+    assert cands.packed and not cands.single_token
+    with torch.no_grad():
+        want = cands.score(smollm2, batch, other=True)
+    got = cands.score_prefilled(smollm2, batch, other=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
