@@ -394,36 +394,29 @@ class CandidateAnswers:
 
     @torch.no_grad()
     def score_prefilled(self, model: HookedModel, batch: TokenBatch, *, other: bool = False):
-        """``score`` on a model with no hooks attached, cheaper: the prompts prefilled once
-        (``interp.prefix.prefill``: each shared prefix computed once) and the packed trie then run
-        onto their key/value cache, on the Hugging Face attention kernels (``native_attention``).
-        The same values up to float rounding. ``batch``: plain right-padded prompts."""
+        """``score`` on a model with no hooks attached, cheaper: the prompts prefilled once (each
+        shared prefix computed once) and the packed trie fed onto their key/value cache in one
+        forward (``interp.prefix.GrowingCache``), on the Hugging Face attention kernels
+        (``native_attention``). The same values up to float rounding, on the CPU.
+        ``batch``: plain right-padded prompts."""
         from interp.bridge import attention_reads_cache, native_attention
-        from interp.prefix import prefill
+        from interp.prefix import GrowingCache
 
         if not (self.packed or self.single_token):
             raise ValueError("score_prefilled runs a packed trie: build the candidates with packed=True")
         with native_attention(model), attention_reads_cache(model):
-            filled = prefill(model, batch)
-            logits = filled.logits[:, None]
+            cache = GrowingCache(model, batch)
+            logp = cache.root[:, None]  # log-probabilities at the answer position
             if not self.single_token:
-                logits = torch.cat([logits, self._onto(model, filled.cache, batch.to(logits.device))], 1)
-        expanded = self.expand(batch)
-        logp = self.log_probs_at(logits, expanded)
-        return (logp, self.other_log_prob_at(logits, expanded)) if other else logp
-
-    def _onto(self, model: HookedModel, cache, batch: TokenBatch) -> Float[Tensor, "row node vocab"]:
-        """The next-token logits of every trie node run onto ``batch``'s prefilled ``cache``, each node
-        attending to its prompt, its ancestors and itself at the position id it has in ``_pack``."""
-        trie, device = self._trie, batch.tokens.device
-        rows, n = len(batch), len(trie.tokens)
-        prompt = batch.attention_mask.bool()[:, None, :].expand(-1, n, -1)
-        mask = torch.cat([prompt, trie.sees.to(device)[None].expand(rows, -1, -1)], -1)
-        tokens = trie.tokens.to(device)[None].expand(rows, -1)
-        positions = batch.lengths[:, None] - 1 + trie.depth.to(device)[None]
-        out = model.original_model(input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
-                                   past_key_values=cache, use_cache=True)
-        return out.logits
+                trie, rows = self._trie, len(batch)
+                nodes = len(trie.tokens)
+                logits, norms = cache.feed(trie.tokens[None].expand(rows, -1), trie.depth[None].expand(rows, -1),
+                                           torch.zeros(rows, nodes, 0, dtype=torch.bool), range(logp.shape[-1]),
+                                           sees=trie.sees)
+                logp = torch.cat([logp, logits - norms[..., None]], 1)
+        expanded = self.expand(batch.to("cpu"))
+        scores = self.log_probs_at(logp, expanded)
+        return (scores, self.other_log_prob_at(logp, expanded)) if other else scores
 
     def values_of(self, batch: TokenBatch) -> Float[Tensor, "1 cand"]:
         """The candidates' values, one row shared by every prompt."""

@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 from interp.batching import TokenBatch
 from interp.bridge import attention_reads_cache, native_attention
 from interp.hooks import HookedModel
-from interp.metrics import CandidateAnswers, log_normalizer
-from interp.prefix import prefill
+from interp.metrics import CandidateAnswers
+from interp.prefix import GrowingCache
 
 DIGITS = "0123456789"
 # (phase, leading digits (4 = more than 3), comma seen, digits in the current group / decimals, word)
@@ -396,55 +396,6 @@ def _natively(grow):
     return run
 
 
-class _GrowingCache:
-    """The prompts' key/value cache (``interp.prefix.prefill``: each shared prefix computed once),
-    grown by every evaluated node (never recomputed): a node is fed its last token at the position
-    id it would have right after the prompt and its ancestors, and attends to its prompt, its
-    ancestors' cached keys and itself. Used inside ``_natively`` (the Hugging Face attention
-    kernels: nothing here needs an attention hook)."""
-
-    def __init__(self, model: HookedModel, batch: TokenBatch):
-        self.model, self.hf = model, model.original_model
-        self.device = next(self.hf.parameters()).device
-        batch = batch.to(self.device)
-        filled = prefill(model, batch)  # each shared prefix (system prompt, template) once
-        self.root = filled.logits.float().log_softmax(-1).cpu()
-        self.cache = filled.cache
-        self.keys = batch.attention_mask.bool()  # row key: which cached keys a row's nodes may read
-        self.lengths = batch.lengths
-        self.rows = torch.arange(len(batch))  # the batch rows still in the cache, in cache order
-
-    def keep(self, rows: Sequence[int]) -> None:
-        """Keep only these batch rows (a subset of ``self.rows``, in order) in the cache."""
-        at = {int(r): i for i, r in enumerate(self.rows)}
-        index = torch.tensor([at[r] for r in rows], dtype=torch.long, device=self.device)
-        self.cache.batch_select_indices(index)
-        self.keys, self.lengths = self.keys[index], self.lengths[index]
-        self.rows = torch.tensor(list(rows), dtype=torch.long)
-
-    def feed(self, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
-             read: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one token per (row, slot): ``tokens``/``depth`` ``[row, slot]`` (depth 0: a dummy
-        slot), ``ancestors[row, slot, key]`` the cached keys (beyond the prompt) each slot reads.
-        Returns the next-token logits of the ``read`` token ids ``[row, slot, len(read)]`` and the
-        log-normalizers ``[row, slot]`` (float32, on the CPU: only these leave the device); a
-        log-probability is their difference."""
-        rows, slots = tokens.shape
-        prompt = self.keys[:, None, :].expand(-1, slots, -1).clone()
-        prompt[:, :, : ancestors.shape[-1]] |= ancestors.to(self.device)
-        real = (depth > 0).to(self.device)
-        prompt &= real[:, :, None]
-        own = torch.eye(slots, dtype=torch.bool, device=self.device)[None].expand(rows, -1, -1)
-        mask = torch.cat([prompt, own], -1)
-        positions = torch.where(real, self.lengths[:, None] - 1 + depth.to(self.device), 0)
-        out = self.hf(input_ids=tokens.to(self.device), attention_mask=mask[:, None], position_ids=positions,
-                      past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
-        self.keys = torch.cat([self.keys, torch.zeros(rows, slots, dtype=torch.bool, device=self.device)], -1)
-        logits = out.logits.float()
-        return logits[..., torch.tensor(read, device=self.device)].cpu(), log_normalizer(logits).cpu()
-
-
 @torch.no_grad()
 @_natively
 def expand_each(
@@ -486,7 +437,7 @@ def expand_each(
 
     n = len(batch)
     text, start_sig, start = start, _significant(0, start), grammar.state_of(start)
-    cache = _GrowingCache(model, batch)
+    cache = GrowingCache(model, batch)
 
     answer_floor = min_mass if min_answer is None else min(min_answer, min_mass)
 

@@ -12,9 +12,14 @@ the result exactly as onto a plain prefill. Exact up to float rounding (other ma
 Runs the model's underlying Hugging Face module (hooks added through ``interp.hooks`` still fire:
 the bridge's components are that module's). Each row keeps at least its last token in the suffix
 pass, so its answer logits always come from there.
+
+``GrowingCache`` holds a prefilled batch and feeds nodes onto it (one token per row and slot,
+each reading its prompt, chosen cached keys and chosen slots of its own feed): the answer trees
+grow on it a round at a time, shared candidates feed their whole trie at once.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +29,7 @@ from torch import Tensor
 from interp.batching import TokenBatch
 from interp.bridge import attention_reads_cache
 from interp.hooks import HookedModel
+from interp.metrics import log_normalizer
 
 
 @dataclass(frozen=True)
@@ -114,4 +120,56 @@ def prefill(model: HookedModel, batch: TokenBatch, *, min_prefix: int = 8) -> Pr
     return Prefill(logits, cache, computed, sum(lengths))
 
 
-__all__ = ["Prefill", "prefill", "prefix_groups"]
+class GrowingCache:
+    """The prompts' key/value cache (``prefill``: each shared prefix computed once), grown by every
+    node fed onto it (never recomputed): a node is fed its last token at the position id it would
+    have right after the prompt and its ancestors, and attends to its prompt, its ancestors' keys
+    and itself. ``root``: the log-probabilities at each prompt's answer position. For the Hugging
+    Face attention kernels (``interp.bridge.native_attention``: nothing here needs an attention
+    hook): the answer trees (``interp.numeric``) and shared candidates (``CandidateAnswers.score_prefilled``)."""
+
+    def __init__(self, model: HookedModel, batch: TokenBatch):
+        self.model, self.hf = model, model.original_model
+        self.device = next(self.hf.parameters()).device
+        batch = batch.to(self.device)
+        filled = prefill(model, batch)  # each shared prefix (system prompt, template) once
+        self.root = filled.logits.float().log_softmax(-1).cpu()
+        self.cache = filled.cache
+        self.keys = batch.attention_mask.bool()  # row key: which cached keys a row's nodes may read
+        self.lengths = batch.lengths
+        self.rows = torch.arange(len(batch))  # the batch rows still in the cache, in cache order
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these batch rows (a subset of ``self.rows``, in order) in the cache."""
+        at = {int(r): i for i, r in enumerate(self.rows)}
+        index = torch.tensor([at[r] for r in rows], dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.keys, self.lengths = self.keys[index], self.lengths[index]
+        self.rows = torch.tensor(list(rows), dtype=torch.long)
+
+    def feed(self, tokens: Tensor, depth: Tensor, ancestors: Tensor, read: Sequence[int],
+             sees: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Feed one token per (row, slot): ``tokens``/``depth`` ``[row, slot]`` (depth 0: a dummy
+        slot), ``ancestors[row, slot, key]`` the cached keys (beyond the prompt) each slot reads,
+        ``sees[slot, slot]`` the slots of this feed each slot reads (default: itself only; a whole
+        trie fed at once reads its ancestors here). Returns the next-token logits of the ``read``
+        token ids ``[row, slot, len(read)]`` and the log-normalizers ``[row, slot]`` (float32, on
+        the CPU: only these leave the device); a log-probability is their difference."""
+        rows, slots = tokens.shape
+        prompt = self.keys[:, None, :].expand(-1, slots, -1).clone()
+        prompt[:, :, : ancestors.shape[-1]] |= ancestors.to(self.device)
+        real = (depth > 0).to(self.device)
+        prompt &= real[:, :, None]
+        own = torch.eye(slots, dtype=torch.bool) if sees is None else sees
+        own = own.to(self.device)[None].expand(rows, -1, -1)
+        mask = torch.cat([prompt, own], -1)
+        positions = torch.where(real, self.lengths[:, None] - 1 + depth.to(self.device), 0)
+        out = self.hf(input_ids=tokens.to(self.device), attention_mask=mask[:, None], position_ids=positions,
+                      past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.keys = torch.cat([self.keys, torch.zeros(rows, slots, dtype=torch.bool, device=self.device)], -1)
+        logits = out.logits.float()
+        return logits[..., torch.tensor(read, device=self.device)].cpu(), log_normalizer(logits).cpu()
+
+
+__all__ = ["GrowingCache", "Prefill", "prefill", "prefix_groups"]
