@@ -490,16 +490,16 @@ def expand_each(
         tokens = torch.zeros(len(live), slots, dtype=torch.long)
         depth = torch.zeros(len(live), slots, dtype=torch.long)
         ancestors = torch.zeros(len(live), slots, width, dtype=torch.bool)
-        where = [], [], [], [], []  # (row, slot, token, depth) per node; (row, slot, key) per ancestor
+        nodes, reads = [], []  # (row, slot, token, depth) per node; (row, slot, cached key) per ancestor read
         for i, (r, picked) in enumerate(zip(live, chosen)):
             col = trees[r]["col"]
             for s, (path, *_) in enumerate(picked):
-                where[0].append((i, s, path[-1], len(path)))
-                where[1].extend((i, s, col[path[:d]]) for d in range(1, len(path)))
-        node_at = torch.tensor(where[0], dtype=torch.long)
-        tokens[node_at[:, 0], node_at[:, 1]], depth[node_at[:, 0], node_at[:, 1]] = node_at[:, 2], node_at[:, 3]
-        if where[1]:
-            ancestors[tuple(torch.tensor(where[1], dtype=torch.long).T)] = True
+                nodes.append((i, s, path[-1], len(path)))
+                reads.extend((i, s, col[path[:d]]) for d in range(1, len(path)))
+        row, slot, token, deep = torch.tensor(nodes, dtype=torch.long).T
+        tokens[row, slot], depth[row, slot] = token, deep
+        if reads:
+            ancestors[tuple(torch.tensor(reads, dtype=torch.long).T)] = True
         states = {state for picked in chosen for _, state, *_ in picked}
         read = sorted({i for state in states for i in grammar.continuation_ids(state)})  # all that leave the device
         at = {token: j for j, token in enumerate(read)}
