@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.batching import TokenBatch
+from interp.bridge import fastest_attention
 from interp.hooks import HookedModel, capturing
 from interp.memory import Backoff
 
@@ -84,7 +85,8 @@ def _stream(
 
     def run(rows: slice) -> tuple[slice, dict[str, list]]:
         mb = batch.select(rows).to(device)
-        with torch.no_grad(), capturing(model, hook_names, lambda name, act: reduce(name, act, mb, rows)) as seen:
+        with (torch.no_grad(), capturing(model, hook_names, lambda name, act: reduce(name, act, mb, rows)) as seen,
+              fastest_attention(model)):
             model(mb.tokens, stop_at_layer=stop)
         return rows, seen
 

@@ -17,11 +17,15 @@ attributes removed afterwards (also on error), or a check of what the bridge sup
 * :func:`native_attention`: the attention bridges reimplement attention eagerly (so that their
   hook points see scores and patterns), which on answer trees hundreds of keys wide costs a tenth
   of a forward. Each attention bridge runs the Hugging Face module it wraps instead, with its own
-  ``sdpa`` kernel; for a model with no hooks attached only (the attention hook points do not fire).
-  By default that kernel is :data:`GROUPED_SDPA`: Hugging Face's ``sdpa``, except that on a CPU a
-  masked grouped-query attention reads each key/value head once for all its query heads
-  (``enable_gqa``) instead of first copying it to every one of them, which on a wide cache costs
-  twice the attention itself. The same values (the kernel shares the heads, it does not reorder sums).
+  ``sdpa`` kernel. The hook points of the projections inside it (``hook_q``/``hook_k``/``hook_v``,
+  ``hook_z`` at the output projection's input) still fire, and so do the MLP's and the residual
+  stream's; the attention bridge's own (scores, pattern, rotary q/k, ``hook_attn_out``) do not, and a
+  hook on one of them is refused (:func:`skipped_by_native_attention`; :func:`fastest_attention`
+  picks the bridge's attention then). By default the kernel is :data:`GROUPED_SDPA`: Hugging Face's
+  ``sdpa``, except that on a CPU a masked grouped-query attention reads each key/value head once for
+  all its query heads (``enable_gqa``) instead of first copying it to every one of them, which on a
+  wide cache costs twice the attention itself. The same values (the kernel shares the heads, it does
+  not reorder sums).
 * :func:`keeps_logits`: whether the underlying model's ``forward`` takes ``logits_to_keep`` (unembed
   only some positions); :func:`cache_keyword`: the keyword a Hugging Face module takes its cache by
   (``cache`` from transformers 5.2x on, ``past_key_values`` before: the GPU machine has 5.17).
@@ -31,7 +35,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -120,28 +124,50 @@ def _register_grouped() -> None:
         AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # masks as for sdpa
 
 
+def _own_hook_points(attention) -> list:
+    """The hook points an attention bridge runs itself (not those of its projections' bridges)."""
+    from transformer_lens.hook_points import HookPoint
+
+    return [module for module in attention.children() if isinstance(module, HookPoint)]
+
+
+def skipped_by_native_attention(model: HookedModel) -> list[str]:
+    """The hook points with hooks attached that :func:`native_attention` would not run."""
+    from interp.hooks import hook_count
+
+    return [point.name for block in model.blocks for point in _own_hook_points(block.attn) if hook_count(point)]
+
+
+def _refuse_skipped(names: list[str]) -> None:
+    if names:
+        raise RuntimeError(f"native_attention runs the Hugging Face attention, where {', '.join(names)} does not "
+                           "fire: remove the hooks there, or run without native_attention")
+
+
 @contextmanager
 def native_attention(model: HookedModel, implementation: str = GROUPED_SDPA) -> Iterator[None]:
     """Run every attention block as the Hugging Face module its bridge wraps, with the Hugging Face
     attention ``implementation`` (``"sdpa"``: Hugging Face's own; :data:`GROUPED_SDPA` by default);
-    equal to the bridge's up to float rounding. Refused while hooks are attached: the attention
-    hook points (scores, pattern, rotary q/k) do not fire."""
-    from interp.hooks import attached_hook_count
+    equal to the bridge's up to float rounding. Hooks on the attention bridges' own hook points
+    (scores, pattern, rotary q/k, ``hook_attn_out``), which would not fire, are refused on entry and
+    at every forward; every other hook point fires as through the bridge."""
+    from interp.hooks import hook_count
 
     if implementation == GROUPED_SDPA:
         _register_grouped()
-    if attached_hook_count(model):
-        raise RuntimeError("native_attention skips the attention hook points: run it with no hooks attached")
+    _refuse_skipped(skipped_by_native_attention(model))
     attentions = [block.attn for block in model.blocks]
     modules = [attention.original_component for attention in attentions]
     configs = list({id(c): c for c in [model.original_model.config, *(m.config for m in modules)]}.values())
     previous = [c._attn_implementation for c in configs]
 
-    def native(module):
+    def native(attention, module):
         key = cache_keyword(module)
         other = "past_key_values" if key == "cache" else "cache"
+        skipped = _own_hook_points(attention)
 
         def forward(*args, **kwargs):
+            _refuse_skipped([point.name for point in skipped if hook_count(point)])
             if other in kwargs:
                 kwargs.setdefault(key, kwargs.pop(other))
             return type(module).forward(module, *args, **kwargs)
@@ -150,7 +176,7 @@ def native_attention(model: HookedModel, implementation: str = GROUPED_SDPA) -> 
 
     try:
         for attention, module in zip(attentions, modules):
-            vars(attention)["forward"] = native(module)
+            vars(attention)["forward"] = native(attention, module)
         for config in configs:
             config._attn_implementation = implementation
         yield
@@ -161,5 +187,11 @@ def native_attention(model: HookedModel, implementation: str = GROUPED_SDPA) -> 
             vars(attention).pop("forward", None)
 
 
-__all__ = ["GROUPED_SDPA", "attention_reads_cache", "blocks_skipped_below", "cache_keyword", "keeps_logits",
-           "native_attention"]
+def fastest_attention(model: HookedModel):
+    """:func:`native_attention` where every attached hook fires on it (the forwards of a sweep, whose
+    hooks sit at the MLP, ``hook_z`` and the residual stream); else the bridge's own attention."""
+    return nullcontext() if skipped_by_native_attention(model) else native_attention(model)
+
+
+__all__ = ["GROUPED_SDPA", "attention_reads_cache", "blocks_skipped_below", "cache_keyword", "fastest_attention",
+           "keeps_logits", "native_attention", "skipped_by_native_attention"]

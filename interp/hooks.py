@@ -91,13 +91,14 @@ def capturing(
         pass
 
 
+def hook_count(hook_point) -> int:
+    """How many user hook functions are attached to one hook point right now."""
+    return (len(hook_point._forward_hooks) + len(hook_point._backward_hooks) + len(hook_point.fwd_hooks)
+            + len(hook_point.bwd_hooks))
+
+
 def attached_hook_count(model: HookedModel) -> int:
     """How many user hook functions are attached to the model's hook points right now."""
     from transformer_lens.hook_points import HookPoint
 
-    total = 0
-    for module in model.modules():
-        if isinstance(module, HookPoint):
-            total += len(module._forward_hooks) + len(module._backward_hooks) + len(module.fwd_hooks)
-            total += len(module.bwd_hooks)
-    return total
+    return sum(hook_count(module) for module in model.modules() if isinstance(module, HookPoint))

@@ -386,7 +386,7 @@ def expand(
 
 def _natively(grow):
     """Run ``grow(model, ...)`` with the Hugging Face attention kernels onto caches, entered once
-    (``native_attention`` checks every module for hooks)."""
+    (``native_attention`` checks the attention hook points on entry)."""
 
     @functools.wraps(grow)
     def run(model, *args, **kwargs):

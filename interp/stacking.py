@@ -13,7 +13,9 @@ of one full forward per variant:
   reads are unembedded (``logits_to_keep``), and leading positions that no variant can change and
   no logit is read at (a shared prefix) can run once, the stacked rows resuming after them from
   their cached keys and values. Resuming after the prefix is checked against the plain run first;
-  where it does not reproduce it, the sweep warns and runs every position.
+  where it does not reproduce it, the sweep warns and runs every position;
+* every forward runs on the Hugging Face attention kernels (``interp.bridge.fastest_attention``)
+  when the attached hooks all fire there, as the sweeps' own do (MLP, ``hook_z``, residual stream).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.batching import TokenBatch, microbatches
-from interp.bridge import attention_reads_cache, blocks_skipped_below, keeps_logits
+from interp.bridge import attention_reads_cache, blocks_skipped_below, fastest_attention, keeps_logits
 from interp.components import ComponentSet
 from interp.hooks import HookedModel, HookSpec, capturing, hooked
 from interp.memory import Backoff, free_memory_bytes, row_bytes
@@ -126,7 +128,7 @@ class Prefix:
         if length == 0:
             return cls()
         caches = []
-        with attention_reads_cache(model):
+        with fastest_attention(model), attention_reads_cache(model):
             for part in microbatches(len(batch), rows):
                 tokens = batch.tokens[part, :length]
                 _, cache = model(tokens, return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
@@ -163,6 +165,7 @@ def resume(
     layout = batch.take(rows).forward_kwargs(offset=prefix.length)
     kwargs = reader.kwargs(offset=prefix.length) | prefix.kwargs(rows if cache_rows is None else cache_rows) | layout
     with (
+        fastest_attention(model),
         blocks_skipped_below(model, layer),
         attention_reads_cache(model) if prefix.length else nullcontext(),
     ):
@@ -233,7 +236,7 @@ def run_unchanged(
 
     values = []
     n_prompts = len(batch) // rows_per_prompt
-    with capturing(model, list(capture), lambda name, act: capture[name](act)) as captured:
+    with capturing(model, list(capture), lambda name, act: capture[name](act)) as captured, fastest_attention(model):
         for prompts in microbatches(n_prompts, max(1, rows // rows_per_prompt)):
             part = batch.take(expanded_rows(prompts, rows_per_prompt, batch.tokens.device))
             if metric is None:

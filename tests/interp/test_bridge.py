@@ -7,9 +7,12 @@ from interp.bridge import (
     attention_reads_cache,
     blocks_skipped_below,
     cache_keyword,
+    fastest_attention,
     keeps_logits,
     native_attention,
+    skipped_by_native_attention,
 )
+from interp.hooks import attached_hook_count
 
 
 def test_workarounds_leave_nothing_behind(tiny_model):
@@ -117,12 +120,53 @@ def test_native_attention_hands_the_cache_over_by_the_modules_keyword(tiny_model
     torch.testing.assert_close(run(), expected)
 
 
-def test_native_attention_is_undone_on_error_and_refused_with_hooks(tiny_model):
+def test_native_attention_is_undone_on_error(tiny_model):
     before = tiny_model.original_model.config._attn_implementation
     with pytest.raises(ValueError), native_attention(tiny_model):
         raise ValueError("inside")
     assert tiny_model.original_model.config._attn_implementation == before
     assert not any("forward" in vars(b.attn) for b in tiny_model.blocks)
-    with tiny_model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x)]):
-        with pytest.raises(RuntimeError, match="no hooks attached"), native_attention(tiny_model):
-            pass
+
+
+def test_native_attention_fires_the_projection_mlp_and_residual_hooks_and_refuses_the_attentions_own(tiny_model):
+    """Hooks at hook_z (a head zeroed), the MLP and the residual stream fire on the Hugging Face kernel
+    and change its logits as they change the bridge's; a hook on a point only the bridge's attention
+    runs is refused on entry and, attached inside, at the forward, with nothing left behind."""
+    batch = tokenize(tiny_model, ["a short prompt", "another, longer prompt here"])
+    seen = []
+
+    def zero_head(z, hook):
+        seen.append(hook.name)
+        z[:, :, 1] = 0
+        return z
+
+    def scale(act, hook):
+        seen.append(hook.name)
+        return act * 0.5
+
+    hooks = [("blocks.1.attn.hook_z", zero_head), ("blocks.0.mlp.hook_post", scale),
+             ("blocks.2.hook_resid_pre", scale), ("blocks.0.attn.hook_q", scale)]
+    with torch.no_grad(), tiny_model.hooks(fwd_hooks=hooks):
+        bridge = tiny_model(batch.tokens)
+        bridge_seen, seen[:] = sorted(seen), []
+        assert skipped_by_native_attention(tiny_model) == []
+        with native_attention(tiny_model):
+            native = tiny_model(batch.tokens)
+        assert sorted(seen) == bridge_seen and len(seen) == len(hooks)
+    with torch.no_grad():
+        plain = tiny_model(batch.tokens)
+    torch.testing.assert_close(native, bridge, atol=1e-4, rtol=1e-4)
+    assert (native - plain).abs().max() > 1e-2  # the hooks changed the logits
+
+    with tiny_model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: x)]):
+        assert skipped_by_native_attention(tiny_model) == ["blocks.1.attn.hook_pattern"]
+        with pytest.raises(RuntimeError, match="blocks.1.attn.hook_pattern does not fire"):
+            with native_attention(tiny_model):
+                pass
+        with fastest_attention(tiny_model):  # the bridge's attention: the pattern hook fires
+            assert not any("forward" in vars(b.attn) for b in tiny_model.blocks)
+    with native_attention(tiny_model), tiny_model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", lambda x, hook: x)]):
+        with pytest.raises(RuntimeError, match=r"blocks\.0\.(attn\.hook_out|hook_attn_out) does not fire"):
+            tiny_model(batch.tokens)
+    assert not any("forward" in vars(b.attn) for b in tiny_model.blocks)
+    assert attached_hook_count(tiny_model) == 0

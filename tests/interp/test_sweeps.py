@@ -122,12 +122,20 @@ def _one_forward_per_set(model, batch, metric, sets, how="zero", means=None):
 
 
 @pytest.mark.parametrize("name", ["packed", "unpacked", "logit_diff"])
-def test_metric_sweep_equals_one_full_forward_per_set(tiny_model, name):
+def test_metric_sweep_equals_one_full_forward_per_set(tiny_model, name, monkeypatch):
+    """Also: the sweep's forwards run on the Hugging Face attention modules (its hooks all fire there),
+    the per-set forwards it is checked against through the bridge's own attention."""
     metric = _metrics(tiny_model)[name]
     batch = tokenize(tiny_model, PROMPTS)
     before = attached_hook_count(tiny_model)
+    attention_class = type(tiny_model.blocks[0].attn.original_component)
+    calls, hf_forward = [], attention_class.forward
+    monkeypatch.setattr(attention_class, "forward", lambda *a, **k: calls.append(1) or hf_forward(*a, **k))
     got = metric_sweep(tiny_model, batch, metric, SETS, max_batch_rows=3, prompts_per_pass=3)  # several forwards
+    assert calls, "the sweep ran the bridge's attention"
+    calls.clear()
     want, base = _one_forward_per_set(tiny_model, batch, metric, SETS)
+    assert not calls
     assert got.values.shape == (len(SETS), len(PROMPTS))
     torch.testing.assert_close(got.baseline, base.float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.values, want.float(), rtol=1e-4, atol=1e-4)
