@@ -160,7 +160,10 @@ class _Trie:
     read: Int[Tensor, "cand k"]  # where candidate token j's logits are read: 0 answer position, 1 + node
     cand_tokens: Int[Tensor, "cand k"]  # -1 padded
     end_read: Int[Tensor, "cand"]  # where a candidate's stop term is read (its own last node)
-    end_tokens: Int[Tensor, "cand m"]  # the tokens that would continue it, -1 padded
+    # the stop terms as flat (candidate, token that would continue it) pairs: one candidate may have
+    # thousands of such tokens and the next a dozen, so a padded [cand, m] table would be mostly padding
+    end_cand: Int[Tensor, "pair"]
+    end_tokens: Int[Tensor, "pair"]
 
     @staticmethod
     def prefixes(token_ids: Sequence[Sequence[int]], ends: Sequence[Sequence[int] | None]) -> dict:
@@ -182,20 +185,22 @@ class _Trie:
             if parent >= 0:
                 sees[node] |= sees[parent]
         k = max(len(ids) for ids in token_ids)
-        m = max([len(e) for e in ends if e is not None] + [1])
         read = torch.zeros(len(token_ids), k, dtype=torch.long)
         cand_tokens = torch.full((len(token_ids), k), -1, dtype=torch.long)
         end_read = torch.zeros(len(token_ids), dtype=torch.long)
-        end_tokens = torch.full((len(token_ids), m), -1, dtype=torch.long)
+        end_cand, end_tokens = [], []
         for c, (ids, end) in enumerate(zip(token_ids, ends)):
             cand_tokens[c, : len(ids)] = torch.tensor(ids)
             for j in range(1, len(ids)):
                 read[c, j] = 1 + node_of[tuple(ids[:j])]
             if end:
                 end_read[c] = 1 + node_of[tuple(ids)]
-                end_tokens[c, : len(end)] = torch.tensor(end)
+                end_cand.append(torch.full((len(end),), c, dtype=torch.long))
+                end_tokens.append(torch.tensor(end, dtype=torch.long))
+        empty = torch.zeros(0, dtype=torch.long)
         return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(depth, dtype=torch.long), sees, read,
-                   cand_tokens, end_read, end_tokens)
+                   cand_tokens, end_read, torch.cat(end_cand) if end_cand else empty,
+                   torch.cat(end_tokens) if end_tokens else empty)
 
 
 @dataclass(frozen=True)
@@ -358,20 +363,21 @@ class CandidateAnswers:
             total = (token_logp * (ids >= 0)).sum(-1)
             if not any(self._ends):
                 return total
-            end_read, end_ids = trie.end_read.to(logits.device), trie.end_tokens.to(logits.device)
-            end_logp = logits[:, end_read[:, None], end_ids.clamp(min=0)] - lse[:, end_read, None]
-            return total + _stop(end_logp, end_ids >= 0)
+            owner, end_ids = trie.end_cand.to(logits.device), trie.end_tokens.to(logits.device)
+            at = trie.end_read.to(logits.device)[owner]  # pair
+            return total + _stop_pairs(logits[:, at, end_ids] - lse[:, at], owner, total.shape[-1])
         k = batch.cand_tokens.shape[1]
         ids = batch.cand_tokens.to(logits.device)
         token_logp = logits[:, :k].gather(-1, ids.clamp(min=0)[..., None]).squeeze(-1) - lse[:, :k]
         total = (token_logp * (ids >= 0)).sum(-1)
         if any(self._ends):
-            rows = torch.arange(len(ids), device=logits.device)
-            last = logits[rows, (ids >= 0).sum(-1)]  # row vocab: after the candidate's last token
-            end_ids = einops.repeat(trie.end_tokens.to(logits.device), "cand m -> (prompt cand) m",
-                                    prompt=len(ids) // batch.n_candidates)
-            end_logp = last.gather(-1, end_ids.clamp(min=0)) - lse[rows, (ids >= 0).sum(-1), None]
-            total = total + _stop(end_logp, end_ids >= 0)
+            n_prompt = len(ids) // batch.n_candidates
+            owner = trie.end_cand.to(logits.device)  # each pair's row: its candidate's, in every prompt
+            row = einops.rearrange(torch.arange(n_prompt, device=logits.device)[:, None] * batch.n_candidates
+                                   + owner, "prompt pair -> (prompt pair)")
+            end_ids = einops.repeat(trie.end_tokens.to(logits.device), "pair -> (prompt pair)", prompt=n_prompt)
+            after = (ids >= 0).sum(-1)[row]  # read right after the candidate's last token
+            total = total + _stop_pairs(logits[row, after, end_ids] - lse[row, after], row, len(ids))
         return einops.rearrange(total, "(prompt cand) -> prompt cand", cand=batch.n_candidates)
 
     def other_log_prob_at(self, logits: Float[Tensor, "row n vocab"], batch: TokenBatch) -> Float[Tensor, "prompt"]:
@@ -434,12 +440,15 @@ class CandidateAnswers:
 class RowCandidateBatch(PackedCandidateBatch):
     """A packed batch whose every row holds the trie of its own prompt's candidates (see
     ``PromptCandidates``): per row, candidate ``c``'s token ``j`` is read at column
-    ``cand_read[row, c, j]`` of ``read_pos``, its stop term at ``end_read[row, c]``; -1 pads ids."""
+    ``cand_read[row, c, j]`` of ``read_pos``, its stop term at ``end_read[row, c]`` from the pairs
+    (``end_cand``, ``end_ids``) of its trie's candidates and the tokens that would continue them; -1
+    pads ids."""
 
     cand_read: Int[Tensor, "row cand k"] = field(default=None)
     cand_ids: Int[Tensor, "row cand k"] = field(default=None)
     end_read: Int[Tensor, "row cand"] = field(default=None)
-    end_ids: Int[Tensor, "row cand m"] = field(default=None)
+    end_cand: Int[Tensor, "row pair"] = field(default=None)
+    end_ids: Int[Tensor, "row pair"] = field(default=None)
     cand_valid: Bool[Tensor, "row cand"] = field(default=None)
     values: Float[Tensor, "row cand"] = field(default=None)
     answer_ids: Int[Tensor, "row a"] = field(default=None)
@@ -528,7 +537,8 @@ class PromptCandidates:
             cand_read=_padded([t.read for t in tries], 0, 2).to(device),
             cand_ids=_padded([t.cand_tokens for t in tries], -1, 2).to(device),
             end_read=_padded([t.end_read for t in tries], 0, 1).to(device),
-            end_ids=_padded([t.end_tokens for t in tries], -1, 2).to(device),
+            end_cand=_padded([t.end_cand for t in tries], 0, 1).to(device),
+            end_ids=_padded([t.end_tokens for t in tries], -1, 1).to(device),
             cand_valid=_padded([torch.ones(len(c.token_ids), dtype=torch.bool) for c in cands], False, 1).to(device),
             values=_padded([torch.tensor(c.values, dtype=torch.float64) for c in cands], 0.0, 1).to(device),
             answer_ids=_padded(answers, -1, 1).to(device),
@@ -548,9 +558,10 @@ class PromptCandidates:
         read, ids = batch.cand_read.to(logits.device), batch.cand_ids.to(logits.device)
         token_logp = logits[rows, read, ids.clamp(min=0)] - lse[rows, read]  # row cand k
         total = (token_logp * (ids >= 0)).sum(-1)
-        end_read, end_ids = batch.end_read.to(logits.device), batch.end_ids.to(logits.device)
-        end_logp = logits[rows, end_read[..., None], end_ids.clamp(min=0)] - lse[rows[..., 0], end_read][..., None]
-        total = total + _stop(end_logp, end_ids >= 0)
+        owner, end_ids = batch.end_cand.to(logits.device), batch.end_ids.to(logits.device)
+        at = batch.end_read.to(logits.device).gather(1, owner)  # row pair
+        end_logp = logits[rows[..., 0], at, end_ids.clamp(min=0)] - lse.gather(1, at)
+        total = total + _stop_pairs(end_logp, owner, total.shape[-1], end_ids >= 0)
         return torch.where(batch.cand_valid.to(logits.device), total, torch.full_like(total, float("-inf")))
 
     def log_probs(self, logits: Float[Tensor, "row pos vocab"], batch: TokenBatch) -> Float[Tensor, "prompt cand"]:
@@ -585,11 +596,26 @@ class PromptCandidates:
         return self.log_probs(logits, batch).logsumexp(-1).exp()
 
 
-def _stop(logp: Float[Tensor, "... m"], valid: Bool[Tensor, "... m"]) -> Float[Tensor, "..."]:
-    """log(1 - sum of the valid probabilities): the probability that none of them comes next.
-    Differentiable everywhere (no infinities in the graph); clamped where the sum is 1."""
-    total = (logp.exp() * valid).sum(-1)
+def _log_none(total: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """log(1 - total): the log-probability that none of the tokens whose probabilities sum to ``total``
+    comes next. Differentiable everywhere (no infinities in the graph); clamped where the sum is 1."""
     return torch.log1p(-total.clamp(max=1 - 1e-6))
+
+
+def _stop(logp: Float[Tensor, "... m"], valid: Bool[Tensor, "... m"]) -> Float[Tensor, "..."]:
+    """``_log_none`` of the sum of the valid probabilities."""
+    return _log_none((logp.exp() * valid).sum(-1))
+
+
+def _stop_pairs(
+    logp: Float[Tensor, "*row pair"], owner: Int[Tensor, "*row pair"] | Int[Tensor, "pair"], n_owners: int,
+    valid: Bool[Tensor, "*row pair"] | None = None,
+) -> Float[Tensor, "*row owner"]:
+    """``_log_none`` per owner of the summed probabilities of its (valid) pairs: the stop terms of
+    candidates from flat (candidate, continuing token) pairs."""
+    mass = logp.exp() if valid is None else logp.exp() * valid
+    total = mass.new_zeros(*mass.shape[:-1], n_owners).scatter_add(-1, owner.expand_as(mass), mass)
+    return _log_none(total)
 
 
 def logits_at(
