@@ -14,7 +14,8 @@ Tensor axes (jaxtyping shape strings; checked when the tests run):
   per kind and is written ``_index`` (not bound across entries).
 - ``component``: one entry per component of a list or set; ``variant``: one patched or ablated
   variant of a sweep; ``cand``: a candidate answer; ``unit``: a stored unit at one hook point.
-- ``sample``, ``feature``, ``node`` (a trie node), ``token``, ``item``, ``entry``: as named.
+- ``sample``, ``feature``, ``node`` (a trie node), ``token``, ``item``, ``entry``: as named; ``stop``: one
+  (candidate, token that would continue it) term of the candidates' stop probabilities.
 
 Parameters:
 

@@ -162,8 +162,8 @@ class _Trie:
     end_read: Int[Tensor, "cand"]  # where a candidate's stop term is read (its own last node)
     # the stop terms as flat (candidate, token that would continue it) pairs: one candidate may have
     # thousands of such tokens and the next a dozen, so a padded [cand, m] table would be mostly padding
-    end_cand: Int[Tensor, "pair"]
-    end_tokens: Int[Tensor, "pair"]
+    end_cand: Int[Tensor, "stop"]
+    end_tokens: Int[Tensor, "stop"]
 
     @staticmethod
     def prefixes(token_ids: Sequence[Sequence[int]], ends: Sequence[Sequence[int] | None]) -> dict:
@@ -447,8 +447,8 @@ class RowCandidateBatch(PackedCandidateBatch):
     cand_read: Int[Tensor, "row cand k"] = field(default=None)
     cand_ids: Int[Tensor, "row cand k"] = field(default=None)
     end_read: Int[Tensor, "row cand"] = field(default=None)
-    end_cand: Int[Tensor, "row pair"] = field(default=None)
-    end_ids: Int[Tensor, "row pair"] = field(default=None)
+    end_cand: Int[Tensor, "row stop"] = field(default=None)
+    end_ids: Int[Tensor, "row stop"] = field(default=None)
     cand_valid: Bool[Tensor, "row cand"] = field(default=None)
     values: Float[Tensor, "row cand"] = field(default=None)
     answer_ids: Int[Tensor, "row a"] = field(default=None)
@@ -608,9 +608,9 @@ def _stop(logp: Float[Tensor, "... m"], valid: Bool[Tensor, "... m"]) -> Float[T
 
 
 def _stop_pairs(
-    logp: Float[Tensor, "*row pair"], owner: Int[Tensor, "*row pair"] | Int[Tensor, "pair"], n_owners: int,
-    valid: Bool[Tensor, "*row pair"] | None = None,
-) -> Float[Tensor, "*row owner"]:
+    logp: Float[Tensor, "*row stop"], owner: Int[Tensor, "*row stop"] | Int[Tensor, "stop"], n_owners: int,
+    valid: Bool[Tensor, "*row stop"] | None = None,
+) -> Float[Tensor, "*row cand"]:
     """``_log_none`` per owner of the summed probabilities of its (valid) pairs: the stop terms of
     candidates from flat (candidate, continuing token) pairs."""
     mass = logp.exp() if valid is None else logp.exp() * valid
