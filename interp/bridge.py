@@ -189,8 +189,11 @@ def native_attention(model: HookedModel, implementation: str = GROUPED_SDPA) -> 
 
 def fastest_attention(model: HookedModel):
     """:func:`native_attention` where every attached hook fires on it (the forwards of a sweep, whose
-    hooks sit at the MLP, ``hook_z`` and the residual stream); else the bridge's own attention."""
-    return nullcontext() if skipped_by_native_attention(model) else native_attention(model)
+    hooks sit at the MLP, ``hook_z`` and the residual stream); else, and on a model that wraps no
+    Hugging Face model (a legacy ``HookedTransformer``), the model's own attention."""
+    if getattr(model, "original_model", None) is None or skipped_by_native_attention(model):
+        return nullcontext()
+    return native_attention(model)
 
 
 __all__ = ["GROUPED_SDPA", "attention_reads_cache", "blocks_skipped_below", "cache_keyword", "fastest_attention",

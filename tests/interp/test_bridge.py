@@ -170,3 +170,16 @@ def test_native_attention_fires_the_projection_mlp_and_residual_hooks_and_refuse
             tiny_model(batch.tokens)
     assert not any("forward" in vars(b.attn) for b in tiny_model.blocks)
     assert attached_hook_count(tiny_model) == 0
+
+
+def test_fastest_attention_leaves_a_model_without_a_hugging_face_model_as_it_is():
+    from types import SimpleNamespace
+
+    class Legacy:  # the model protocol with no original_model, as a HookedTransformer
+        cfg = tokenizer = None
+        blocks = [SimpleNamespace(attn=torch.nn.Module())]
+        __call__ = hooks = run_with_hooks = run_with_cache = to_tokens = lambda self, *args, **kwargs: None
+
+    legacy = Legacy()
+    with fastest_attention(legacy):
+        assert "forward" not in vars(legacy.blocks[0].attn)
