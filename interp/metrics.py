@@ -364,7 +364,7 @@ class CandidateAnswers:
             if not any(self._ends):
                 return total
             owner, end_ids = trie.end_cand.to(logits.device), trie.end_tokens.to(logits.device)
-            at = trie.end_read.to(logits.device)[owner]  # pair
+            at = trie.end_read.to(logits.device)[owner]  # stop
             return total + _stop_pairs(logits[:, at, end_ids] - lse[:, at], owner, total.shape[-1])
         k = batch.cand_tokens.shape[1]
         ids = batch.cand_tokens.to(logits.device)
@@ -372,10 +372,10 @@ class CandidateAnswers:
         total = (token_logp * (ids >= 0)).sum(-1)
         if any(self._ends):
             n_prompt = len(ids) // batch.n_candidates
-            owner = trie.end_cand.to(logits.device)  # each pair's row: its candidate's, in every prompt
+            owner = trie.end_cand.to(logits.device)  # each stop term's row: its candidate's, in every prompt
             row = einops.rearrange(torch.arange(n_prompt, device=logits.device)[:, None] * batch.n_candidates
-                                   + owner, "prompt pair -> (prompt pair)")
-            end_ids = einops.repeat(trie.end_tokens.to(logits.device), "pair -> (prompt pair)", prompt=n_prompt)
+                                   + owner, "prompt stop -> (prompt stop)")
+            end_ids = einops.repeat(trie.end_tokens.to(logits.device), "stop -> (prompt stop)", prompt=n_prompt)
             after = (ids >= 0).sum(-1)[row]  # read right after the candidate's last token
             total = total + _stop_pairs(logits[row, after, end_ids] - lse[row, after], row, len(ids))
         return einops.rearrange(total, "(prompt cand) -> prompt cand", cand=batch.n_candidates)
@@ -559,7 +559,7 @@ class PromptCandidates:
         token_logp = logits[rows, read, ids.clamp(min=0)] - lse[rows, read]  # row cand k
         total = (token_logp * (ids >= 0)).sum(-1)
         owner, end_ids = batch.end_cand.to(logits.device), batch.end_ids.to(logits.device)
-        at = batch.end_read.to(logits.device).gather(1, owner)  # row pair
+        at = batch.end_read.to(logits.device).gather(1, owner)  # row stop
         end_logp = logits[rows[..., 0], at, end_ids.clamp(min=0)] - lse.gather(1, at)
         total = total + _stop_pairs(end_logp, owner, total.shape[-1], end_ids >= 0)
         return torch.where(batch.cand_valid.to(logits.device), total, torch.full_like(total, float("-inf")))
