@@ -150,7 +150,7 @@ def _compare(model, sets, eval_set, shape, args, name, target):
         diff = np.abs(plain[column].to_numpy() - fast.loc[plain.index, column].to_numpy())
         own = means if column in ("gap", "delta_gap") else np.abs(plain[column].to_numpy())
         worst[column] = float((diff / np.maximum(own, 1e-3)).max())
-    shown = plain[["n_components", "delta_gap", "kl"]].join(fast[["delta_gap", "kl"]], rsuffix="_stacked")
+    shown = plain[["n_components", "delta_gap", "kl"]].join(fast[["delta_gap", "kl"]].add_suffix("_stacked"))
     print(shown.to_string(float_format=lambda v: f"{v:.6g}"))
     print("same numbers: max relative difference " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     if torch.device(args.device).type == "cuda":

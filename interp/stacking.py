@@ -127,17 +127,22 @@ class Prefix:
     def build(cls, model: HookedModel, batch: TokenBatch, length: int, rows: int) -> "Prefix":
         if length == 0:
             return cls()
-        caches = []
+        parts = []
         with fastest_attention(model), attention_reads_cache(model):
             for part in microbatches(len(batch), rows):
                 tokens = batch.tokens[part, :length]
                 _, cache = model(tokens, return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
-                caches.append(cache)
-        merged = caches[0]
+                parts.append(cls(length, cache))
+        return cls.joined(parts)
+
+    @classmethod
+    def joined(cls, parts: Sequence["Prefix"]) -> "Prefix":
+        """One prefix over the rows of ``parts`` (of one length), in order."""
+        merged = parts[0].cache
         for i, layer in enumerate(merged.layers):
-            layer.keys = torch.cat([c.layers[i].keys for c in caches])
-            layer.values = torch.cat([c.layers[i].values for c in caches])
-        return cls(length, merged)
+            layer.keys = torch.cat([p.cache.layers[i].keys for p in parts])
+            layer.values = torch.cat([p.cache.layers[i].values for p in parts])
+        return cls(parts[0].length, merged)
 
     def kwargs(self, rows: Int[Tensor, "row"]) -> dict:
         """Forward keywords giving the prefix of cached ``rows`` as past keys and values."""
@@ -262,11 +267,19 @@ def start_layers(sets: Sequence[ComponentSet]) -> list[int]:
     return sorted({min(c.layer for c in s) for s in sets})
 
 
-def items_by_start_layer(sets: Sequence[ComponentSet], n_prompts: int) -> dict[int, list[Item]]:
-    """Every (variant, prompt) item, grouped by its variant's start layer, lowest first."""
+def items_by_start_layer(
+    sets: Sequence[ComponentSet], n_prompts: int, prompt_order: Sequence[int] | None = None,
+) -> dict[int, list[Item]]:
+    """Every (variant, prompt) item, grouped by its variant's start layer, lowest first: variant by
+    variant, or given ``prompt_order``, prompt by prompt in that order (a prompt's items together)."""
     start_of = [min(c.layer for c in s) for s in sets]
+    if prompt_order is None:
+        return {
+            layer: [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
+            for layer in start_layers(sets)
+        }
     return {
-        layer: [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
+        layer: [(v, int(p)) for p in prompt_order for v in range(len(sets)) if start_of[v] == layer]
         for layer in start_layers(sets)
     }
 
@@ -281,10 +294,15 @@ Record = Callable[[list[Item], Int[Tensor, "item"], Int[Tensor, "row"], Tensor],
 def run_stacked(
     model: HookedModel, run: TokenBatch, by_layer: Mapping[int, list[Item]], residuals: Mapping[int, Tensor], *,
     rows_per_prompt: int, reader: LogitReader, setup: Setup, record: Record, backoff: Backoff, bar,
+    trim: bool = False,
 ) -> None:
     """Run every (variant, prompt) item of ``by_layer`` (grouped by start layer), resumed from
     ``residuals``, the items of a layer stacked as rows of one forward: item ``i`` of a part owns
-    stacked rows ``i*k .. i*k+k-1``, repeating its prompt's ``k`` expanded rows of ``run``."""
+    stacked rows ``i*k .. i*k+k-1``, repeating its prompt's ``k`` expanded rows of ``run``.
+    ``trim``: each forward is cut to the longest of its rows (logits of that width reach ``record``;
+    for a reader of every position and no prefix)."""
+    if trim and reader.keep is not None:
+        raise ValueError("trimming forwards needs logits at every position")
     device = run.tokens.device
     for layer, items in by_layer.items():
 
@@ -294,9 +312,14 @@ def run_stacked(
             own_rows = prompt_idx[:, None] * rows_per_prompt + torch.arange(rows_per_prompt, device=device)
             own_rows = own_rows.reshape(-1)  # the expanded rows each stacked row repeats
             hooks, prefix, cache_rows = setup(part, own_rows)
+            batch, rows = run, own_rows
+            if trim:  # the padding past the part's longest row reaches no real position: cut it
+                if prefix.length:
+                    raise ValueError("trimming forwards needs a run without a shared prefix")
+                batch, rows = run.select(own_rows), torch.arange(len(own_rows), device=device)
             with hooked(model, hooks):
-                residual = residuals[layer][own_rows, prefix.length :]
-                logits = resume(model, residual, layer, run, own_rows, reader, prefix, cache_rows)
+                residual = residuals[layer][own_rows, prefix.length : batch.tokens.shape[1]]
+                logits = resume(model, residual, layer, batch, rows, reader, prefix, cache_rows)
             record(part, prompt_idx, own_rows, logits)
             bar.update(len(part))
 

@@ -7,7 +7,7 @@ set's lowest layer (``blocks.L.hook_resid_pre``); the ablated runs resume from t
 lower blocks passed through (exact: nothing below a set's lowest layer changes); the sets of one
 start layer are stacked as rows of one forward, one row per (set, expanded prompt row), with a
 hook that ablates, in each row, that row's set only; and for the library's metrics only the logit
-positions the metric reads are unembedded. Optionally (``share_prefix``), where every prompt starts with
+positions the metric reads are unembedded. By default (``share_prefix``), where every prompt starts with
 the same tokens (a system prompt, the template up to the name), each set's ablated run of that prefix
 is the same for every prompt: it runs once per set (one row), and the stacked rows resume after it
 from its cached keys and values (``patch_sweep``'s prefix reuse, checked the same way). Microbatches halve on
@@ -18,7 +18,7 @@ out-of-memory (``Backoff``).
   unablated values from the same clean pass. Used by the study's evaluation stage
   (``circuits.evaluate.evaluation.evaluate``).
 - :func:`ablation_sweep`: a free-form ``score(logits, prompt_rows)`` on every position (per-head
-  utility, exact re-scoring of top candidates).
+  utility), each forward cut to its longest row, the rows stacked longest first.
 
 Prompts run ``prompts_per_pass`` at a time, which bounds the stored residual streams.
 """
@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.batching import TokenBatch
+from interp.batching import TokenBatch, microbatches
 from interp.components import Component, ComponentSet, ComponentShape
 from interp.hooks import HookedModel, HookSpec, hooked
 from interp.memory import Backoff
@@ -133,34 +133,48 @@ def _ablation_hooks(
     return hooks
 
 
+def _set_prefixes(
+    model: HookedModel, run: TokenBatch, sets: list[ComponentSet], shape: ComponentShape, means, length: int, rows: int,
+) -> Prefix:
+    """Each set's ablated run of the first ``length`` positions (which every row of ``run`` shares),
+    one cached row per set in ``sets``' order, ``rows`` sets per forward; no prefix for length 0."""
+    if not length:
+        return Prefix()
+    parts = []
+    for chunk in microbatches(len(sets), rows):
+        chosen = sets[chunk]
+        first_row = torch.zeros(len(chosen), dtype=torch.long, device=run.tokens.device)
+        with hooked(model, _ablation_hooks(chosen, torch.arange(len(chosen)), shape, means)):
+            parts.append(Prefix.build(model, run.take(first_row), length, len(chosen)))
+    return Prefix.joined(parts)
+
+
 def _stacked(
     model: HookedModel, run: TokenBatch, sets: list[ComponentSet], shape: ComponentShape, means, *,
     residuals: Mapping[int, Tensor], reader: LogitReader, value_of: _ValueOf, rows_per_prompt: int,
-    backoff: Backoff, bar, prefix: int = 0,
+    backoff: Backoff, bar, prefix: int = 0, trim: bool = False,
 ) -> Tensor:
     """``[variant, prompt, ...]``: every set ablated alone on every prompt of ``run``, stacked by start layer.
 
     ``prefix``: leading positions every row of ``run`` shares (same tokens, no logit read there). Each
-    set's ablated run of them is the same for every prompt, so it is computed once per set and
-    forward (one row per set, from the embeddings), and the stacked rows resume after it, attending
-    to its cached keys and values."""
+    set's ablated run of them is the same for every prompt, so it is computed once per set (one
+    row per set, from the embeddings, before any stacked forward), and the stacked rows resume after
+    it, attending to its cached keys and values. ``trim`` (one row per prompt): items go prompt by
+    prompt, longest first, and each forward is cut to its longest row."""
     device = run.tokens.device
     n_prompts = len(run) // rows_per_prompt
-    by_layer = items_by_start_layer(sets, n_prompts)
+    order = torch.argsort(run.lengths.cpu(), descending=True, stable=True).tolist() if trim else None
+    by_layer = items_by_start_layer(sets, n_prompts, order)
     out: Tensor | None = None
+    cached = _set_prefixes(model, run, sets, shape, means, prefix, backoff.size * rows_per_prompt)
 
     def setup(part, own_rows):
         chosen = sorted({v for v, _ in part})
         local = {v: i for i, v in enumerate(chosen)}
         variant_of_row = torch.tensor([local[v] for v, _ in part]).repeat_interleave(rows_per_prompt)
-        chosen_sets = [sets[v] for v in chosen]
-        cached, cache_rows = Prefix(), None
-        if prefix:  # each chosen set's ablated prefix: one row per set
-            first_row = torch.zeros(len(chosen), dtype=torch.long, device=device)
-            with hooked(model, _ablation_hooks(chosen_sets, torch.arange(len(chosen)), shape, means)):
-                cached = Prefix.build(model, run.take(first_row), prefix, len(chosen))
-            cache_rows = variant_of_row.to(device)
-        return _ablation_hooks(chosen_sets, variant_of_row, shape, means, offset=prefix), cached, cache_rows
+        cache_rows = torch.tensor([v for v, _ in part], device=device).repeat_interleave(rows_per_prompt)
+        hooks = _ablation_hooks([sets[v] for v in chosen], variant_of_row, shape, means, offset=prefix)
+        return hooks, cached, cache_rows if prefix else None
 
     def record(part, prompt_idx, own_rows, logits):
         nonlocal out
@@ -170,7 +184,7 @@ def _stacked(
         out[torch.tensor([v for v, _ in part]), prompt_idx.cpu()] = got
 
     run_stacked(model, run, by_layer, residuals, rows_per_prompt=rows_per_prompt, reader=reader, setup=setup,
-                record=record, backoff=backoff, bar=bar)
+                record=record, backoff=backoff, bar=bar, trim=trim)
     return out
 
 
@@ -196,7 +210,7 @@ def metric_sweep(
     memory_budget_bytes: int | None = None,
     prompts_per_pass: int | None = None,
     backoff: Backoff | None = None,
-    share_prefix: bool = False,
+    share_prefix: bool = True,
     groups: Sequence | np.ndarray | Tensor | None = None,
     progress: bool = False,
     desc: str = "ablation sweep",
@@ -218,8 +232,8 @@ def metric_sweep(
             before the name) once per set instead of once per (set, prompt), for the library's
             metrics (which say where they read logits). Resuming after the prefix is checked against
             the unablated run first; where it does not reproduce it, every position runs (a warning).
-            Off by default: on SmolLM2 on CPU (2026-12-01) resuming after a cached prefix cost more
-            process time than it saved (35.4 s vs 30.9 s for 3 sets x 4 prompts of one template).
+            On SmolLM2 on CPU (2026-12-04), 3 sets x 16 lending_approval prompts of one template, whose
+            24-position chat preamble of 75 is shared: 12.3 s with it, 15.0 s without, values equal.
         groups: a label per prompt (e.g. its template); each group runs as its own passes, so the
             prefix its prompts share (up to the name, say) runs once per set and group.
     """
@@ -253,8 +267,9 @@ def metric_sweep(
             if share_prefix:  # leading positions every row shares; used once resuming after them is checked
                 same = run.take(torch.zeros(len(run), dtype=torch.long, device=device))
                 length = shared_prefix_length(run, same, reader)
-                prefix = checked_prefix(model, run, metric, reader, length, starts[0], residuals[starts[0]], clean,
-                                         k, k).length  # checked on one prompt: the check costs one resumed row
+                first = torch.arange(k, device=device)  # checked on the first prompt's rows: one resumed prompt
+                prefix = checked_prefix(model, run.take(first), metric, reader, length, starts[0],
+                                        residuals[starts[0]][first], clean[:1], k, k).length
 
             def value_of(logits, own_rows, prompt_idx, run=run, reader=reader):
                 return metric_values(metric, logits, reader.renumber(run.take(own_rows)), len(prompt_idx))
@@ -284,10 +299,13 @@ def ablation_sweep(
     """``score(logits, prompt_rows)`` for ``batch`` with each variant ablated on its own.
 
     Zero ablation, or mean ablation with ``means`` (``{hook: [d...] or [pos, d...]}``, as from
-    ``interp.activations.mean_activations``). ``score`` gets the logits of a stack of rows (every
-    position) and, per row, the index of its prompt in ``batch``; it returns one value per row (or
-    a fixed-shape vector per row, kept as trailing axes). ``batch`` is what the model runs: for a
-    batch-expanding metric pass its expansion, one row per prompt (or use :func:`metric_sweep`).
+    ``interp.activations.mean_activations``). ``score`` gets the logits of a stack of rows and, per
+    row, the index of its prompt in ``batch``; it returns one value per row (or a fixed-shape vector
+    per row, kept as trailing axes). The logits hold positions ``0 .. w-1``, ``w`` the longest of
+    those rows (the padding past it is not run: rows go longest first, a forward cut to its longest),
+    so a score reads ``batch``'s per-position tensors through ``[:, :logits.shape[1]]``. ``batch`` is
+    what the model runs: for a batch-expanding metric pass its expansion, one row per prompt (or use
+    :func:`metric_sweep`).
     ``rows_per_forward`` (halved on out-of-memory) bounds the rows of one forward.
     ``prompts_per_pass`` (default all) bounds the prompts whose residual streams are kept at once.
     """
@@ -307,7 +325,7 @@ def ablation_sweep(
                 return score(logits, prompt_idx + begin)
 
             parts.append(_stacked(model, run, sets, shape, means, residuals=residuals, reader=LogitReader(),
-                                  value_of=value_of, rows_per_prompt=1, backoff=backoff, bar=bar))
+                                  value_of=value_of, rows_per_prompt=1, backoff=backoff, bar=bar, trim=True))
             del residuals
     bar.close()
     return torch.cat(parts, dim=1)

@@ -344,10 +344,11 @@ def _stacked_utility(model, probe: UtilityProbe, sets: Mapping[str, ComponentSet
         mask = probe.batch.attention_mask.float()
 
         def score(logits, prompts):  # per text: mean KL over its tokens, summed next-token NLL
-            logp = logits.float().log_softmax(-1)
-            m = mask[prompts].to(logp.device)
-            nll = -logp[:, :-1].gather(-1, tokens[prompts, 1:, None].to(logp.device)).squeeze(-1)
-            return torch.stack([kl_from_log_probs(logp, probe.reference[prompts], m), (nll * m[:, 1:]).sum(-1)], -1)
+            logp, width = logits.float().log_softmax(-1), logits.shape[1]  # the sweep cuts padding
+            m = mask[prompts, :width].to(logp.device)
+            nll = -logp[:, :-1].gather(-1, tokens[prompts, 1:width, None].to(logp.device)).squeeze(-1)
+            kl = kl_from_log_probs(logp, probe.reference[prompts, :width], m)
+            return torch.stack([kl, (nll * m[:, 1:]).sum(-1)], -1)
 
         values = ablation_sweep(model, probe.batch, list(ablated_sets.values()), score, means=means,
                                 rows_per_forward=batch_size)
@@ -405,13 +406,17 @@ def head_utility(
     mask = probe.batch.attention_mask.float()
     tokens = probe.batch.tokens
 
-    def kl(logits, prompts):
-        return kl_from_log_probs(logits.float().log_softmax(-1), probe.reference[prompts], mask[prompts])
+    def kl(logits, prompts):  # the sweep cuts padding: the logits are as wide as the longest of these texts
+        width = logits.shape[1]
+        return kl_from_log_probs(logits.float().log_softmax(-1), probe.reference[prompts, :width],
+                                 mask[prompts, :width])
 
     def nll(logits, prompts):  # summed next-token negative log-likelihood of each text
+        width = logits.shape[1]
         logits = logits[:, :-1].float()  # log-normalizer minus the next token's logit: no [row, pos, vocab] copy
-        token_nll = log_normalizer(logits) - logits.gather(-1, tokens[prompts, 1:, None].to(logits.device)).squeeze(-1)
-        return (token_nll * mask[prompts, 1:].to(logits.device)).sum(-1)
+        next_tokens = tokens[prompts, 1:width, None].to(logits.device)
+        token_nll = log_normalizer(logits) - logits.gather(-1, next_tokens).squeeze(-1)
+        return (token_nll * mask[prompts, 1:width].to(logits.device)).sum(-1)
 
     heads = [Head(layer, head) for layer in range(shape.n_layers) for head in range(shape.n_heads)]
     values = ablation_sweep(model, probe.batch, heads, kl if measure == "kl" else nll, progress=progress,

@@ -40,6 +40,18 @@ def test_sweep_equals_one_ablated_run_per_variant(tiny_model, batch):
     assert not any("forward" in vars(b) for b in tiny_model.blocks)  # lower blocks restored
 
 
+def test_sweep_forwards_are_cut_to_their_longest_row(tiny_model, batch):
+    widths, final = [], _final_logprob(batch)
+
+    def score(logits, prompts):
+        widths.append((logits.shape[1], int(batch.lengths[prompts].max())))
+        return final(logits, prompts)
+
+    ablation_sweep(tiny_model, batch, [Head(0, 1), Neuron(1, 5), Head(2, 0)], score, rows_per_forward=2)
+    assert all(width == longest for width, longest in widths)
+    assert min(width for width, _ in widths) < batch.tokens.shape[1]  # the shorter texts ran without the padding
+
+
 def test_sweep_leaves_no_hooks_after_an_error(tiny_model, batch):
     before = attached_hook_count(tiny_model)
 
@@ -254,7 +266,8 @@ def test_metric_sweep_runs_the_shared_prefix_once_per_set_and_equals_full_forwar
     want, base = _one_forward_per_set(tiny_model, batch, metric, SETS, how, means)
     lengths = {length for _, length in built}
     assert len(lengths) == 1 and lengths.pop() >= 10  # the system prompt's tokens, shared by every row
-    assert max(n for n, _ in built[1:]) <= 4  # after the check, one prefix row per set of a forward
+    assert built[0][0] == len(metric.expand(batch.take(torch.arange(1))))  # the check: one prompt's rows
+    assert sum(n for n, _ in built[1:]) == len(SETS)  # then one prefix row per set, for every forward of it
     torch.testing.assert_close(got.baseline, base.float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.values, want.float(), rtol=1e-4, atol=1e-4)
     assert not any("forward" in vars(b) or "forward" in vars(b.attn) for b in tiny_model.blocks)
