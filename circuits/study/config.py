@@ -85,7 +85,7 @@ class StudyConfig:
     # how CUDA runs float32 matmuls (interp.models.matmul_precision): highest, in float32; high, in TensorFloat32
     # (emulated on a CPU, it moves SmolLM2's gaps by about 1% of themselves). A CPU computes both in float32.
     matmul_precision: Literal["highest", "high"] = "highest"
-    # Two yes/no decisions: their answers are one token, so the default study fits about 15 minutes on
+    # Two yes/no decisions: their answers are one token, so the default study fits about 8 minutes on
     # 2 CPU cores; the dollar contexts' answer trees make every scored row several times longer
     # (examples/study-numeric.toml).
     contexts: tuple[str, ...] = ("lending_approval", "hiring_interview")
