@@ -274,14 +274,10 @@ def items_by_start_layer(
     variant, or given ``prompt_order``, prompt by prompt in that order (a prompt's items together)."""
     start_of = [min(c.layer for c in s) for s in sets]
     if prompt_order is None:
-        return {
-            layer: [(v, p) for v in range(len(sets)) if start_of[v] == layer for p in range(n_prompts)]
-            for layer in start_layers(sets)
-        }
-    return {
-        layer: [(v, int(p)) for p in prompt_order for v in range(len(sets)) if start_of[v] == layer]
-        for layer in start_layers(sets)
-    }
+        items = [(v, p) for v in range(len(sets)) for p in range(n_prompts)]
+    else:
+        items = [(v, int(p)) for p in prompt_order for v in range(len(sets))]
+    return {layer: [(v, p) for v, p in items if start_of[v] == layer] for layer in start_layers(sets)}
 
 
 # what makes the stacked rows of a part their items' variants: (part, its expanded rows) ->
